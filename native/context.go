@@ -1,0 +1,241 @@
+package native
+
+/*
+#include <stdlib.h>
+#include "llama_api.h"
+*/
+import "C"
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+	"unsafe"
+)
+
+// Decode errors. llama_decode's return codes map onto these; errors.Is
+// tells them apart.
+var (
+	// ErrNoKVSlot is llama_decode's return 1: no free KV cells for the
+	// batch. The cache is left unchanged. With kvgate's allocator this is a
+	// bug, never an expected outcome.
+	ErrNoKVSlot = errors.New("llama_decode: no KV slot for the batch")
+	// ErrDecodeAborted is llama_decode's return 2: the abort callback fired.
+	ErrDecodeAborted = errors.New("llama_decode: aborted")
+	// ErrInvalidBatch is llama_decode's return -1: the batch was rejected.
+	ErrInvalidBatch = errors.New("llama_decode: invalid batch")
+	// ErrCompute is any other negative return: the computation failed and
+	// the processed ubatches stay in the cache.
+	ErrCompute = errors.New("llama_decode: computation failed")
+)
+
+// DecodeError carries llama_decode's return code.
+type DecodeError struct {
+	Code int
+	kind error
+}
+
+func (e *DecodeError) Error() string { return fmt.Sprintf("%v (code %d)", e.kind, e.Code) }
+
+// Unwrap returns the sentinel for the code.
+func (e *DecodeError) Unwrap() error { return e.kind }
+
+func decodeError(rc int) error {
+	switch {
+	case rc == 0:
+		return nil
+	case rc == 1:
+		return &DecodeError{Code: rc, kind: ErrNoKVSlot}
+	case rc == 2:
+		return &DecodeError{Code: rc, kind: ErrDecodeAborted}
+	case rc == -1:
+		return &DecodeError{Code: rc, kind: ErrInvalidBatch}
+	default:
+		return &DecodeError{Code: rc, kind: ErrCompute}
+	}
+}
+
+// ContextParams configures a llama.cpp context.
+type ContextParams struct {
+	// Cells is the size of the KV-cell pool shared by all sequences. llama.cpp
+	// pads it up to a multiple of 256; Context.Cells returns the result.
+	Cells int
+	// Batch is the most tokens one Decode may carry.
+	Batch int
+	// MaxSequences bounds the sequence ids in use (at most 256).
+	MaxSequences int
+	// Threads is the number of CPU threads; 0 means runtime.NumCPU().
+	Threads int
+}
+
+// MaxSequenceIDs is llama.cpp's LLAMA_MAX_SEQ: sequence ids of a unified
+// cache lie in [0, 256).
+const MaxSequenceIDs = 256
+
+// Context is a llama.cpp context with a unified KV cache. It is not safe for
+// concurrent use: create it, use it and close it on one goroutine locked to
+// its OS thread (runtime.LockOSThread).
+type Context struct {
+	model *Model
+	ptr   *C.struct_llama_context
+	mem   C.llama_memory_t
+	cells int
+	batch int
+	// cand is the candidate buffer for sampling: one llama_token_data per
+	// vocabulary entry, allocated once in C memory.
+	cand *C.llama_token_data
+}
+
+// NewContext creates a context for m with kv_unified = true: one pool of
+// cells for every sequence.
+func NewContext(m *Model, p ContextParams) (*Context, error) {
+	if p.Cells <= 0 || p.Batch <= 0 {
+		return nil, fmt.Errorf("new context: cells (%d) and batch (%d) must be positive", p.Cells, p.Batch)
+	}
+	if p.MaxSequences <= 0 || p.MaxSequences > MaxSequenceIDs {
+		return nil, fmt.Errorf("new context: max sequences %d outside [1, %d]", p.MaxSequences, MaxSequenceIDs)
+	}
+	threads := p.Threads
+	if threads <= 0 {
+		threads = runtime.NumCPU()
+	}
+	params := C.llama_context_default_params()
+	params.n_ctx = C.uint32_t(p.Cells)
+	params.n_batch = C.uint32_t(p.Batch)
+	params.n_ubatch = C.uint32_t(min(p.Batch, 512))
+	params.n_seq_max = C.uint32_t(p.MaxSequences)
+	params.n_threads = C.int32_t(threads)
+	params.n_threads_batch = C.int32_t(threads)
+	params.kv_unified = C.bool(true)
+	params.no_perf = C.bool(true)
+	C.kv_log_clear_error()
+	ptr := C.llama_init_from_model(m.ptr, params)
+	if ptr == nil {
+		return nil, fmt.Errorf("new context: %s", lastLlamaError())
+	}
+	c := &Context{
+		model: m,
+		ptr:   ptr,
+		mem:   C.llama_get_memory(ptr),
+		cells: int(C.llama_n_ctx(ptr)),
+		batch: int(C.llama_n_batch(ptr)),
+	}
+	c.cand = (*C.llama_token_data)(C.malloc(C.size_t(m.info.VocabSize) * C.size_t(unsafe.Sizeof(C.llama_token_data{}))))
+	if c.cand == nil {
+		C.llama_free(ptr)
+		return nil, errors.New("new context: out of memory for the sampling buffer")
+	}
+	return c, nil
+}
+
+// Cells returns the number of KV cells, after llama.cpp's padding.
+func (c *Context) Cells() int { return c.cells }
+
+// BatchSize returns the most tokens one Decode may carry.
+func (c *Context) BatchSize() int { return c.batch }
+
+// Close frees the context. It is idempotent.
+func (c *Context) Close() {
+	if c.ptr != nil {
+		C.llama_free(c.ptr)
+		c.ptr = nil
+	}
+	if c.cand != nil {
+		C.free(unsafe.Pointer(c.cand))
+		c.cand = nil
+	}
+}
+
+// Decode runs the model on b. See the Err* variables for its failures.
+func (c *Context) Decode(b *Batch) error {
+	if b.b.n_tokens == 0 {
+		return nil
+	}
+	return decodeError(int(C.llama_decode(c.ptr, b.b)))
+}
+
+// Logits returns the logits of output i of the last Decode. The slice
+// points into llama.cpp's memory and is valid until the next Decode.
+func (c *Context) Logits(i int) []float32 {
+	p := C.llama_get_logits_ith(c.ptr, C.int32_t(i))
+	if p == nil {
+		return nil
+	}
+	return unsafe.Slice((*float32)(unsafe.Pointer(p)), c.model.info.VocabSize)
+}
+
+// SeqRemove removes sequence seq's tokens with positions in [p0, p1); a
+// negative bound is open. It returns false when a partial removal is
+// impossible. A cell is freed only when its last sequence leaves it.
+func (c *Context) SeqRemove(seq, p0, p1 int) bool {
+	return bool(C.llama_memory_seq_rm(c.mem, C.llama_seq_id(seq), C.llama_pos(p0), C.llama_pos(p1)))
+}
+
+// SeqCopy adds sequence dst to the cells of src with positions in [p0, p1).
+// In a unified cache nothing is copied: the cells are shared.
+func (c *Context) SeqCopy(src, dst, p0, p1 int) {
+	C.llama_memory_seq_cp(c.mem, C.llama_seq_id(src), C.llama_seq_id(dst), C.llama_pos(p0), C.llama_pos(p1))
+}
+
+// SeqKeep removes every sequence but seq.
+func (c *Context) SeqKeep(seq int) { C.llama_memory_seq_keep(c.mem, C.llama_seq_id(seq)) }
+
+// SeqPosMin returns the smallest position of seq in the cache, or -1.
+func (c *Context) SeqPosMin(seq int) int {
+	return int(C.llama_memory_seq_pos_min(c.mem, C.llama_seq_id(seq)))
+}
+
+// SeqPosMax returns the largest position of seq in the cache, or -1.
+func (c *Context) SeqPosMax(seq int) int {
+	return int(C.llama_memory_seq_pos_max(c.mem, C.llama_seq_id(seq)))
+}
+
+// Clear empties the cache.
+func (c *Context) Clear() { C.llama_memory_clear(c.mem, C.bool(false)) }
+
+// Batch is a llama_batch of fixed capacity, reused across steps.
+type Batch struct {
+	b   C.struct_llama_batch
+	cap int
+}
+
+// NewBatch allocates a batch for up to capacity tokens, one sequence id each.
+// Free must be called.
+func NewBatch(capacity int) *Batch {
+	return &Batch{b: C.llama_batch_init(C.int32_t(capacity), 0, 1), cap: capacity}
+}
+
+// Len returns the number of tokens in the batch.
+func (b *Batch) Len() int { return int(b.b.n_tokens) }
+
+// Cap returns the batch's capacity.
+func (b *Batch) Cap() int { return b.cap }
+
+// Reset empties the batch.
+func (b *Batch) Reset() { b.b.n_tokens = 0 }
+
+// Add appends a token of sequence seq at position pos. When logits is true,
+// its logits are computed; Add returns the token's index in the batch, which
+// is the output index to sample from.
+func (b *Batch) Add(tok int32, pos, seq int, logits bool) int {
+	i := int(b.b.n_tokens)
+	if i >= b.cap {
+		panic("native: batch overflow")
+	}
+	var l C.int8_t
+	if logits {
+		l = 1
+	}
+	C.kv_batch_set(&b.b, C.int32_t(i), C.llama_token(tok), C.llama_pos(pos), C.llama_seq_id(seq), l)
+	b.b.n_tokens++
+	return i
+}
+
+// Free releases the batch's memory. It is idempotent.
+func (b *Batch) Free() {
+	if b.cap > 0 {
+		C.llama_batch_free(b.b)
+		b.cap = 0
+		b.b = C.struct_llama_batch{}
+	}
+}

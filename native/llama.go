@@ -1,0 +1,362 @@
+// Package native binds kvgate to llama.cpp through cgo and runs the decode
+// worker that owns the llama.cpp context.
+//
+// llama.cpp is linked from the Go module github.com/ollama/ollama v0.17.4,
+// whose package llama/llama.cpp/src builds libllama and ggml's CPU backend.
+// cgo cannot include headers from another module, so llama_api.h declares
+// the part of llama.h that kvgate calls; abi_test.go checks those
+// declarations against the linked library.
+//
+// Threading: vocabulary operations (tokenize, detokenize) are thread-safe in
+// llama.cpp and may be called from any goroutine. Everything that touches a
+// context (decode, memory, sampling) runs on the Engine's worker goroutine,
+// which is locked to its OS thread for its whole life. Every C object is
+// freed explicitly by its owner; no finalizers are used.
+package native
+
+/*
+#cgo CFLAGS: -std=c11
+#include <stdlib.h>
+#include "llama_api.h"
+*/
+import "C"
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime/cgo"
+	"strings"
+	"sync"
+	"unicode/utf8"
+	"unsafe"
+
+	// Links libllama and ggml's CPU backend into the binary.
+	_ "github.com/ollama/ollama/llama/llama.cpp/src"
+)
+
+// LogLevel selects which llama.cpp log lines reach stderr.
+type LogLevel int
+
+// Log levels, as in ggml.
+const (
+	LogNone  LogLevel = C.KV_GGML_LOG_LEVEL_NONE
+	LogDebug LogLevel = C.KV_GGML_LOG_LEVEL_DEBUG
+	LogInfo  LogLevel = C.KV_GGML_LOG_LEVEL_INFO
+	LogWarn  LogLevel = C.KV_GGML_LOG_LEVEL_WARN
+	LogError LogLevel = C.KV_GGML_LOG_LEVEL_ERROR
+)
+
+var initOnce sync.Once
+
+// Init initialises the llama.cpp backend once per process and routes its
+// log through kvgate's filter. Later calls only change the log level.
+func Init(level LogLevel) {
+	initOnce.Do(func() {
+		C.kv_log_install(C.int(level))
+		C.llama_backend_init()
+	})
+	C.kv_log_set_level(C.int(level))
+}
+
+// SystemInfo returns the CPU features llama.cpp was compiled for and detected.
+func SystemInfo() string {
+	Init(LogError)
+	return strings.TrimSpace(C.GoString(C.llama_print_system_info()))
+}
+
+func lastLlamaError() string {
+	var buf [512]C.char
+	n := C.kv_log_last_error(&buf[0], C.int(len(buf)))
+	return strings.TrimSpace(C.GoStringN(&buf[0], n))
+}
+
+// Errors of model loading.
+var (
+	// ErrModelNotFound means the model file does not exist or is unreadable.
+	ErrModelNotFound = errors.New("model file not found")
+	// ErrModelInvalid means the file is not a GGUF model llama.cpp can load.
+	ErrModelInvalid = errors.New("invalid model file")
+	// ErrModelUnsupported means the model loads but its memory does not work
+	// as one KV cell per token, which kvgate's allocator requires.
+	ErrModelUnsupported = errors.New("unsupported model")
+)
+
+// LoadOptions tunes model loading.
+type LoadOptions struct {
+	// Progress, when set, is called with values in [0, 1] while the weights
+	// load. It runs on the loading goroutine.
+	Progress func(fraction float32)
+	// UseMmap maps the weights instead of reading them (the default is
+	// true; set NoMmap to disable).
+	NoMmap bool
+}
+
+// Model is a loaded GGUF model. It is safe for concurrent use by the
+// vocabulary methods; Close must be called once, after every Engine using it
+// has been closed.
+type Model struct {
+	ptr   *C.struct_llama_model
+	vocab *C.struct_llama_vocab
+	path  string
+	info  ModelInfo
+
+	closeOnce sync.Once
+}
+
+// ModelInfo describes a loaded model.
+type ModelInfo struct {
+	Path            string
+	Architecture    string
+	Description     string
+	ParameterCount  uint64
+	SizeBytes       uint64
+	TrainingContext int
+	VocabSize       int
+	EmbeddingSize   int
+	Layers          int
+	Heads           int
+	HeadsKV         int
+	HasChatTemplate bool
+	AddBOS          bool
+	BOS, EOS        int32
+}
+
+//export kvgoProgress
+func kvgoProgress(progress C.float, handle C.uintptr_t) C.bool {
+	if fn, ok := cgo.Handle(handle).Value().(func(float32)); ok && fn != nil {
+		fn(float32(progress))
+	}
+	return C.bool(true)
+}
+
+// checkGGUF reports a clear error for a file that cannot be a GGUF model,
+// before llama.cpp sees it.
+func checkGGUF(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("%w: %s: %w", ErrModelNotFound, path, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("%w: %s: %w", ErrModelNotFound, path, err)
+	}
+	if st.IsDir() {
+		return fmt.Errorf("%w: %s is a directory", ErrModelNotFound, path)
+	}
+	var magic [4]byte
+	if _, err := io.ReadFull(f, magic[:]); err != nil {
+		return fmt.Errorf("%w: %s: too short to be a GGUF file (%d bytes)", ErrModelInvalid, path, st.Size())
+	}
+	if !bytes.Equal(magic[:], []byte("GGUF")) {
+		return fmt.Errorf("%w: %s: not a GGUF file (magic %q)", ErrModelInvalid, path, magic[:])
+	}
+	return nil
+}
+
+// LoadModel loads a GGUF model for CPU inference. It refuses models whose
+// memory is not one KV cell per token (recurrent, hybrid, sliding-window,
+// encoder-decoder and diffusion models), with ErrModelUnsupported.
+func LoadModel(path string, opts LoadOptions) (*Model, error) {
+	Init(LogError)
+	if err := checkGGUF(path); err != nil {
+		return nil, err
+	}
+	params := C.llama_model_default_params()
+	params.n_gpu_layers = 0
+	params.use_mmap = C.bool(!opts.NoMmap)
+	var h cgo.Handle
+	if opts.Progress != nil {
+		h = cgo.NewHandle(opts.Progress)
+		defer h.Delete()
+		C.kv_model_params_set_progress(&params, C.uintptr_t(h))
+	}
+	cpath := C.CString(path)
+	defer C.free(unsafe.Pointer(cpath))
+	C.kv_log_clear_error()
+	ptr := C.llama_model_load_from_file(cpath, params)
+	if ptr == nil {
+		msg := lastLlamaError()
+		if msg == "" {
+			msg = "llama.cpp could not load it"
+		}
+		return nil, fmt.Errorf("%w: %s: %s", ErrModelInvalid, path, msg)
+	}
+	m := &Model{ptr: ptr, vocab: C.llama_model_get_vocab(ptr), path: path}
+	m.info = m.readInfo()
+	if err := m.checkSupported(); err != nil {
+		C.llama_model_free(ptr)
+		return nil, err
+	}
+	return m, nil
+}
+
+func (m *Model) checkSupported() error {
+	var why string
+	switch {
+	case bool(C.llama_model_is_recurrent(m.ptr)):
+		why = "recurrent models (Mamba, RWKV) keep per-sequence state, not one KV cell per token"
+	case bool(C.llama_model_is_hybrid(m.ptr)):
+		why = "hybrid models keep recurrent state beside the KV cache"
+	case bool(C.llama_model_is_diffusion(m.ptr)):
+		why = "diffusion models do not decode token by token"
+	case bool(C.llama_model_has_encoder(m.ptr)):
+		why = "encoder-decoder and encoder-only models are not served"
+	case C.llama_model_n_swa(m.ptr) > 0:
+		why = "sliding-window attention caches do not hold one cell per token"
+	case m.info.VocabSize <= 0:
+		why = "the model has no vocabulary"
+	}
+	if why != "" {
+		return fmt.Errorf("%w: %s (%s): %s", ErrModelUnsupported, m.path, m.info.Architecture, why)
+	}
+	return nil
+}
+
+func (m *Model) metaString(key string) string {
+	ckey := C.CString(key)
+	defer C.free(unsafe.Pointer(ckey))
+	var buf [256]C.char
+	n := C.llama_model_meta_val_str(m.ptr, ckey, &buf[0], C.size_t(len(buf)))
+	if n < 0 {
+		return ""
+	}
+	return C.GoString(&buf[0])
+}
+
+func (m *Model) readInfo() ModelInfo {
+	var desc [256]C.char
+	C.llama_model_desc(m.ptr, &desc[0], C.size_t(len(desc)))
+	return ModelInfo{
+		Path:            m.path,
+		Architecture:    m.metaString("general.architecture"),
+		Description:     C.GoString(&desc[0]),
+		ParameterCount:  uint64(C.llama_model_n_params(m.ptr)),
+		SizeBytes:       uint64(C.llama_model_size(m.ptr)),
+		TrainingContext: int(C.llama_model_n_ctx_train(m.ptr)),
+		VocabSize:       int(C.llama_vocab_n_tokens(m.vocab)),
+		EmbeddingSize:   int(C.llama_model_n_embd(m.ptr)),
+		Layers:          int(C.llama_model_n_layer(m.ptr)),
+		Heads:           int(C.llama_model_n_head(m.ptr)),
+		HeadsKV:         int(C.llama_model_n_head_kv(m.ptr)),
+		HasChatTemplate: C.llama_model_chat_template(m.ptr, nil) != nil,
+		AddBOS:          bool(C.llama_vocab_get_add_bos(m.vocab)),
+		BOS:             int32(C.llama_vocab_bos(m.vocab)),
+		EOS:             int32(C.llama_vocab_eos(m.vocab)),
+	}
+}
+
+// Info returns the model's metadata.
+func (m *Model) Info() ModelInfo { return m.info }
+
+// Close frees the model. It is idempotent.
+func (m *Model) Close() {
+	m.closeOnce.Do(func() {
+		if m.ptr != nil {
+			C.llama_model_free(m.ptr)
+			m.ptr = nil
+			m.vocab = nil
+		}
+	})
+}
+
+// ErrTokenOutOfRange reports a token id outside [0, vocab size).
+var ErrTokenOutOfRange = errors.New("token id out of range")
+
+// ValidTokens returns the index of the first token id outside the
+// vocabulary, or -1 when every id is valid.
+func (m *Model) ValidTokens(ids []int32) int {
+	n := int32(m.info.VocabSize)
+	for i, id := range ids {
+		if id < 0 || id >= n {
+			return i
+		}
+	}
+	return -1
+}
+
+// Tokenize returns the token ids of text. addSpecial adds a
+// beginning-of-sequence token when the model uses one; parseSpecial parses
+// special-token markers written in the text.
+func (m *Model) Tokenize(text string, addSpecial, parseSpecial bool) ([]int32, error) {
+	if len(text) > 1<<30 {
+		return nil, fmt.Errorf("tokenize: text of %d bytes is too long", len(text))
+	}
+	ctext := C.CString(text)
+	defer C.free(unsafe.Pointer(ctext))
+	capacity := len(text) + 8
+	for range 2 {
+		out := make([]int32, capacity)
+		var first *C.llama_token
+		if capacity > 0 {
+			first = (*C.llama_token)(unsafe.Pointer(&out[0]))
+		}
+		n := C.llama_tokenize(m.vocab, ctext, C.int32_t(len(text)), first, C.int32_t(capacity),
+			C.bool(addSpecial), C.bool(parseSpecial))
+		if n >= 0 {
+			return out[:n], nil
+		}
+		if n == -2147483648 {
+			return nil, errors.New("tokenize: result overflows int32")
+		}
+		capacity = int(-n)
+	}
+	return nil, errors.New("tokenize: token count changed between calls")
+}
+
+// AppendPiece appends the text of one token to dst, without special-token
+// rendering and without stripping a leading space. The caller must have
+// checked that tok is in the vocabulary.
+func (m *Model) AppendPiece(dst []byte, tok int32, renderSpecial bool, lstrip bool) []byte {
+	var strip C.int32_t
+	if lstrip {
+		strip = 1
+	}
+	var small [64]byte
+	n := C.llama_token_to_piece(m.vocab, C.llama_token(tok), (*C.char)(unsafe.Pointer(&small[0])),
+		C.int32_t(len(small)), strip, C.bool(renderSpecial))
+	if n >= 0 {
+		return append(dst, small[:n]...)
+	}
+	big := make([]byte, -n)
+	n = C.llama_token_to_piece(m.vocab, C.llama_token(tok), (*C.char)(unsafe.Pointer(&big[0])),
+		C.int32_t(len(big)), strip, C.bool(renderSpecial))
+	if n < 0 {
+		return dst
+	}
+	return append(dst, big[:n]...)
+}
+
+// DetokenizeOptions controls Detokenize.
+type DetokenizeOptions struct {
+	// RenderSpecial renders special tokens (BOS, EOS, control tokens) as text.
+	RenderSpecial bool
+	// StripLeadingSpace drops the space a SentencePiece vocabulary puts
+	// before the first word.
+	StripLeadingSpace bool
+}
+
+// Detokenize returns the concatenated pieces of ids: the same text that
+// Generate streams for them. Invalid UTF-8 is replaced by U+FFFD. It returns
+// ErrTokenOutOfRange for an id outside the vocabulary.
+func (m *Model) Detokenize(ids []int32, opts DetokenizeOptions) (string, error) {
+	if i := m.ValidTokens(ids); i >= 0 {
+		return "", fmt.Errorf("%w: ids[%d] = %d, vocabulary size %d", ErrTokenOutOfRange, i, ids[i], m.info.VocabSize)
+	}
+	var out []byte
+	for i, id := range ids {
+		out = m.AppendPiece(out, id, opts.RenderSpecial, opts.StripLeadingSpace && i == 0)
+	}
+	if !utf8.Valid(out) {
+		return strings.ToValidUTF8(string(out), "\uFFFD"), nil
+	}
+	return string(out), nil
+}
+
+// IsEOG reports whether tok ends generation (EOS, EOT and the like).
+func (m *Model) IsEOG(tok int32) bool {
+	return bool(C.llama_vocab_is_eog(m.vocab, C.llama_token(tok)))
+}
