@@ -1,0 +1,208 @@
+package native
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// testLedger is a minimal Ledger that checks the engine's accounting.
+type testLedger struct {
+	reserved int
+	charged  atomic.Int64
+	released atomic.Int32
+}
+
+func (l *testLedger) Charge(n int) error {
+	if c := l.charged.Add(int64(n)); c > int64(l.reserved) {
+		return errors.New("over charge")
+	}
+	return nil
+}
+
+func (l *testLedger) Release() { l.released.Add(1) }
+
+func newEngine(t *testing.T, cfg EngineConfig) *Engine {
+	t.Helper()
+	e, err := NewEngine(stories(t), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.Close)
+	return e
+}
+
+type collected struct {
+	text   string
+	ids    []int32
+	steps  []uint64
+	result Result
+}
+
+func collect(s *Stream) collected {
+	var c collected
+	for ev := range s.Events() {
+		c.text += ev.Text
+		c.ids = append(c.ids, ev.Tokens...)
+		c.steps = append(c.steps, ev.Step)
+	}
+	c.result = s.Result()
+	return c
+}
+
+func TestEngineMatchesReference(t *testing.T) {
+	m := stories(t)
+	e := newEngine(t, EngineConfig{Cells: 512, Batch: 64, MaxSequences: 4})
+	prompt, _ := m.Tokenize("Once upon a time", true, false)
+	want, err := GreedyReference(context.Background(), m, prompt, 32)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := &testLedger{reserved: len(prompt) + 32}
+	s, err := e.Start(Request{Ctx: context.Background(), SeqID: 0, Prompt: prompt, MaxTokens: 32, Ledger: l})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := collect(s)
+	if !equal(got.ids, want) {
+		t.Fatalf("engine ids %v\nreference ids %v", got.ids, want)
+	}
+	wantText, _ := m.Detokenize(want, DetokenizeOptions{})
+	if got.text != wantText {
+		t.Fatalf("engine text %q, reference %q", got.text, wantText)
+	}
+	if l.released.Load() != 1 {
+		t.Fatalf("ledger released %d times", l.released.Load())
+	}
+	if got.result.Err != nil {
+		t.Fatal(got.result.Err)
+	}
+}
+
+// TestEngineBatches runs 8 greedy streams at once: the steps must stay near
+// one stream's token count, and each stream must equal its solo run.
+func TestEngineBatches(t *testing.T) {
+	m := stories(t)
+	e := newEngine(t, EngineConfig{Cells: 2048, Batch: 512, MaxSequences: 8})
+	prompts := []string{"Once upon a time", "The cat", "Lily wanted", "One day, a big", "Tom and Sue", "The sun was", "A little bird", "Mom said"}
+	const n = 64
+	solo := make([][]int32, len(prompts))
+	toks := make([][]int32, len(prompts))
+	for i, p := range prompts {
+		toks[i], _ = m.Tokenize(p, true, false)
+		l := &testLedger{reserved: len(toks[i]) + n}
+		s, err := e.Start(Request{Ctx: context.Background(), SeqID: i, Prompt: toks[i], MaxTokens: n, IgnoreEOS: true, Ledger: l})
+		if err != nil {
+			t.Fatal(err)
+		}
+		solo[i] = collect(s).ids
+	}
+	before := e.Stats().Steps
+	var wg sync.WaitGroup
+	got := make([]collected, len(prompts))
+	for i := range prompts {
+		l := &testLedger{reserved: len(toks[i]) + n}
+		s, err := e.Start(Request{Ctx: context.Background(), SeqID: i, Prompt: toks[i], MaxTokens: n, IgnoreEOS: true, Ledger: l})
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Add(1)
+		go func() { defer wg.Done(); got[i] = collect(s) }()
+	}
+	wg.Wait()
+	steps := e.Stats().Steps - before
+	for i := range prompts {
+		if !equal(got[i].ids, solo[i]) {
+			t.Errorf("stream %d differs from its solo run:\n got %v\nwant %v", i, got[i].ids, solo[i])
+		}
+		if len(got[i].ids) != n {
+			t.Errorf("stream %d: %d tokens, want %d", i, len(got[i].ids), n)
+		}
+	}
+	t.Logf("8 streams x %d tokens took %d decode steps", n, steps)
+	if steps > n+8 {
+		t.Fatalf("%d steps for 8 concurrent streams of %d tokens: not batched", steps, n)
+	}
+}
+
+func TestEngineCancelFreesSequence(t *testing.T) {
+	m := stories(t)
+	e := newEngine(t, EngineConfig{Cells: 1024, Batch: 64, MaxSequences: 2, StreamBuffer: 4096})
+	prompt, _ := m.Tokenize("Once upon a time", true, false)
+	ctx, cancel := context.WithCancel(context.Background())
+	l := &testLedger{reserved: len(prompt) + 900}
+	s, err := e.Start(Request{Ctx: ctx, SeqID: 0, Prompt: prompt, MaxTokens: 900, IgnoreEOS: true, Ledger: l})
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-s.Events()
+	cancel()
+	got := collect(s)
+	if !errors.Is(got.result.Err, context.Canceled) {
+		t.Fatalf("result err = %v, want context.Canceled", got.result.Err)
+	}
+	if l.released.Load() != 1 {
+		t.Fatal("ledger not released")
+	}
+	if len(got.ids) >= 899 {
+		t.Fatalf("sequence ran to the end (%d tokens) despite cancel", len(got.ids))
+	}
+}
+
+func TestEngineSlowConsumer(t *testing.T) {
+	m := stories(t)
+	e := newEngine(t, EngineConfig{Cells: 1024, Batch: 64, MaxSequences: 2, StreamBuffer: 8})
+	prompt, _ := m.Tokenize("Once upon a time", true, false)
+	l := &testLedger{reserved: len(prompt) + 200}
+	s, err := e.Start(Request{Ctx: context.Background(), SeqID: 0, Prompt: prompt, MaxTokens: 200, IgnoreEOS: true, Ledger: l})
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !s.Failed() && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	got := collect(s)
+	if !errors.Is(got.result.Err, ErrSlowConsumer) {
+		t.Fatalf("err = %v, want ErrSlowConsumer", got.result.Err)
+	}
+	if len(got.steps) > 8 {
+		t.Fatalf("%d events buffered, bound is 8", len(got.steps))
+	}
+	if e.Stats().SlowConsumers != 1 || l.released.Load() != 1 {
+		t.Fatalf("stats %+v, released %d", e.Stats(), l.released.Load())
+	}
+}
+
+func TestEngineStopString(t *testing.T) {
+	m := stories(t)
+	e := newEngine(t, EngineConfig{Cells: 512, Batch: 64, MaxSequences: 1})
+	prompt, _ := m.Tokenize("Once upon a time", true, false)
+	ref, _ := GreedyReference(context.Background(), m, prompt, 32)
+	full, _ := m.Detokenize(ref, DetokenizeOptions{})
+	// The reference text is ", there was a little girl named Lily. ..."; stop at "girl".
+	s, err := e.Start(Request{Ctx: context.Background(), SeqID: 0, Prompt: prompt, MaxTokens: 32, Stop: []string{"zzz", "girl"}, Ledger: &testLedger{reserved: 64}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := collect(s)
+	i := indexOf(full, "girl")
+	if i < 0 {
+		t.Skipf("reference text %q has no 'girl'", full)
+	}
+	if got.result.Reason != FinishStop || got.result.StopString != "girl" || got.text != full[:i] {
+		t.Fatalf("got %q reason %v stop %q; want %q", got.text, got.result.Reason, got.result.StopString, full[:i])
+	}
+}
+
+func indexOf(s, sub string) int {
+	for i := 0; i+len(sub) <= len(s); i++ {
+		if s[i:i+len(sub)] == sub {
+			return i
+		}
+	}
+	return -1
+}
