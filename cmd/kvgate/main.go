@@ -1,0 +1,122 @@
+// Command kvgate is a gRPC text-generation server for GGUF models, built on
+// llama.cpp, whose KV-cell allocator answers overload with status codes
+// instead of failed decodes. It also carries the client commands used to try
+// and measure it.
+//
+// Usage:
+//
+//	kvgate serve     [flags]         run the server
+//	kvgate generate  [flags] PROMPT  stream a completion from a server
+//	kvgate tokenize  [flags] TEXT    show a text's token ids
+//
+// Run "kvgate COMMAND -h" for a command's flags. Every serve flag can also be
+// set through an environment variable named KVGATE_ plus the flag's name in
+// upper case, with dashes as underscores (for example KVGATE_MAX_QUEUE).
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+const usage = `kvgate serves text generation from GGUF models over gRPC.
+
+Usage:
+  kvgate serve     [flags]          run the server (default model: stories260K)
+  kvgate generate  [flags] PROMPT   stream a completion from a running server
+  kvgate tokenize  [flags] TEXT     show the token ids of a text
+
+Run "kvgate COMMAND -h" for the flags of a command.
+`
+
+func run(args []string) int {
+	if len(args) == 0 {
+		fmt.Fprint(os.Stderr, usage)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	var err error
+	switch args[0] {
+	case "serve":
+		err = serve(ctx, args[1:])
+	case "generate":
+		err = generate(ctx, args[1:])
+	case "tokenize":
+		err = tokenize(ctx, args[1:])
+	case "-h", "-help", "--help", "help":
+		fmt.Fprint(os.Stdout, usage)
+		return 0
+	default:
+		fmt.Fprintf(os.Stderr, "kvgate: unknown command %q\n\n%s", args[0], usage)
+		return 2
+	}
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.Is(err, errUsage):
+		return 2
+	}
+	fmt.Fprintf(os.Stderr, "kvgate %s: %v\n", args[0], err)
+	return 1
+}
+
+// errUsage marks an error already reported by the flag package.
+var errUsage = errors.New("usage")
+
+// envName returns the environment variable that sets a flag.
+func envName(flagName string) string {
+	return "KVGATE_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+// applyEnv sets every flag of fs not given on the command line from its
+// KVGATE_* variable. Command-line flags win.
+func applyEnv(fs *flag.FlagSet) error {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		if set[f.Name] || err != nil {
+			return
+		}
+		if v, ok := os.LookupEnv(envName(f.Name)); ok {
+			if e := fs.Set(f.Name, v); e != nil {
+				err = fmt.Errorf("%s=%q: %w", envName(f.Name), v, e)
+			}
+		}
+	})
+	return err
+}
+
+// parseFlags parses args, then the environment.
+func parseFlags(fs *flag.FlagSet, args []string) error {
+	fs.SetOutput(os.Stderr)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return errUsage
+	}
+	return applyEnv(fs)
+}
+
+// durationMS formats milliseconds for humans.
+func durationMS(ms float64) string {
+	return (time.Duration(ms * float64(time.Millisecond))).Round(10 * time.Microsecond).String()
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }

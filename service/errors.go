@@ -1,0 +1,147 @@
+package service
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/protoadapt"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/kvgate/kvgate/allocator"
+	"github.com/kvgate/kvgate/native"
+)
+
+// ErrorDomain is the google.rpc.ErrorInfo domain of kvgate's errors.
+const ErrorDomain = "kvgate.v1"
+
+// ReasonSlowConsumer is the ErrorInfo reason of a stream ended because its
+// client read too slowly.
+const ReasonSlowConsumer = "SLOW_CONSUMER"
+
+// PushbackTrailer is the trailer through which gRPC's built-in retry reads
+// the server's pushback. A negative value tells the client not to retry.
+const PushbackTrailer = "grpc-retry-pushback-ms"
+
+// errInvalid builds an INVALID_ARGUMENT status with BadRequest field
+// violations.
+func errInvalid(msg string, violations ...*errdetails.BadRequest_FieldViolation) error {
+	st := status.New(codes.InvalidArgument, msg)
+	if ds, err := st.WithDetails(&errdetails.BadRequest{FieldViolations: violations}); err == nil {
+		st = ds
+	}
+	return st.Err()
+}
+
+func violation(field, desc string) *errdetails.BadRequest_FieldViolation {
+	return &errdetails.BadRequest_FieldViolation{Field: field, Description: desc}
+}
+
+// toStatus is the one map from kvgate's domain errors to gRPC status. It
+// sets the pushback trailer on ctx's call where the error asks for one, so it
+// must be called from the handler before it returns.
+func toStatus(ctx context.Context, err error) error {
+	if err == nil {
+		return nil
+	}
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	var rej *allocator.RejectError
+	switch {
+	case errors.As(err, &rej):
+		return rejectStatus(ctx, rej)
+	case errors.Is(err, native.ErrSlowConsumer):
+		return withInfo(codes.ResourceExhausted, "stream closed: the client read too slowly and its buffer filled up",
+			ReasonSlowConsumer, nil)
+	case errors.Is(err, native.ErrSequenceAborted):
+		return withInfo(codes.Aborted, "sequence aborted: llama.cpp found no KV slot even for the smallest batch",
+			"NO_KV_SLOT", nil)
+	case errors.Is(err, native.ErrEngineClosed):
+		setPushback(ctx, -1)
+		return status.Error(codes.Unavailable, "server is shutting down")
+	case errors.Is(err, context.Canceled):
+		return status.Error(codes.Canceled, "request cancelled by the client")
+	case errors.Is(err, context.DeadlineExceeded):
+		return status.Error(codes.DeadlineExceeded, "deadline exceeded")
+	case errors.Is(err, native.ErrTokenOutOfRange):
+		return errInvalid(err.Error(), violation("ids", err.Error()))
+	}
+	return status.Error(codes.Internal, err.Error())
+}
+
+func rejectStatus(ctx context.Context, rej *allocator.RejectError) error {
+	meta := map[string]string{
+		"cells_needed": strconv.Itoa(rej.CellsNeeded),
+		"cells_free":   strconv.Itoa(rej.CellsFree),
+		"cells_total":  strconv.Itoa(rej.CellsTotal),
+		"queue_depth":  strconv.Itoa(rej.QueueDepth),
+	}
+	switch rej.Reason {
+	case allocator.ReasonQueueFull, allocator.ReasonKVCellsExhausted:
+		delay := rej.RetryAfter
+		if delay <= 0 {
+			delay = time.Second
+		}
+		setPushback(ctx, delay)
+		meta["retry_after_ms"] = strconv.FormatInt(delay.Milliseconds(), 10)
+		msg := fmt.Sprintf("KV cells exhausted: need %d cells, %d free of %d, %d queued; retry in %v",
+			rej.CellsNeeded, rej.CellsFree, rej.CellsTotal, rej.QueueDepth, delay.Round(time.Millisecond))
+		if rej.Reason == allocator.ReasonQueueFull {
+			msg = fmt.Sprintf("admission queue full (%d waiting); retry in %v", rej.QueueDepth, delay.Round(time.Millisecond))
+		}
+		return withInfo(codes.ResourceExhausted, msg, rej.Reason, meta, &errdetails.RetryInfo{RetryDelay: durationpb.New(delay)})
+	case allocator.ReasonNeverFits:
+		setPushback(ctx, -1)
+		desc := fmt.Sprintf("prompt tokens + max_tokens = %d exceeds the limit of %d tokens per sequence", rej.CellsNeeded, rej.Limit)
+		st := status.New(codes.InvalidArgument, desc)
+		if ds, err := st.WithDetails(
+			&errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{violation("max_tokens", desc)}},
+			&errdetails.ErrorInfo{Reason: rej.Reason, Domain: ErrorDomain, Metadata: meta},
+		); err == nil {
+			st = ds
+		}
+		return st.Err()
+	case allocator.ReasonDraining:
+		setPushback(ctx, -1)
+		return withInfo(codes.Unavailable, "server is draining: send new requests to another replica", rej.Reason, nil)
+	case allocator.ReasonDeadlineExceeded:
+		return withInfo(codes.DeadlineExceeded, "deadline exceeded while waiting for KV cells", rej.Reason, meta)
+	case allocator.ReasonCancelled:
+		return withInfo(codes.Canceled, "request cancelled while waiting for KV cells", rej.Reason, meta)
+	case allocator.ReasonQueueTimeout:
+		setPushback(ctx, time.Second)
+		return withInfo(codes.ResourceExhausted, "queue_timeout_ms passed while waiting for KV cells", rej.Reason, meta,
+			&errdetails.RetryInfo{RetryDelay: durationpb.New(time.Second)})
+	}
+	return status.Error(codes.Internal, rej.Error())
+}
+
+func withInfo(code codes.Code, msg, reason string, meta map[string]string, extra ...*errdetails.RetryInfo) error {
+	st := status.New(code, msg)
+	details := []protoadapt.MessageV1{&errdetails.ErrorInfo{Reason: reason, Domain: ErrorDomain, Metadata: meta}}
+	for _, e := range extra {
+		details = append(details, e)
+	}
+	if ds, err := st.WithDetails(details...); err == nil {
+		st = ds
+	}
+	return st.Err()
+}
+
+// setPushback sets grpc-retry-pushback-ms on the call: a delay, or a
+// negative value ("do not retry") when d < 0.
+func setPushback(ctx context.Context, d time.Duration) {
+	ms := int64(-1)
+	if d >= 0 {
+		ms = d.Milliseconds()
+	}
+	_ = grpc.SetTrailer(ctx, metadata.Pairs(PushbackTrailer, strconv.FormatInt(ms, 10)))
+}

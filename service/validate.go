@@ -1,0 +1,165 @@
+package service
+
+import (
+	"fmt"
+	"math"
+	"unicode/utf8"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+
+	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
+	"github.com/kvgate/kvgate/native"
+)
+
+// Limits are the server-side bounds on a request. They are reported by
+// GetModelInfo and named in INVALID_ARGUMENT messages.
+type Limits struct {
+	// MaxSequenceTokens bounds prompt tokens + max_tokens: the smaller of
+	// the KV pool and the model's training context.
+	MaxSequenceTokens int
+	// MaxStopStrings bounds the number of stop strings.
+	MaxStopStrings int
+	// MaxStopStringBytes bounds each stop string's length.
+	MaxStopStringBytes int
+	// MaxRequestIDBytes bounds request_id.
+	MaxRequestIDBytes int
+}
+
+// DefaultLimits returns the limits used when a flag does not set them.
+func DefaultLimits() Limits {
+	return Limits{MaxStopStrings: 16, MaxStopStringBytes: 256, MaxRequestIDBytes: 128}
+}
+
+// tokenizer is the part of the model that validation needs.
+type tokenizer interface {
+	Tokenize(text string, addSpecial, parseSpecial bool) ([]int32, error)
+	ValidTokens(ids []int32) int
+	Info() native.ModelInfo
+}
+
+// request is a validated GenerateRequest.
+type request struct {
+	prompt    []int32
+	maxTokens int
+	sampling  native.SamplingParams
+	stop      []string
+	priority  int32
+	ignoreEOS bool
+}
+
+func finite(f float32) bool { return !math.IsNaN(float64(f)) && !math.IsInf(float64(f), 0) }
+
+// validate checks a GenerateRequest and tokenizes its prompt. Every problem
+// is reported at once, as BadRequest field violations.
+func validate(req *kvgatev1.GenerateRequest, m tokenizer, lim Limits) (*request, error) {
+	var vs []*errdetails.BadRequest_FieldViolation
+	bad := func(field, format string, args ...any) {
+		vs = append(vs, violation(field, fmt.Sprintf(format, args...)))
+	}
+	out := &request{maxTokens: int(req.GetMaxTokens()), priority: req.GetPriority(), ignoreEOS: req.GetIgnoreEos()}
+
+	promptField := "prompt"
+	switch p := req.GetPrompt().(type) {
+	case *kvgatev1.GenerateRequest_Text:
+		promptField = "text"
+		if p.Text == "" {
+			bad("text", "the prompt text is empty")
+		} else if !utf8.ValidString(p.Text) {
+			bad("text", "the prompt text is not valid UTF-8")
+		} else {
+			ids, err := m.Tokenize(p.Text, true, true)
+			if err != nil {
+				bad("text", "cannot tokenize: %v", err)
+			}
+			out.prompt = ids
+			if len(ids) == 0 {
+				bad("text", "the prompt text has no tokens")
+			}
+		}
+	case *kvgatev1.GenerateRequest_Tokens:
+		promptField = "tokens.ids"
+		ids := p.Tokens.GetIds()
+		if len(ids) == 0 {
+			bad("tokens.ids", "the prompt token list is empty")
+		} else if i := m.ValidTokens(ids); i >= 0 {
+			bad(fmt.Sprintf("tokens.ids[%d]", i), "token id %d is outside the vocabulary [0, %d)", ids[i], m.Info().VocabSize)
+		}
+		out.prompt = ids
+	default:
+		bad("prompt", "set text or tokens")
+	}
+
+	switch {
+	case out.maxTokens < 1:
+		bad("max_tokens", "must be at least 1")
+	case out.maxTokens > lim.MaxSequenceTokens:
+		bad("max_tokens", "%d exceeds the limit of %d tokens per sequence (prompt + max_tokens)", out.maxTokens, lim.MaxSequenceTokens)
+	case len(out.prompt) > 0 && len(out.prompt)+out.maxTokens > lim.MaxSequenceTokens:
+		bad(promptField, "%d prompt tokens + max_tokens %d = %d exceeds the limit of %d tokens per sequence",
+			len(out.prompt), out.maxTokens, len(out.prompt)+out.maxTokens, lim.MaxSequenceTokens)
+	}
+
+	if s := req.GetSampling(); s != nil {
+		sp := &out.sampling
+		switch t := s.GetTemperature(); {
+		case !finite(t) || t < 0:
+			bad("sampling.temperature", "must be a finite number >= 0, got %v", t)
+		default:
+			sp.Temperature = t
+		}
+		if s.GetTopK() < 0 {
+			bad("sampling.top_k", "must be >= 0, got %d", s.GetTopK())
+		}
+		sp.TopK = s.GetTopK()
+		if s.TopP != nil {
+			if p := s.GetTopP(); !finite(p) || p <= 0 || p > 1 {
+				bad("sampling.top_p", "must be in (0, 1], got %v", p)
+			}
+			sp.TopP = s.GetTopP()
+		}
+		if p := s.GetMinP(); !finite(p) || p < 0 || p > 1 {
+			bad("sampling.min_p", "must be in [0, 1], got %v", p)
+		}
+		sp.MinP = s.GetMinP()
+		if r := s.GetRepetitionPenalty(); !finite(r) || r < 0 {
+			bad("sampling.repetition_penalty", "must be a finite number >= 0, got %v", r)
+		}
+		sp.RepeatPenalty = s.GetRepetitionPenalty()
+		if f := s.GetFrequencyPenalty(); !finite(f) {
+			bad("sampling.frequency_penalty", "must be finite, got %v", f)
+		}
+		sp.FrequencyPenalty = s.GetFrequencyPenalty()
+		if f := s.GetPresencePenalty(); !finite(f) {
+			bad("sampling.presence_penalty", "must be finite, got %v", f)
+		}
+		sp.PresencePenalty = s.GetPresencePenalty()
+		if n := s.GetPenaltyLastN(); n < 0 {
+			bad("sampling.penalty_last_n", "must be >= 0, got %d", n)
+		}
+		sp.PenaltyLastN = s.GetPenaltyLastN()
+		if s.Seed != nil {
+			sp.Seed, sp.HasSeed = s.GetSeed(), true
+		}
+	}
+
+	if n := len(req.GetStop()); n > lim.MaxStopStrings {
+		bad("stop", "%d stop strings exceed the limit of %d", n, lim.MaxStopStrings)
+	} else {
+		for i, s := range req.GetStop() {
+			switch {
+			case s == "":
+				bad(fmt.Sprintf("stop[%d]", i), "a stop string must not be empty")
+			case len(s) > lim.MaxStopStringBytes:
+				bad(fmt.Sprintf("stop[%d]", i), "%d bytes exceed the limit of %d", len(s), lim.MaxStopStringBytes)
+			}
+		}
+		out.stop = req.GetStop()
+	}
+	if n := len(req.GetRequestId()); n > lim.MaxRequestIDBytes {
+		bad("request_id", "%d bytes exceed the limit of %d", n, lim.MaxRequestIDBytes)
+	}
+	if len(vs) > 0 {
+		return nil, errInvalid(fmt.Sprintf("invalid GenerateRequest: %s: %s", vs[0].Field, vs[0].Description), vs...)
+	}
+	return out, nil
+}
