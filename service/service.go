@@ -12,8 +12,8 @@ import (
 
 	"google.golang.org/grpc"
 
-	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
 	"github.com/kvgate/kvgate/allocator"
+	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
 	"github.com/kvgate/kvgate/native"
 )
 

@@ -20,8 +20,8 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 
-	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
 	"github.com/kvgate/kvgate/allocator"
+	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
 	"github.com/kvgate/kvgate/native"
 	"github.com/kvgate/kvgate/service"
 )
