@@ -206,3 +206,85 @@ func indexOf(s, sub string) int {
 	}
 	return -1
 }
+
+// TestEnginePrefillDoesNotStall prefills a 1500-token prompt while three
+// streams decode: the prompt is chunked across steps, and the running
+// streams get a token at every step meanwhile (gaps measured in steps).
+func TestEnginePrefillDoesNotStall(t *testing.T) {
+	m := stories(t)
+	e := newEngine(t, EngineConfig{Cells: 2048, Batch: 512, MaxSequences: 4, StreamBuffer: 4096})
+	type run struct {
+		steps []uint64
+		done  chan struct{}
+	}
+	runs := make([]*run, 3)
+	for i := range runs {
+		prompt, _ := m.Tokenize([]string{"Once upon a time", "The dog", "Sue had a"}[i], true, false)
+		s, err := e.Start(Request{Ctx: context.Background(), SeqID: i, Prompt: prompt, MaxTokens: 150, IgnoreEOS: true,
+			Ledger: &testLedger{reserved: len(prompt) + 150}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := &run{done: make(chan struct{})}
+		runs[i] = r
+		go func() {
+			defer close(r.done)
+			for ev := range s.Events() {
+				r.steps = append(r.steps, ev.Step)
+			}
+		}()
+	}
+	waitUntil(t, func() bool { return e.Stats().GeneratedTokens >= 30 })
+	long := make([]int32, 1500)
+	for i := range long {
+		long[i] = int32(3 + (i*7919)%509) // valid ids of the 512-token vocabulary
+	}
+	before := e.Stats().Steps
+	s, err := e.Start(Request{Ctx: context.Background(), SeqID: 3, Prompt: long, MaxTokens: 4, Ledger: &testLedger{reserved: 1504}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	longRes := collect(s)
+	if longRes.result.Err != nil {
+		t.Fatal(longRes.result.Err)
+	}
+	prefillEnd := longRes.steps[0]
+	for _, r := range runs {
+		<-r.done
+	}
+	if prefillSteps := prefillEnd - before; prefillSteps < 3 {
+		t.Fatalf("1500-token prompt prefilled in %d steps: not chunked", prefillSteps)
+	}
+	for i, r := range runs {
+		maxGap, during := uint64(0), 0
+		for j, st := range r.steps {
+			if st > before && st <= prefillEnd {
+				during++
+			}
+			if j == 0 {
+				continue
+			}
+			if r.steps[j] >= before && r.steps[j-1] <= prefillEnd {
+				maxGap = max(maxGap, r.steps[j]-r.steps[j-1])
+			}
+		}
+		t.Logf("stream %d: %d events, largest gap during the long prefill: %d steps", i, len(r.steps), maxGap)
+		if during < int(prefillEnd-before)-1 {
+			t.Errorf("stream %d got %d tokens during the %d prefill steps", i, during, prefillEnd-before)
+		}
+		if maxGap > 2 {
+			t.Errorf("stream %d waited %d steps between tokens during the prefill", i, maxGap)
+		}
+	}
+}
+
+func waitUntil(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met within 30s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
