@@ -1,0 +1,502 @@
+package allocator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"math/bits"
+	"slices"
+	"sync"
+	"time"
+)
+
+const (
+	// MaxSequencesLimit is the largest Config.MaxSequences accepted.
+	MaxSequencesLimit = 256
+
+	defaultMinRetryDelay = 50 * time.Millisecond
+	defaultMaxRetryDelay = 30 * time.Second
+	// unknownRateRetry is the RetryAfter reported, before clamping, when the
+	// drain rate is unknown.
+	unknownRateRetry = time.Second
+)
+
+// Config configures an Allocator.
+type Config struct {
+	// Cells is the number of cells in the pool; it must be positive.
+	Cells int
+	// MaxSequences is the number of sequence ids, 0..MaxSequences-1; it must
+	// be in 1..MaxSequencesLimit.
+	MaxSequences int
+	// MaxQueue is the capacity of the wait queue; it must not be negative.
+	// With 0 nothing waits: a request that cannot be admitted at once is
+	// refused with QUEUE_FULL.
+	MaxQueue int
+	// MaxSequenceTokens limits PromptTokens+MaxTokens of a request; 0 means
+	// Cells. It must not be negative.
+	MaxSequenceTokens int
+	// MinRetryDelay is the lower clamp of RetryAfter estimates; 0 means 50ms.
+	MinRetryDelay time.Duration
+	// MaxRetryDelay is the upper clamp of RetryAfter estimates; 0 means 30s.
+	MaxRetryDelay time.Duration
+	// Now is the clock for lease times, the drain rate and wait estimates;
+	// nil means time.Now. It is called with the Allocator's lock held and
+	// must not call back into the Allocator. Estimates are compared with
+	// context deadlines, which are wall-clock times, so Now should follow
+	// the wall clock. QueueTimeout is timed by the time package's timers.
+	Now func() time.Time
+}
+
+// Request describes what a sequence needs.
+type Request struct {
+	// PromptTokens is the number of prompt tokens; it must be at least 1.
+	PromptTokens int
+	// MaxTokens is the most tokens the sequence may generate; it must be at
+	// least 1.
+	MaxTokens int
+	// Priority orders the queue: higher first, equal priorities in arrival
+	// order.
+	Priority int32
+	// QueueTimeout bounds the time spent queued; 0 means as long as the
+	// context allows.
+	QueueTimeout time.Duration
+}
+
+// Stats is a snapshot of an Allocator.
+type Stats struct {
+	// CellsTotal is Config.Cells.
+	CellsTotal int
+	// CellsUsed is the number of cells holding tokens (charged).
+	CellsUsed int
+	// CellsReserved is the number of cells reserved but not yet charged.
+	CellsReserved int
+	// CellsFree is CellsTotal - CellsUsed - CellsReserved.
+	CellsFree int
+	// Running is the number of leases held.
+	Running int
+	// Queued is the number of requests waiting.
+	Queued int
+	// Admitted counts the Admit calls that returned a lease.
+	Admitted uint64
+	// Rejected counts refusals by reason; it has a key for every reason and
+	// is a fresh copy on each call.
+	Rejected map[string]uint64
+	// DrainCellsPerSecond is the rate at which released leases returned
+	// cells over the last ten seconds (or since New, if shorter, but over at
+	// least one second); 0 when nothing was released in that window.
+	DrainCellsPerSecond float64
+}
+
+// Allocator owns every cell of a KV cache pool and admits sequences under
+// the reserve policy. See the package documentation.
+type Allocator struct {
+	cfg      Config // normalized
+	limit    int    // min(Cells, MaxSequenceTokens)
+	now      func() time.Time
+	start    time.Time
+	seqValid [MaxSequencesLimit / 64]uint64 // bit set for every valid id
+
+	mu       sync.Mutex
+	used     int
+	reserved int
+	running  int
+	seqUsed  [MaxSequencesLimit / 64]uint64
+	queue    []*waiter // priority descending, then arrival
+	arrivals uint64
+	draining bool
+	admitted uint64
+	rejected map[string]uint64
+	drained  drainWindow
+	idle     chan struct{} // closed when idle; nil when nobody asked
+}
+
+// waiter is a queued request. All fields after ready are guarded by the
+// Allocator's lock and are final once ready is closed.
+type waiter struct {
+	need     int
+	priority int32
+	arrival  uint64
+	enqueued time.Time
+	timeout  time.Duration
+	ready    chan struct{} // closed when resolved by the Allocator
+
+	resolved bool   // granted, drained, or abandoned
+	lease    *Lease // set when granted
+	err      error  // set when refused
+}
+
+// New returns an Allocator for cfg. The error wraps ErrInvalidConfig.
+func New(cfg Config) (*Allocator, error) {
+	switch {
+	case cfg.Cells <= 0:
+		return nil, fmt.Errorf("%w: cells %d must be positive", ErrInvalidConfig, cfg.Cells)
+	case cfg.MaxSequences < 1 || cfg.MaxSequences > MaxSequencesLimit:
+		return nil, fmt.Errorf("%w: max sequences %d must be in 1..%d", ErrInvalidConfig, cfg.MaxSequences, MaxSequencesLimit)
+	case cfg.MaxQueue < 0:
+		return nil, fmt.Errorf("%w: max queue %d must not be negative", ErrInvalidConfig, cfg.MaxQueue)
+	case cfg.MaxSequenceTokens < 0:
+		return nil, fmt.Errorf("%w: max sequence tokens %d must not be negative", ErrInvalidConfig, cfg.MaxSequenceTokens)
+	case cfg.MinRetryDelay < 0 || cfg.MaxRetryDelay < 0:
+		return nil, fmt.Errorf("%w: retry delays %v, %v must not be negative", ErrInvalidConfig, cfg.MinRetryDelay, cfg.MaxRetryDelay)
+	}
+	if cfg.MaxSequenceTokens == 0 {
+		cfg.MaxSequenceTokens = cfg.Cells
+	}
+	if cfg.MinRetryDelay == 0 {
+		cfg.MinRetryDelay = defaultMinRetryDelay
+	}
+	if cfg.MaxRetryDelay == 0 {
+		cfg.MaxRetryDelay = defaultMaxRetryDelay
+	}
+	if cfg.MinRetryDelay > cfg.MaxRetryDelay {
+		return nil, fmt.Errorf("%w: min retry delay %v exceeds max retry delay %v", ErrInvalidConfig, cfg.MinRetryDelay, cfg.MaxRetryDelay)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	a := &Allocator{
+		cfg:      cfg,
+		limit:    min(cfg.Cells, cfg.MaxSequenceTokens),
+		now:      cfg.Now,
+		rejected: make(map[string]uint64, len(reasons)),
+	}
+	a.start = a.now()
+	for id := range cfg.MaxSequences {
+		a.seqValid[id/64] |= 1 << (id % 64)
+	}
+	for _, r := range reasons {
+		a.rejected[r] = 0
+	}
+	return a, nil
+}
+
+// Admit blocks until req is admitted, refused, ctx ends, or req.QueueTimeout
+// passes. On admission it returns a Lease holding PromptTokens+MaxTokens
+// reserved cells and a sequence id; the caller must Release it. A refusal is
+// a *RejectError; a malformed req gives an error wrapping ErrInvalidRequest.
+//
+// Refusals are checked in this order: DRAINING, NEVER_FITS, an already
+// ended ctx, then, if the request cannot be admitted at once, QUEUE_FULL
+// and KV_CELLS_EXHAUSTED. A request that gives up while queued never holds
+// a lease: if it was granted one at the same moment, the grant is undone
+// and the cells go to the next waiter.
+func (a *Allocator) Admit(ctx context.Context, req Request) (*Lease, error) {
+	l, w, err := a.begin(ctx, req)
+	if w == nil {
+		return l, err
+	}
+	return a.await(ctx, w)
+}
+
+// begin decides a request without blocking: it returns a lease if admitted
+// at once, an error if refused, or the queued waiter.
+func (a *Allocator) begin(ctx context.Context, req Request) (*Lease, *waiter, error) {
+	if req.PromptTokens < 1 || req.MaxTokens < 1 || req.QueueTimeout < 0 {
+		return nil, nil, fmt.Errorf("%w: prompt tokens %d, max tokens %d, queue timeout %v",
+			ErrInvalidRequest, req.PromptTokens, req.MaxTokens, req.QueueTimeout)
+	}
+	need := math.MaxInt
+	if req.MaxTokens <= math.MaxInt-req.PromptTokens {
+		need = req.PromptTokens + req.MaxTokens
+	}
+
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.draining {
+		return nil, nil, a.refuseLocked(ReasonDraining, need, len(a.queue), 0, ErrDraining)
+	}
+	if need > a.limit {
+		err := a.refuseLocked(ReasonNeverFits, need, len(a.queue), 0, ErrNeverFits)
+		err.Limit = a.limit
+		return nil, nil, err
+	}
+	if ctx.Err() != nil {
+		reason, causes := contextRefusal(ctx)
+		return nil, nil, a.refuseLocked(reason, need, len(a.queue), 0, causes...)
+	}
+	now := a.now()
+	idx := a.insertIndexLocked(req.Priority)
+	if idx == 0 && a.fitsLocked(need) {
+		return a.grantLocked(need, now, 0), nil, nil
+	}
+	mustDrain := need + a.cellsAheadLocked(idx) - a.freeLocked()
+	est, known := a.estimateLocked(mustDrain, now)
+	if len(a.queue) >= a.cfg.MaxQueue {
+		return nil, nil, a.refuseLocked(ReasonQueueFull, need, len(a.queue), a.retryAfter(est, known), ErrQueueFull)
+	}
+	if known && mustDrain > 0 {
+		if left, ok := waitBudget(ctx, req.QueueTimeout, now); ok && est > left {
+			return nil, nil, a.refuseLocked(ReasonKVCellsExhausted, need, len(a.queue), a.retryAfter(est, known), ErrKVCellsExhausted)
+		}
+	}
+	w := &waiter{
+		need:     need,
+		priority: req.Priority,
+		arrival:  a.arrivals,
+		enqueued: now,
+		timeout:  req.QueueTimeout,
+		ready:    make(chan struct{}),
+	}
+	a.arrivals++
+	a.queue = slices.Insert(a.queue, idx, w)
+	return nil, w, nil
+}
+
+// await waits for a queued waiter to be resolved, or abandons it when ctx
+// ends or its QueueTimeout passes.
+func (a *Allocator) await(ctx context.Context, w *waiter) (*Lease, error) {
+	var expired <-chan time.Time
+	if w.timeout > 0 {
+		t := time.NewTimer(w.timeout)
+		defer t.Stop()
+		expired = t.C
+	}
+	select {
+	case <-w.ready:
+		return w.lease, w.err
+	case <-ctx.Done():
+		reason, causes := contextRefusal(ctx)
+		return a.abandon(w, reason, causes...)
+	case <-expired:
+		return a.abandon(w, ReasonQueueTimeout, ErrQueueTimeout)
+	}
+}
+
+// abandon takes w out of the queue and refuses it with reason. If w was
+// granted a lease before abandon took the lock, the lease is rolled back as
+// if it had never been granted; if w was already refused, that refusal is
+// returned.
+func (a *Allocator) abandon(w *waiter, reason string, causes ...error) (*Lease, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if w.resolved {
+		if w.err != nil {
+			return nil, w.err
+		}
+		// Granted concurrently with the caller giving up: undo the grant.
+		// This does not count toward the drain rate.
+		a.returnLocked(w.lease)
+		a.admitted--
+		w.lease = nil
+	} else {
+		i := slices.Index(a.queue, w)
+		a.queue = slices.Delete(a.queue, i, i+1)
+	}
+	var retry time.Duration
+	if reason == ReasonQueueTimeout {
+		mustDrain := w.need + a.cellsAheadLocked(a.insertIndexLocked(w.priority)) - a.freeLocked()
+		retry = a.retryAfter(a.estimateLocked(mustDrain, a.now()))
+	}
+	err := a.refuseLocked(reason, w.need, len(a.queue), retry, causes...)
+	w.resolved, w.err = true, err
+	a.pumpLocked()
+	a.notifyIdleLocked()
+	return nil, err
+}
+
+// Drain refuses every later Admit with DRAINING and wakes every queued
+// waiter with DRAINING. Leases already held are untouched. Drain is
+// idempotent.
+func (a *Allocator) Drain() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.draining = true
+	q := a.queue
+	a.queue = nil
+	for _, w := range q {
+		w.resolved = true
+		w.err = a.refuseLocked(ReasonDraining, w.need, len(q)-1, 0, ErrDraining)
+		close(w.ready)
+	}
+	a.notifyIdleLocked()
+}
+
+// Idle returns a channel that is closed when no lease is held and nothing
+// is queued. If that is already so, the channel is closed on return. After
+// Drain, Idle reports when the last running lease is released.
+func (a *Allocator) Idle() <-chan struct{} {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.running == 0 && len(a.queue) == 0 {
+		c := make(chan struct{})
+		close(c)
+		return c
+	}
+	if a.idle == nil {
+		a.idle = make(chan struct{})
+	}
+	return a.idle
+}
+
+// Stats returns a snapshot of the Allocator.
+func (a *Allocator) Stats() Stats {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	rej := make(map[string]uint64, len(a.rejected))
+	for k, v := range a.rejected {
+		rej[k] = v
+	}
+	return Stats{
+		CellsTotal:          a.cfg.Cells,
+		CellsUsed:           a.used,
+		CellsReserved:       a.reserved,
+		CellsFree:           a.freeLocked(),
+		Running:             a.running,
+		Queued:              len(a.queue),
+		Admitted:            a.admitted,
+		Rejected:            rej,
+		DrainCellsPerSecond: a.drained.rate(a.start, a.now()),
+	}
+}
+
+func (a *Allocator) freeLocked() int { return a.cfg.Cells - a.used - a.reserved }
+
+// fitsLocked reports whether need cells and a sequence id are free.
+func (a *Allocator) fitsLocked(need int) bool {
+	return need <= a.freeLocked() && a.running < a.cfg.MaxSequences
+}
+
+// insertIndexLocked returns where a request of priority p goes in the queue:
+// after every waiter of priority >= p.
+func (a *Allocator) insertIndexLocked(p int32) int {
+	lo, hi := 0, len(a.queue)
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		if a.queue[m].priority >= p {
+			lo = m + 1
+		} else {
+			hi = m
+		}
+	}
+	return lo
+}
+
+// cellsAheadLocked returns the cells needed by the first n waiters.
+func (a *Allocator) cellsAheadLocked(n int) int {
+	sum := 0
+	for _, w := range a.queue[:n] {
+		sum += w.need
+	}
+	return sum
+}
+
+// estimateLocked returns how long it should take for mustDrain cells to be
+// released at the current drain rate, and whether the rate is known.
+func (a *Allocator) estimateLocked(mustDrain int, now time.Time) (time.Duration, bool) {
+	r := a.drained.rate(a.start, now)
+	if r <= 0 {
+		return 0, false
+	}
+	if mustDrain <= 0 {
+		return 0, true
+	}
+	return secondsToDuration(float64(mustDrain) / r), true
+}
+
+// retryAfter clamps an estimate to [MinRetryDelay, MaxRetryDelay]; an
+// unknown estimate counts as one second.
+func (a *Allocator) retryAfter(est time.Duration, known bool) time.Duration {
+	if !known {
+		est = unknownRateRetry
+	}
+	return min(max(est, a.cfg.MinRetryDelay), a.cfg.MaxRetryDelay)
+}
+
+// waitBudget returns how long the caller is prepared to wait from now: the
+// time left until ctx's deadline or queueTimeout, whichever is shorter. ok
+// is false when neither bounds the wait.
+func waitBudget(ctx context.Context, queueTimeout time.Duration, now time.Time) (left time.Duration, ok bool) {
+	if d, has := ctx.Deadline(); has {
+		left, ok = d.Sub(now), true
+	}
+	if queueTimeout > 0 && (!ok || queueTimeout < left) {
+		left, ok = queueTimeout, true
+	}
+	return left, ok
+}
+
+// contextRefusal maps an ended context to a reason and the errors to wrap.
+func contextRefusal(ctx context.Context) (string, []error) {
+	err := ctx.Err()
+	reason := ReasonCancelled
+	if errors.Is(err, context.DeadlineExceeded) {
+		reason = ReasonDeadlineExceeded
+	}
+	causes := []error{err}
+	if c := context.Cause(ctx); c != nil && c != err {
+		causes = append(causes, c)
+	}
+	return reason, causes
+}
+
+// refuseLocked counts a refusal and builds its error.
+func (a *Allocator) refuseLocked(reason string, need, depth int, retry time.Duration, causes ...error) *RejectError {
+	a.rejected[reason]++
+	return &RejectError{
+		Reason:      reason,
+		CellsNeeded: need,
+		CellsFree:   a.freeLocked(),
+		CellsTotal:  a.cfg.Cells,
+		QueueDepth:  depth,
+		RetryAfter:  retry,
+		errs:        causes,
+	}
+}
+
+// grantLocked creates a lease for need cells and the lowest free sequence
+// id; the caller has checked that both are free.
+func (a *Allocator) grantLocked(need int, now time.Time, waited time.Duration) *Lease {
+	seq := -1
+	for i := range a.seqUsed {
+		if free := a.seqValid[i] &^ a.seqUsed[i]; free != 0 {
+			b := bits.TrailingZeros64(free)
+			a.seqUsed[i] |= 1 << b
+			seq = i*64 + b
+			break
+		}
+	}
+	if seq < 0 {
+		panic("allocator: no free sequence id")
+	}
+	a.reserved += need
+	a.running++
+	a.admitted++
+	return &Lease{a: a, seq: seq, cells: need, admitted: now, waited: max(waited, 0)}
+}
+
+// returnLocked gives back every cell and the sequence id of l.
+func (a *Allocator) returnLocked(l *Lease) {
+	l.released = true
+	a.used -= l.charged
+	a.reserved -= l.cells - l.charged
+	a.seqUsed[l.seq/64] &^= 1 << (l.seq % 64)
+	a.running--
+}
+
+// pumpLocked admits waiters from the head of the queue while the head fits.
+func (a *Allocator) pumpLocked() {
+	n := 0
+	var now time.Time
+	for n < len(a.queue) && a.fitsLocked(a.queue[n].need) {
+		w := a.queue[n]
+		if n == 0 {
+			now = a.now()
+		}
+		w.lease = a.grantLocked(w.need, now, now.Sub(w.enqueued))
+		w.resolved = true
+		close(w.ready)
+		n++
+	}
+	if n > 0 {
+		a.queue = slices.Delete(a.queue, 0, n)
+	}
+}
+
+// notifyIdleLocked closes the Idle channel if nothing is held or queued.
+func (a *Allocator) notifyIdleLocked() {
+	if a.idle != nil && a.running == 0 && len(a.queue) == 0 {
+		close(a.idle)
+		a.idle = nil
+	}
+}

@@ -1,0 +1,206 @@
+package allocator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/bits"
+	"sync"
+	"testing"
+	"time"
+)
+
+// fakeClock is a manually advanced clock for Config.Now.
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+// newFakeClock returns a clock at a whole second, so that drain-rate
+// buckets line up with the test's arithmetic.
+func newFakeClock() *fakeClock {
+	return &fakeClock{t: time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)}
+}
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}
+
+// deadlineCtx has a deadline but never ends by itself, so estimate checks
+// can use a fake clock without real timers.
+type deadlineCtx struct {
+	context.Context
+	deadline time.Time
+}
+
+func (c deadlineCtx) Deadline() (time.Time, bool) { return c.deadline, true }
+
+func mustNew(t testing.TB, cfg Config) *Allocator {
+	t.Helper()
+	a, err := New(cfg)
+	if err != nil {
+		t.Fatalf("New(%+v): %v", cfg, err)
+	}
+	return a
+}
+
+// invariants checks the Allocator's internal invariants and the
+// consistency of a Stats snapshot.
+func invariants(a *Allocator) error {
+	a.mu.Lock()
+	err := a.checkLocked()
+	a.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	return checkStats(a.Stats(), a.cfg)
+}
+
+func checkStats(s Stats, cfg Config) error {
+	switch {
+	case s.CellsTotal != cfg.Cells:
+		return fmt.Errorf("CellsTotal %d, want %d", s.CellsTotal, cfg.Cells)
+	case s.CellsUsed < 0 || s.CellsReserved < 0 || s.CellsFree < 0:
+		return fmt.Errorf("negative cells: %+v", s)
+	case s.CellsUsed+s.CellsReserved > s.CellsTotal:
+		return fmt.Errorf("used %d + reserved %d > total %d", s.CellsUsed, s.CellsReserved, s.CellsTotal)
+	case s.CellsFree != s.CellsTotal-s.CellsUsed-s.CellsReserved:
+		return fmt.Errorf("free %d != total %d - used %d - reserved %d", s.CellsFree, s.CellsTotal, s.CellsUsed, s.CellsReserved)
+	case s.Queued < 0 || s.Queued > cfg.MaxQueue:
+		return fmt.Errorf("queued %d outside 0..%d", s.Queued, cfg.MaxQueue)
+	case s.Running < 0 || s.Running > cfg.MaxSequences:
+		return fmt.Errorf("running %d outside 0..%d", s.Running, cfg.MaxSequences)
+	case s.DrainCellsPerSecond < 0:
+		return fmt.Errorf("negative drain rate %v", s.DrainCellsPerSecond)
+	case len(s.Rejected) != len(reasons):
+		return fmt.Errorf("Rejected has %d keys, want %d", len(s.Rejected), len(reasons))
+	}
+	return nil
+}
+
+func mustInvariants(t testing.TB, a *Allocator) {
+	t.Helper()
+	if err := invariants(a); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func sumRejected(s Stats) uint64 {
+	var n uint64
+	for _, v := range s.Rejected {
+		n += v
+	}
+	return n
+}
+
+// asReject returns err as a *RejectError or fails the test.
+func asReject(t testing.TB, err error) *RejectError {
+	t.Helper()
+	var re *RejectError
+	if !errors.As(err, &re) {
+		t.Fatalf("error %v (%T) is not a *RejectError", err, err)
+	}
+	return re
+}
+
+// mustAdmit admits req at once or fails the test.
+func mustAdmit(t testing.TB, a *Allocator, req Request) *Lease {
+	t.Helper()
+	l, err := a.Admit(context.Background(), req)
+	if err != nil {
+		t.Fatalf("Admit(%+v): %v", req, err)
+	}
+	return l
+}
+
+// cells returns a Request needing n cells (n >= 2).
+func cells(n int) Request { return Request{PromptTokens: 1, MaxTokens: n - 1} }
+
+// result is the outcome of an Admit run in a goroutine.
+type result struct {
+	lease *Lease
+	err   error
+}
+
+// admitAsync runs Admit in a goroutine and returns where its result goes.
+func admitAsync(ctx context.Context, a *Allocator, req Request) <-chan result {
+	c := make(chan result, 1)
+	go func() {
+		l, err := a.Admit(ctx, req)
+		c <- result{l, err}
+	}()
+	return c
+}
+
+// recv returns the result if one is ready, or fails the test.
+func recv(t testing.TB, c <-chan result) result {
+	t.Helper()
+	select {
+	case r := <-c:
+		return r
+	default:
+		t.Fatal("Admit has not returned")
+		return result{}
+	}
+}
+
+// pending fails the test if c already has a result.
+func pending(t testing.TB, c <-chan result) {
+	t.Helper()
+	select {
+	case r := <-c:
+		t.Fatalf("Admit returned early: lease %v, err %v", r.lease, r.err)
+	default:
+	}
+}
+
+// checkLocked verifies the Allocator's invariants; tests call it.
+func (a *Allocator) checkLocked() error {
+	switch {
+	case a.used < 0 || a.reserved < 0:
+		return fmt.Errorf("negative ledger: used %d reserved %d", a.used, a.reserved)
+	case a.used+a.reserved > a.cfg.Cells:
+		return fmt.Errorf("overcommitted: used %d + reserved %d > %d", a.used, a.reserved, a.cfg.Cells)
+	case a.running < 0 || a.running > a.cfg.MaxSequences:
+		return fmt.Errorf("running %d outside 0..%d", a.running, a.cfg.MaxSequences)
+	case len(a.queue) > a.cfg.MaxQueue:
+		return fmt.Errorf("queued %d > max %d", len(a.queue), a.cfg.MaxQueue)
+	case a.draining && len(a.queue) > 0:
+		return fmt.Errorf("draining with %d queued", len(a.queue))
+	case a.idle != nil && a.running == 0 && len(a.queue) == 0:
+		return errors.New("idle but Idle channel open")
+	}
+	held := 0
+	for i := range a.seqUsed {
+		if a.seqUsed[i]&^a.seqValid[i] != 0 {
+			return fmt.Errorf("invalid sequence id in use: word %d %#x", i, a.seqUsed[i])
+		}
+		held += bits.OnesCount64(a.seqUsed[i])
+	}
+	if held != a.running {
+		return fmt.Errorf("%d sequence ids held, %d running", held, a.running)
+	}
+	for i, w := range a.queue {
+		if w.resolved {
+			return fmt.Errorf("resolved waiter %d still queued", i)
+		}
+		if i > 0 {
+			p := a.queue[i-1]
+			if p.priority < w.priority || (p.priority == w.priority && p.arrival >= w.arrival) {
+				return fmt.Errorf("queue out of order at %d: (%d,#%d) before (%d,#%d)", i, p.priority, p.arrival, w.priority, w.arrival)
+			}
+		}
+	}
+	if len(a.queue) > 0 && a.fitsLocked(a.queue[0].need) {
+		return fmt.Errorf("head of queue needs %d cells and fits (%d free, %d running) but waits", a.queue[0].need, a.freeLocked(), a.running)
+	}
+	return nil
+}
