@@ -126,8 +126,11 @@ type GenerateRequest struct {
 	// The longest time the request may wait in the admission queue, in
 	// milliseconds. 0 means it waits as long as its gRPC deadline allows.
 	QueueTimeoutMs uint32 `protobuf:"varint,9,opt,name=queue_timeout_ms,json=queueTimeoutMs,proto3" json:"queue_timeout_ms,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// When true, the request neither reuses cached prompt prefixes nor leaves
+	// its own cells behind for later requests.
+	SkipPrefixCache bool `protobuf:"varint,10,opt,name=skip_prefix_cache,json=skipPrefixCache,proto3" json:"skip_prefix_cache,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *GenerateRequest) Reset() {
@@ -232,6 +235,13 @@ func (x *GenerateRequest) GetQueueTimeoutMs() uint32 {
 		return x.QueueTimeoutMs
 	}
 	return 0
+}
+
+func (x *GenerateRequest) GetSkipPrefixCache() bool {
+	if x != nil {
+		return x.SkipPrefixCache
+	}
+	return false
 }
 
 type isGenerateRequest_Prompt interface {
@@ -1163,7 +1173,15 @@ type GetModelInfoResponse struct {
 	// The admission queue's capacity.
 	MaxQueue uint32 `protobuf:"varint,14,opt,name=max_queue,json=maxQueue,proto3" json:"max_queue,omitempty"`
 	// The CPU features llama.cpp was built with and detected.
-	SystemInfo    string `protobuf:"bytes,15,opt,name=system_info,json=systemInfo,proto3" json:"system_info,omitempty"`
+	SystemInfo string `protobuf:"bytes,15,opt,name=system_info,json=systemInfo,proto3" json:"system_info,omitempty"`
+	// The most prompt tokens one request may carry.
+	MaxPromptTokens uint32 `protobuf:"varint,16,opt,name=max_prompt_tokens,json=maxPromptTokens,proto3" json:"max_prompt_tokens,omitempty"`
+	// The largest max_tokens one request may ask for.
+	MaxCompletionTokens uint32 `protobuf:"varint,17,opt,name=max_completion_tokens,json=maxCompletionTokens,proto3" json:"max_completion_tokens,omitempty"`
+	// The admission policy: "reserve" or "optimistic".
+	AdmissionPolicy string `protobuf:"bytes,18,opt,name=admission_policy,json=admissionPolicy,proto3" json:"admission_policy,omitempty"`
+	// Whether finished sequences leave their cells behind as a prefix cache.
+	PrefixCache   bool `protobuf:"varint,19,opt,name=prefix_cache,json=prefixCache,proto3" json:"prefix_cache,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1303,6 +1321,34 @@ func (x *GetModelInfoResponse) GetSystemInfo() string {
 	return ""
 }
 
+func (x *GetModelInfoResponse) GetMaxPromptTokens() uint32 {
+	if x != nil {
+		return x.MaxPromptTokens
+	}
+	return 0
+}
+
+func (x *GetModelInfoResponse) GetMaxCompletionTokens() uint32 {
+	if x != nil {
+		return x.MaxCompletionTokens
+	}
+	return 0
+}
+
+func (x *GetModelInfoResponse) GetAdmissionPolicy() string {
+	if x != nil {
+		return x.AdmissionPolicy
+	}
+	return ""
+}
+
+func (x *GetModelInfoResponse) GetPrefixCache() bool {
+	if x != nil {
+		return x.PrefixCache
+	}
+	return false
+}
+
 // GetCacheStatsRequest asks for allocator statistics.
 type GetCacheStatsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1375,8 +1421,22 @@ type GetCacheStatsResponse struct {
 	// Cells released per second, smoothed: the drain rate behind retry
 	// estimates.
 	DrainCellsPerSecond float64 `protobuf:"fixed64,14,opt,name=drain_cells_per_second,json=drainCellsPerSecond,proto3" json:"drain_cells_per_second,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// Cells held only by the prefix cache: evictable.
+	CellsCached uint32 `protobuf:"varint,15,opt,name=cells_cached,json=cellsCached,proto3" json:"cells_cached,omitempty"`
+	// Cells shared by two or more sequences (counted once in cells_used).
+	CellsShared uint32 `protobuf:"varint,16,opt,name=cells_shared,json=cellsShared,proto3" json:"cells_shared,omitempty"`
+	// Finished sequences kept as prefix cache entries.
+	SequencesCached uint32 `protobuf:"varint,17,opt,name=sequences_cached,json=sequencesCached,proto3" json:"sequences_cached,omitempty"`
+	// Prompt tokens whose cells were reused from the prefix cache.
+	PrefixHitTokensTotal uint64 `protobuf:"varint,18,opt,name=prefix_hit_tokens_total,json=prefixHitTokensTotal,proto3" json:"prefix_hit_tokens_total,omitempty"`
+	// Prompt tokens received in admitted requests.
+	PromptTokensTotal uint64 `protobuf:"varint,19,opt,name=prompt_tokens_total,json=promptTokensTotal,proto3" json:"prompt_tokens_total,omitempty"`
+	// Running sequences preempted (freed and requeued) to make room.
+	PreemptionsTotal uint64 `protobuf:"varint,20,opt,name=preemptions_total,json=preemptionsTotal,proto3" json:"preemptions_total,omitempty"`
+	// Prefix cache entries evicted to make room.
+	EvictionsTotal uint64 `protobuf:"varint,21,opt,name=evictions_total,json=evictionsTotal,proto3" json:"evictions_total,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *GetCacheStatsResponse) Reset() {
@@ -1507,11 +1567,60 @@ func (x *GetCacheStatsResponse) GetDrainCellsPerSecond() float64 {
 	return 0
 }
 
+func (x *GetCacheStatsResponse) GetCellsCached() uint32 {
+	if x != nil {
+		return x.CellsCached
+	}
+	return 0
+}
+
+func (x *GetCacheStatsResponse) GetCellsShared() uint32 {
+	if x != nil {
+		return x.CellsShared
+	}
+	return 0
+}
+
+func (x *GetCacheStatsResponse) GetSequencesCached() uint32 {
+	if x != nil {
+		return x.SequencesCached
+	}
+	return 0
+}
+
+func (x *GetCacheStatsResponse) GetPrefixHitTokensTotal() uint64 {
+	if x != nil {
+		return x.PrefixHitTokensTotal
+	}
+	return 0
+}
+
+func (x *GetCacheStatsResponse) GetPromptTokensTotal() uint64 {
+	if x != nil {
+		return x.PromptTokensTotal
+	}
+	return 0
+}
+
+func (x *GetCacheStatsResponse) GetPreemptionsTotal() uint64 {
+	if x != nil {
+		return x.PreemptionsTotal
+	}
+	return 0
+}
+
+func (x *GetCacheStatsResponse) GetEvictionsTotal() uint64 {
+	if x != nil {
+		return x.EvictionsTotal
+	}
+	return 0
+}
+
 var File_kvgate_v1_generate_proto protoreflect.FileDescriptor
 
 const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\n" +
-	"\x18kvgate/v1/generate.proto\x12\tkvgate.v1\"\xcf\x02\n" +
+	"\x18kvgate/v1/generate.proto\x12\tkvgate.v1\"\xfb\x02\n" +
 	"\x0fGenerateRequest\x12\x14\n" +
 	"\x04text\x18\x01 \x01(\tH\x00R\x04text\x12.\n" +
 	"\x06tokens\x18\x02 \x01(\v2\x14.kvgate.v1.TokenListH\x00R\x06tokens\x12\x1d\n" +
@@ -1524,7 +1633,9 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"request_id\x18\a \x01(\tR\trequestId\x12\x1d\n" +
 	"\n" +
 	"ignore_eos\x18\b \x01(\bR\tignoreEos\x12(\n" +
-	"\x10queue_timeout_ms\x18\t \x01(\rR\x0equeueTimeoutMsB\b\n" +
+	"\x10queue_timeout_ms\x18\t \x01(\rR\x0equeueTimeoutMs\x12*\n" +
+	"\x11skip_prefix_cache\x18\n" +
+	" \x01(\bR\x0fskipPrefixCacheB\b\n" +
 	"\x06prompt\"\x1d\n" +
 	"\tTokenList\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\x05R\x03ids\"\xcf\x02\n" +
@@ -1582,7 +1693,7 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x13strip_leading_space\x18\x03 \x01(\bR\x11stripLeadingSpace\"(\n" +
 	"\x12DetokenizeResponse\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\"\x15\n" +
-	"\x13GetModelInfoRequest\"\xc8\x04\n" +
+	"\x13GetModelInfoRequest\"\xf6\x05\n" +
 	"\x14GetModelInfoResponse\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\"\n" +
 	"\farchitecture\x18\x02 \x01(\tR\farchitecture\x12 \n" +
@@ -1602,8 +1713,12 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x15max_running_sequences\x18\r \x01(\rR\x13maxRunningSequences\x12\x1b\n" +
 	"\tmax_queue\x18\x0e \x01(\rR\bmaxQueue\x12\x1f\n" +
 	"\vsystem_info\x18\x0f \x01(\tR\n" +
-	"systemInfo\"\x16\n" +
-	"\x14GetCacheStatsRequest\"\xdc\x05\n" +
+	"systemInfo\x12*\n" +
+	"\x11max_prompt_tokens\x18\x10 \x01(\rR\x0fmaxPromptTokens\x122\n" +
+	"\x15max_completion_tokens\x18\x11 \x01(\rR\x13maxCompletionTokens\x12)\n" +
+	"\x10admission_policy\x18\x12 \x01(\tR\x0fadmissionPolicy\x12!\n" +
+	"\fprefix_cache\x18\x13 \x01(\bR\vprefixCache\"\x16\n" +
+	"\x14GetCacheStatsRequest\"\x8a\b\n" +
 	"\x15GetCacheStatsResponse\x12\x1f\n" +
 	"\vcells_total\x18\x01 \x01(\rR\n" +
 	"cellsTotal\x12\x1d\n" +
@@ -1622,7 +1737,14 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x14prefill_tokens_total\x18\v \x01(\x04R\x12prefillTokensTotal\x124\n" +
 	"\x16generated_tokens_total\x18\f \x01(\x04R\x14generatedTokensTotal\x12.\n" +
 	"\x13slow_consumer_total\x18\r \x01(\x04R\x11slowConsumerTotal\x123\n" +
-	"\x16drain_cells_per_second\x18\x0e \x01(\x01R\x13drainCellsPerSecond\x1a@\n" +
+	"\x16drain_cells_per_second\x18\x0e \x01(\x01R\x13drainCellsPerSecond\x12!\n" +
+	"\fcells_cached\x18\x0f \x01(\rR\vcellsCached\x12!\n" +
+	"\fcells_shared\x18\x10 \x01(\rR\vcellsShared\x12)\n" +
+	"\x10sequences_cached\x18\x11 \x01(\rR\x0fsequencesCached\x125\n" +
+	"\x17prefix_hit_tokens_total\x18\x12 \x01(\x04R\x14prefixHitTokensTotal\x12.\n" +
+	"\x13prompt_tokens_total\x18\x13 \x01(\x04R\x11promptTokensTotal\x12+\n" +
+	"\x11preemptions_total\x18\x14 \x01(\x04R\x10preemptionsTotal\x12'\n" +
+	"\x0fevictions_total\x18\x15 \x01(\x04R\x0eevictionsTotal\x1a@\n" +
 	"\x12RejectedTotalEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01*v\n" +
