@@ -130,6 +130,10 @@ type EngineConfig struct {
 	// StreamBuffer is how many events a stream may hold before its reader
 	// counts as too slow; 0 means 1024.
 	StreamBuffer int
+	// OnStep, when set, is called on the worker after every decode step
+	// with the batch's token count and the number of sequences in it. It
+	// must not block.
+	OnStep func(tokens, sequences int)
 }
 
 // EngineStats counts the worker's work since start.
@@ -444,6 +448,15 @@ func (e *Engine) step() {
 		return
 	}
 	step := e.steps.Add(1)
+	if e.cfg.OnStep != nil {
+		seqs := 0
+		for _, s := range e.active {
+			if s.out >= 0 || s.chunk > 0 {
+				seqs++
+			}
+		}
+		e.cfg.OnStep(e.b.Len(), seqs)
+	}
 	for i := 0; i < len(e.active); {
 		s := e.active[i]
 		if e.advance(s, step) {

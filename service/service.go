@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
 
 	"github.com/kvgate/kvgate/allocator"
 	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
@@ -46,7 +47,30 @@ type Config struct {
 	MaxSequences int
 	// MaxQueue is the admission queue's capacity.
 	MaxQueue int
+	// Observer, when set, receives per-request latencies.
+	Observer Observer
 }
+
+// Observer receives the latencies of Generate calls, for metrics. Its
+// methods are called on the request's goroutine and must not block.
+type Observer interface {
+	// QueueWait is the time from arrival to admission of an admitted call.
+	QueueWait(d time.Duration)
+	// TimeToFirstToken is the time from arrival to the first chunk sent.
+	TimeToFirstToken(d time.Duration)
+	// InterToken is the time between two consecutive chunks of a stream.
+	InterToken(d time.Duration)
+	// Finished reports a call's end: its gRPC code name ("OK" for a
+	// finished stream) and its token counts.
+	Finished(code string, promptTokens, completionTokens int)
+}
+
+type nopObserver struct{}
+
+func (nopObserver) QueueWait(time.Duration)        {}
+func (nopObserver) TimeToFirstToken(time.Duration) {}
+func (nopObserver) InterToken(time.Duration)       {}
+func (nopObserver) Finished(string, int, int)      {}
 
 // Service implements kvgate.v1.GenerateService and kvgate.v1.CacheService.
 type Service struct {
@@ -61,6 +85,9 @@ type Service struct {
 
 // New returns a Service over an allocator and an engine sharing one model.
 func New(cfg Config, m Model, a Admitter, e Engine) *Service {
+	if cfg.Observer == nil {
+		cfg.Observer = nopObserver{}
+	}
 	return &Service{cfg: cfg, model: m, alloc: a, engine: e}
 }
 
@@ -77,16 +104,50 @@ func msSince(t time.Time, now time.Time) float64 {
 	return float64(now.Sub(t).Microseconds()) / 1000
 }
 
+// CallInfo collects what one Generate call did, for the server's
+// per-call log line. An interceptor installs it with WithCallInfo; the
+// service fills it in.
+type CallInfo struct {
+	PromptTokens     int
+	CachedTokens     int
+	CompletionTokens int
+	QueueWait        time.Duration
+}
+
+type callInfoKey struct{}
+
+// WithCallInfo returns a context carrying a fresh CallInfo for the service
+// to fill in.
+func WithCallInfo(ctx context.Context) (context.Context, *CallInfo) {
+	ci := &CallInfo{}
+	return context.WithValue(ctx, callInfoKey{}, ci), ci
+}
+
+func callInfo(ctx context.Context) *CallInfo {
+	if ci, ok := ctx.Value(callInfoKey{}).(*CallInfo); ok {
+		return ci
+	}
+	return &CallInfo{}
+}
+
 // Generate admits the request, then streams its tokens. Admission errors
 // are returned before any message is sent, so the call ends Trailers-Only
 // and gRPC's retry policy can act on it.
 func (s *Service) Generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStreamingServer[kvgatev1.GenerateResponse]) error {
+	ci := callInfo(stream.Context())
+	err := s.generate(req, stream, ci)
+	s.cfg.Observer.Finished(status.Code(err).String(), ci.PromptTokens, ci.CompletionTokens)
+	return err
+}
+
+func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStreamingServer[kvgatev1.GenerateResponse], ci *CallInfo) error {
 	ctx := stream.Context()
 	arrived := time.Now()
 	r, err := validate(req, s.model, s.cfg.Limits)
 	if err != nil {
 		return err
 	}
+	ci.PromptTokens = len(r.prompt)
 	lease, err := s.alloc.Admit(ctx, allocator.Request{
 		PromptTokens: len(r.prompt),
 		MaxTokens:    r.maxTokens,
@@ -97,6 +158,8 @@ func (s *Service) Generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 		return toStatus(ctx, err)
 	}
 	admitted := time.Now()
+	ci.QueueWait = admitted.Sub(arrived)
+	s.cfg.Observer.QueueWait(ci.QueueWait)
 	out, err := s.engine.Start(native.Request{
 		Ctx:       ctx,
 		SeqID:     lease.SeqID(),
@@ -116,6 +179,7 @@ func (s *Service) Generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 		PromptTokens: uint32(len(r.prompt)),
 		QueueWaitMs:  queueMS,
 	}}})
+	var last time.Time
 	for ev := range out.Events() {
 		if err != nil || out.Failed() {
 			continue // drain; the engine ends the sequence when ctx is done
@@ -123,11 +187,19 @@ func (s *Service) Generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 		err = stream.Send(&kvgatev1.GenerateResponse{Event: &kvgatev1.GenerateResponse_Chunk{Chunk: &kvgatev1.Chunk{
 			Text: ev.Text, TokenIds: ev.Tokens,
 		}}})
+		now := time.Now()
+		if last.IsZero() {
+			s.cfg.Observer.TimeToFirstToken(now.Sub(arrived))
+		} else {
+			s.cfg.Observer.InterToken(now.Sub(last))
+		}
+		last = now
 	}
+	res := out.Result()
+	ci.CompletionTokens = res.CompletionTokens
 	if err != nil {
 		return err // the transport failed; the client is gone
 	}
-	res := out.Result()
 	if res.Err != nil {
 		return toStatus(ctx, res.Err)
 	}
