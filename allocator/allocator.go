@@ -1,11 +1,11 @@
 package allocator
 
 import (
+	"container/list"
 	"context"
 	"errors"
 	"fmt"
 	"math"
-	"math/bits"
 	"slices"
 	"sync"
 	"time"
@@ -27,8 +27,28 @@ type Config struct {
 	// Cells is the number of cells in the pool; it must be positive.
 	Cells int
 	// MaxSequences is the number of sequence ids, 0..MaxSequences-1; it must
-	// be in 1..MaxSequencesLimit.
+	// be in 1..MaxSequencesLimit. Running sequences and cached ones (see
+	// PrefixCache) share them.
 	MaxSequences int
+	// MaxRunning bounds the sequences running at once; 0 means
+	// MaxSequences. It must not exceed MaxSequences.
+	MaxRunning int
+	// PrefixCache keeps the cells of finished sequences as a cache that later
+	// requests with the same prompt prefix share instead of recomputing. The
+	// cache is evicted, least recently used first, whenever cells or
+	// sequence ids are needed.
+	PrefixCache bool
+	// OnEvict, when set, is called with the sequence id of every cached
+	// sequence the Allocator evicts, in order and with the Allocator's lock
+	// held; the KV cache's owner must remove that sequence's cells before it
+	// runs any sequence admitted after the call. It must not block or call
+	// back into the Allocator.
+	OnEvict func(seq int)
+	// Policy selects the admission policy; the zero value is PolicyReserve.
+	Policy Policy
+	// Watermark is, under PolicyOptimistic, the free cells a request must
+	// leave beside its prompt to be admitted.
+	Watermark int
 	// MaxQueue is the capacity of the wait queue; it must not be negative.
 	// With 0 nothing waits: a request that cannot be admitted at once is
 	// refused with QUEUE_FULL.
@@ -48,8 +68,36 @@ type Config struct {
 	Now func() time.Time
 }
 
+// Policy is an admission policy.
+type Policy int
+
+const (
+	// PolicyReserve admits a sequence only when its prompt and all of
+	// MaxTokens fit, so a running sequence never runs out of cells.
+	PolicyReserve Policy = iota
+	// PolicyOptimistic admits a sequence when its prompt plus the watermark
+	// fit; cells for generated tokens are taken with Lease.Grow as they are
+	// needed, and when none are left the engine preempts a sequence
+	// (Lease.Requeue).
+	PolicyOptimistic
+)
+
+// String returns the policy's flag name.
+func (p Policy) String() string {
+	if p == PolicyOptimistic {
+		return "optimistic"
+	}
+	return "reserve"
+}
+
 // Request describes what a sequence needs.
 type Request struct {
+	// Prompt holds the prompt's token ids, for prefix sharing; when set,
+	// PromptTokens may be 0 and is taken as len(Prompt).
+	Prompt []int32
+	// NoCache keeps the request out of the prefix cache: it reuses no
+	// cached prefix and leaves no cells behind.
+	NoCache bool
 	// PromptTokens is the number of prompt tokens; it must be at least 1.
 	PromptTokens int
 	// MaxTokens is the most tokens the sequence may generate; it must be at
@@ -86,6 +134,23 @@ type Stats struct {
 	// cells over the last ten seconds (or since New, if shorter, but over at
 	// least one second); 0 when nothing was released in that window.
 	DrainCellsPerSecond float64
+	// CellsCached counts used cells that no running sequence uses: the
+	// prefix cache.
+	CellsCached int
+	// CellsEvictable counts cached cells that could be evicted now.
+	CellsEvictable int
+	// CellsShared counts used cells shared by two or more sequences.
+	CellsShared int
+	// Cached is the number of finished sequences kept as cache.
+	Cached int
+	// PrefixHitTokens counts prompt tokens whose cells were reused.
+	PrefixHitTokens uint64
+	// PromptTokens counts prompt tokens of admitted requests.
+	PromptTokens uint64
+	// Evictions counts cached sequences evicted.
+	Evictions uint64
+	// Preemptions counts running sequences requeued by Lease.Requeue.
+	Preemptions uint64
 }
 
 // Allocator owns every cell of a KV cache pool and admits sequences under
@@ -109,12 +174,25 @@ type Allocator struct {
 	rejected map[string]uint64
 	drained  drainWindow
 	idle     chan struct{} // closed when idle; nil when nobody asked
+
+	tree        tree
+	entries     map[int]*entry // by sequence id: running and cached
+	lru         list.List      // cached entries, most recently used first
+	prefixHits  uint64
+	prompts     uint64
+	evictions   uint64
+	preemptions uint64
 }
 
 // waiter is a queued request. All fields after ready are guarded by the
 // Allocator's lock and are final once ready is closed.
 type waiter struct {
-	need     int
+	need     int // an upper bound of the cells to admit it
+	prompt   []int32
+	tokens   int // prompt tokens
+	maxTok   int
+	noCache  bool
+	resume   *Lease // a preempted lease waiting to run again
 	priority int32
 	arrival  uint64
 	enqueued time.Time
@@ -137,11 +215,20 @@ func New(cfg Config) (*Allocator, error) {
 		return nil, fmt.Errorf("%w: max queue %d must not be negative", ErrInvalidConfig, cfg.MaxQueue)
 	case cfg.MaxSequenceTokens < 0:
 		return nil, fmt.Errorf("%w: max sequence tokens %d must not be negative", ErrInvalidConfig, cfg.MaxSequenceTokens)
+	case cfg.MaxRunning < 0 || cfg.MaxRunning > cfg.MaxSequences:
+		return nil, fmt.Errorf("%w: max running %d must be in 0..%d", ErrInvalidConfig, cfg.MaxRunning, cfg.MaxSequences)
+	case cfg.Watermark < 0 || cfg.Watermark >= cfg.Cells:
+		return nil, fmt.Errorf("%w: watermark %d must be in 0..%d", ErrInvalidConfig, cfg.Watermark, cfg.Cells-1)
+	case cfg.Policy != PolicyReserve && cfg.Policy != PolicyOptimistic:
+		return nil, fmt.Errorf("%w: unknown policy %d", ErrInvalidConfig, cfg.Policy)
 	case cfg.MinRetryDelay < 0 || cfg.MaxRetryDelay < 0:
 		return nil, fmt.Errorf("%w: retry delays %v, %v must not be negative", ErrInvalidConfig, cfg.MinRetryDelay, cfg.MaxRetryDelay)
 	}
 	if cfg.MaxSequenceTokens == 0 {
 		cfg.MaxSequenceTokens = cfg.Cells
+	}
+	if cfg.MaxRunning == 0 {
+		cfg.MaxRunning = cfg.MaxSequences
 	}
 	if cfg.MinRetryDelay == 0 {
 		cfg.MinRetryDelay = defaultMinRetryDelay
@@ -160,6 +247,7 @@ func New(cfg Config) (*Allocator, error) {
 		limit:    min(cfg.Cells, cfg.MaxSequenceTokens),
 		now:      cfg.Now,
 		rejected: make(map[string]uint64, len(reasons)),
+		entries:  make(map[int]*entry),
 	}
 	a.start = a.now()
 	for id := range cfg.MaxSequences {
@@ -192,35 +280,51 @@ func (a *Allocator) Admit(ctx context.Context, req Request) (*Lease, error) {
 // begin decides a request without blocking: it returns a lease if admitted
 // at once, an error if refused, or the queued waiter.
 func (a *Allocator) begin(ctx context.Context, req Request) (*Lease, *waiter, error) {
-	if req.PromptTokens < 1 || req.MaxTokens < 1 || req.QueueTimeout < 0 {
-		return nil, nil, fmt.Errorf("%w: prompt tokens %d, max tokens %d, queue timeout %v",
-			ErrInvalidRequest, req.PromptTokens, req.MaxTokens, req.QueueTimeout)
+	if req.Prompt != nil && req.PromptTokens == 0 {
+		req.PromptTokens = len(req.Prompt)
 	}
-	need := math.MaxInt
+	if req.PromptTokens < 1 || req.MaxTokens < 1 || req.QueueTimeout < 0 || (req.Prompt != nil && len(req.Prompt) != req.PromptTokens) {
+		return nil, nil, fmt.Errorf("%w: prompt tokens %d (%d ids), max tokens %d, queue timeout %v",
+			ErrInvalidRequest, req.PromptTokens, len(req.Prompt), req.MaxTokens, req.QueueTimeout)
+	}
+	total := math.MaxInt
 	if req.MaxTokens <= math.MaxInt-req.PromptTokens {
-		need = req.PromptTokens + req.MaxTokens
+		total = req.PromptTokens + req.MaxTokens
 	}
 
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.draining {
-		return nil, nil, a.refuseLocked(ReasonDraining, need, len(a.queue), 0, ErrDraining)
+		return nil, nil, a.refuseLocked(ReasonDraining, total, len(a.queue), 0, ErrDraining)
 	}
-	if need > a.limit {
-		err := a.refuseLocked(ReasonNeverFits, need, len(a.queue), 0, ErrNeverFits)
+	if total > a.limit {
+		err := a.refuseLocked(ReasonNeverFits, total, len(a.queue), 0, ErrNeverFits)
 		err.Limit = a.limit
 		return nil, nil, err
 	}
 	if ctx.Err() != nil {
 		reason, causes := contextRefusal(ctx)
-		return nil, nil, a.refuseLocked(reason, need, len(a.queue), 0, causes...)
+		return nil, nil, a.refuseLocked(reason, total, len(a.queue), 0, causes...)
 	}
 	now := a.now()
-	idx := a.insertIndexLocked(req.Priority)
-	if idx == 0 && a.fitsLocked(need) {
-		return a.grantLocked(need, now, 0), nil, nil
+	w := &waiter{
+		need:     a.upperNeed(req.PromptTokens, total),
+		prompt:   req.Prompt,
+		tokens:   req.PromptTokens,
+		maxTok:   req.MaxTokens,
+		noCache:  req.NoCache,
+		priority: req.Priority,
+		enqueued: now,
+		timeout:  req.QueueTimeout,
 	}
-	mustDrain := need + a.cellsAheadLocked(idx) - a.freeLocked()
+	need := w.need
+	idx := a.insertIndexLocked(req.Priority)
+	if idx == 0 {
+		if l := a.tryGrantLocked(w, now); l != nil {
+			return l, nil, nil
+		}
+	}
+	mustDrain := need + a.cellsAheadLocked(idx) - a.availLocked()
 	est, known := a.estimateLocked(mustDrain, now)
 	if len(a.queue) >= a.cfg.MaxQueue {
 		return nil, nil, a.refuseLocked(ReasonQueueFull, need, len(a.queue), a.retryAfter(est, known), ErrQueueFull)
@@ -230,17 +334,21 @@ func (a *Allocator) begin(ctx context.Context, req Request) (*Lease, *waiter, er
 			return nil, nil, a.refuseLocked(ReasonKVCellsExhausted, need, len(a.queue), a.retryAfter(est, known), ErrKVCellsExhausted)
 		}
 	}
-	w := &waiter{
-		need:     need,
-		priority: req.Priority,
-		arrival:  a.arrivals,
-		enqueued: now,
-		timeout:  req.QueueTimeout,
-		ready:    make(chan struct{}),
-	}
+	w.arrival = a.arrivals
+	w.ready = make(chan struct{})
 	a.arrivals++
 	a.queue = slices.Insert(a.queue, idx, w)
 	return nil, w, nil
+}
+
+// upperNeed returns the most cells a request of prompt tokens and total
+// tokens (prompt + max tokens) needs at admission: all of them under the
+// reserve policy, the prompt and the watermark under the optimistic one.
+func (a *Allocator) upperNeed(prompt, total int) int {
+	if a.cfg.Policy == PolicyOptimistic {
+		return min(prompt+a.cfg.Watermark, a.cfg.Cells)
+	}
+	return total
 }
 
 // await waits for a queued waiter to be resolved, or abandons it when ctx
@@ -305,6 +413,11 @@ func (a *Allocator) Drain() {
 	q := a.queue
 	a.queue = nil
 	for _, w := range q {
+		if w.resume != nil {
+			// A preempted sequence is a running stream: it stays queued.
+			a.queue = append(a.queue, w)
+			continue
+		}
 		w.resolved = true
 		w.err = a.refuseLocked(ReasonDraining, w.need, len(q)-1, 0, ErrDraining)
 		close(w.ready)
@@ -337,7 +450,16 @@ func (a *Allocator) Stats() Stats {
 	for k, v := range a.rejected {
 		rej[k] = v
 	}
+	cached, shared := a.tree.stats()
 	return Stats{
+		CellsCached:         cached,
+		CellsEvictable:      a.tree.evictable,
+		CellsShared:         shared,
+		Cached:              a.lru.Len(),
+		PrefixHitTokens:     a.prefixHits,
+		PromptTokens:        a.prompts,
+		Evictions:           a.evictions,
+		Preemptions:         a.preemptions,
 		CellsTotal:          a.cfg.Cells,
 		CellsUsed:           a.used,
 		CellsReserved:       a.reserved,
@@ -352,9 +474,13 @@ func (a *Allocator) Stats() Stats {
 
 func (a *Allocator) freeLocked() int { return a.cfg.Cells - a.used - a.reserved }
 
-// fitsLocked reports whether need cells and a sequence id are free.
+// availLocked returns the cells free now or after evicting the cache.
+func (a *Allocator) availLocked() int { return a.freeLocked() + a.tree.evictable }
+
+// fitsLocked reports whether need cells and a sequence id could be had now,
+// evicting cache if necessary.
 func (a *Allocator) fitsLocked(need int) bool {
-	return need <= a.freeLocked() && a.running < a.cfg.MaxSequences
+	return need <= a.availLocked() && a.running < a.cfg.MaxRunning && a.idAvailableLocked()
 }
 
 // insertIndexLocked returns where a request of priority p goes in the queue:
@@ -444,46 +570,20 @@ func (a *Allocator) refuseLocked(reason string, need, depth int, retry time.Dura
 	}
 }
 
-// grantLocked creates a lease for need cells and the lowest free sequence
-// id; the caller has checked that both are free.
-func (a *Allocator) grantLocked(need int, now time.Time, waited time.Duration) *Lease {
-	seq := -1
-	for i := range a.seqUsed {
-		if free := a.seqValid[i] &^ a.seqUsed[i]; free != 0 {
-			b := bits.TrailingZeros64(free)
-			a.seqUsed[i] |= 1 << b
-			seq = i*64 + b
-			break
-		}
-	}
-	if seq < 0 {
-		panic("allocator: no free sequence id")
-	}
-	a.reserved += need
-	a.running++
-	a.admitted++
-	return &Lease{a: a, seq: seq, cells: need, admitted: now, waited: max(waited, 0)}
-}
-
-// returnLocked gives back every cell and the sequence id of l.
-func (a *Allocator) returnLocked(l *Lease) {
-	l.released = true
-	a.used -= l.charged
-	a.reserved -= l.cells - l.charged
-	a.seqUsed[l.seq/64] &^= 1 << (l.seq % 64)
-	a.running--
-}
-
 // pumpLocked admits waiters from the head of the queue while the head fits.
 func (a *Allocator) pumpLocked() {
 	n := 0
 	var now time.Time
-	for n < len(a.queue) && a.fitsLocked(a.queue[n].need) {
+	for n < len(a.queue) {
 		w := a.queue[n]
 		if n == 0 {
 			now = a.now()
 		}
-		w.lease = a.grantLocked(w.need, now, now.Sub(w.enqueued))
+		l := a.tryGrantLocked(w, now)
+		if l == nil {
+			break
+		}
+		w.lease = l
 		w.resolved = true
 		close(w.ready)
 		n++

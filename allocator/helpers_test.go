@@ -185,8 +185,11 @@ func (a *Allocator) checkLocked() error {
 		}
 		held += bits.OnesCount64(a.seqUsed[i])
 	}
-	if held != a.running {
-		return fmt.Errorf("%d sequence ids held, %d running", held, a.running)
+	if held != a.running+a.lru.Len() {
+		return fmt.Errorf("%d sequence ids held, %d running, %d cached", held, a.running, a.lru.Len())
+	}
+	if a.used != a.tree.cells {
+		return fmt.Errorf("used %d, tree holds %d cells", a.used, a.tree.cells)
 	}
 	for i, w := range a.queue {
 		if w.resolved {

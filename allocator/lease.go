@@ -1,35 +1,87 @@
 package allocator
 
 import (
+	"errors"
 	"fmt"
+	"math"
+	"slices"
 	"time"
 )
 
+// ErrNoCells is returned by Lease.Grow under PolicyOptimistic when no cell
+// is free even after evicting the cache: the caller must preempt a running
+// sequence (Lease.Requeue) and try again.
+var ErrNoCells = errors.New("allocator: no free cells")
+
 // Lease is an admitted sequence's share of the pool: a sequence id and the
 // cells reserved for it, charged as its tokens enter the cache. The holder
-// must call Release when the sequence ends, for whatever reason. All
-// methods are safe for concurrent use.
+// must end it with Finish or Release, for whatever reason the sequence
+// ends. All methods are safe for concurrent use.
 type Lease struct {
 	a        *Allocator
-	seq      int
-	cells    int // the original reservation
 	admitted time.Time
 	waited   time.Duration
+	noCache  bool
+	priority int32
 
 	// Guarded by a.mu.
+	seq      int
+	cells    int // cells reserved over the lease's life: charged + still reserved
 	charged  int
 	released bool
+	entry    *entry // the running entry; nil once ended or while requeued
+	src      *entry // the entry to copy the prefix from
+	prefix   int
+	copied   bool
+	waiter   *waiter // set while requeued
 }
 
-// SeqID returns the sequence id held by the lease.
-func (l *Lease) SeqID() int { return l.seq }
+// SeqID returns the sequence id held by the lease. It changes when a
+// requeued lease runs again.
+func (l *Lease) SeqID() int {
+	l.a.mu.Lock()
+	defer l.a.mu.Unlock()
+	return l.seq
+}
+
+// Prefix returns the sequence whose first n cells the new sequence shares:
+// the KV cache's owner copies positions [0, n) from src to SeqID (in a
+// unified llama.cpp cache, llama_memory_seq_cp only tags the cells), then
+// calls Copied. n is 0 when nothing is shared.
+func (l *Lease) Prefix() (src, n int) {
+	l.a.mu.Lock()
+	defer l.a.mu.Unlock()
+	if l.src == nil || l.copied {
+		return -1, l.prefix
+	}
+	return l.src.seq, l.prefix
+}
+
+// CachedTokens returns the prompt tokens shared from the prefix cache.
+func (l *Lease) CachedTokens() int {
+	l.a.mu.Lock()
+	defer l.a.mu.Unlock()
+	return l.prefix
+}
+
+// Copied reports that the prefix has been copied, so that its source may be
+// evicted again.
+func (l *Lease) Copied() {
+	a := l.a
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !l.copied {
+		l.copied = true
+		a.unpinLocked(l.src)
+	}
+}
 
 // Reserved returns the cells still reserved but not yet charged; 0 after
 // Release.
 func (l *Lease) Reserved() int {
 	l.a.mu.Lock()
 	defer l.a.mu.Unlock()
-	if l.released {
+	if l.released || l.entry == nil {
 		return 0
 	}
 	return l.cells - l.charged
@@ -43,10 +95,20 @@ func (l *Lease) Charged() int {
 	return l.charged
 }
 
-// Charge moves n cells from reserved to used as n tokens enter the cache.
-// The error wraps ErrOverCharge if that would exceed the original
-// reservation, ErrInvalidRequest if n is negative, and ErrReleased after
-// Release; the ledger is unchanged on error.
+// anonymousRun is a source of anonymous token ids for Charge.
+var anonymousRun = func() []int32 {
+	s := make([]int32, 256)
+	for i := range s {
+		s[i] = anonymous
+	}
+	return s
+}()
+
+// Charge moves n cells from reserved to used as n tokens enter the cache,
+// without naming the tokens: such cells are never shared. The error wraps
+// ErrOverCharge if that would exceed the reservation, ErrInvalidRequest if
+// n is negative, and ErrReleased after Release; the ledger is unchanged on
+// error.
 func (l *Lease) Charge(n int) error {
 	if n < 0 {
 		return fmt.Errorf("%w: charge of %d cells", ErrInvalidRequest, n)
@@ -54,33 +116,166 @@ func (l *Lease) Charge(n int) error {
 	a := l.a
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if l.released {
+	if err := l.checkChargeLocked(n); err != nil {
+		return err
+	}
+	for n > 0 {
+		k := min(n, len(anonymousRun))
+		l.commitLocked(anonymousRun[:k])
+		n -= k
+	}
+	return nil
+}
+
+// Commit records that tokens entered the cache at the end of the
+// sequence: their cells move from reserved to used, and they become a
+// prefix later requests can share. Errors are as for Charge.
+func (l *Lease) Commit(tokens []int32) error {
+	a := l.a
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err := l.checkChargeLocked(len(tokens)); err != nil {
+		return err
+	}
+	if l.noCache || !a.cfg.PrefixCache {
+		for len(tokens) > 0 {
+			k := min(len(tokens), len(anonymousRun))
+			l.commitLocked(anonymousRun[:k])
+			tokens = tokens[k:]
+		}
+		return nil
+	}
+	l.commitLocked(tokens)
+	return nil
+}
+
+func (l *Lease) checkChargeLocked(n int) error {
+	if l.released || l.entry == nil {
 		return fmt.Errorf("%w: charge of %d cells to sequence %d", ErrReleased, n, l.seq)
 	}
 	if left := l.cells - l.charged; n > left {
 		return fmt.Errorf("%w: charge of %d cells to sequence %d with %d of %d left", ErrOverCharge, n, l.seq, left, l.cells)
 	}
-	l.charged += n
-	a.reserved -= n
-	a.used += n
 	return nil
 }
 
+func (l *Lease) commitLocked(tokens []int32) {
+	a := l.a
+	l.charged += len(tokens)
+	a.reserved -= len(tokens)
+	a.tree.appendTokens(l.entry, tokens)
+	a.used = a.tree.cells
+}
+
+// Grow reserves n more cells for tokens about to enter the cache. Under
+// PolicyReserve the admission reserved them already, and Grow only checks
+// that. Under PolicyOptimistic it takes free cells, evicting cache if
+// needed, and returns ErrNoCells when there are none.
+func (l *Lease) Grow(n int) error {
+	if n < 0 {
+		return fmt.Errorf("%w: grow by %d cells", ErrInvalidRequest, n)
+	}
+	a := l.a
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if l.released || l.entry == nil {
+		return fmt.Errorf("%w: grow sequence %d", ErrReleased, l.seq)
+	}
+	left := l.cells - l.charged
+	if n <= left {
+		return nil
+	}
+	if a.cfg.Policy != PolicyOptimistic {
+		return fmt.Errorf("%w: grow by %d cells with %d of %d left", ErrOverCharge, n, left, l.cells)
+	}
+	more := n - left
+	if more > a.availLocked() {
+		return ErrNoCells
+	}
+	a.makeRoomLocked(more)
+	l.cells += more
+	a.reserved += more
+	return nil
+}
+
+// Finish ends the sequence normally. It returns true when its cells stay
+// in the KV cache as a prefix cache entry; otherwise the caller must remove
+// the sequence's cells from the KV cache. Finish and Release are
+// idempotent; only the first call of either counts.
+func (l *Lease) Finish() (keep bool) {
+	return l.end(true)
+}
+
 // Release returns every cell of the lease, used and reserved, and its
-// sequence id, and admits waiters that now fit. It is idempotent and safe
-// to call concurrently with any other method.
+// sequence id, and admits waiters that now fit; the caller removes the
+// sequence from the KV cache. It is idempotent and safe to call
+// concurrently with any other method.
 func (l *Lease) Release() {
+	l.end(false)
+}
+
+func (l *Lease) end(keep bool) bool {
 	a := l.a
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if l.released {
-		return
+		return false
 	}
-	a.returnLocked(l)
-	a.drained.add(a.now(), l.cells)
+	l.released = true
+	if l.waiter != nil { // requeued: it holds nothing but its queue place
+		i := slices.Index(a.queue, l.waiter)
+		a.queue = slices.Delete(a.queue, i, i+1)
+		l.waiter = nil
+		a.pumpLocked()
+		a.notifyIdleLocked()
+		return false
+	}
+	kept := a.endLocked(l, keep, true)
 	a.pumpLocked()
 	a.notifyIdleLocked()
+	return kept
 }
+
+// Requeue preempts the running sequence to free its cells: its reservation
+// is returned and its cells become cache (or are freed without a cache),
+// and it waits at the front of the queue to run again with tokens — its
+// prompt and the tokens generated so far — as its new prompt. It returns
+// whether its cells stay in the KV cache, as Finish does, and a channel
+// that is closed when the sequence may run again, with a new sequence id
+// and prefix (SeqID, Prefix).
+func (l *Lease) Requeue(tokens []int32) (keep bool, resumed <-chan struct{}, err error) {
+	a := l.a
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if l.released || l.entry == nil {
+		return false, nil, fmt.Errorf("%w: requeue sequence %d", ErrReleased, l.seq)
+	}
+	if len(tokens) == 0 {
+		return false, nil, fmt.Errorf("%w: requeue with no tokens", ErrInvalidRequest)
+	}
+	a.preemptions++
+	keep = a.endLocked(l, true, true)
+	now := a.now()
+	w := &waiter{
+		need:     min(len(tokens)+a.cfg.Watermark, a.cfg.Cells),
+		prompt:   slices.Clone(tokens),
+		tokens:   len(tokens),
+		noCache:  l.noCache,
+		priority: math.MaxInt32,
+		arrival:  a.arrivals,
+		enqueued: now,
+		ready:    make(chan struct{}),
+		resume:   l,
+	}
+	a.arrivals++
+	a.queue = slices.Insert(a.queue, a.insertIndexLocked(math.MaxInt32), w)
+	l.waiter = w
+	a.pumpLocked()
+	return keep, w.ready, nil
+}
+
+// Priority returns the request's priority.
+func (l *Lease) Priority() int32 { return l.priority }
 
 // Admitted returns when the lease was granted, by Config.Now.
 func (l *Lease) Admitted() time.Time { return l.admitted }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -25,12 +26,36 @@ var (
 	ErrBadRequest = errors.New("bad sequence request")
 )
 
-// Ledger is the engine's view of the allocator's account for one sequence:
-// Charge is called as tokens enter the KV cache, Release exactly once when
-// the sequence ends.
+// Ledger is the engine's view of the allocator's account for one sequence.
+// Commit is called as tokens enter the KV cache; Finish exactly once when
+// the sequence ends. When Finish returns true the sequence's cells stay in
+// the KV cache (the allocator keeps them as prefix cache and will evict them
+// through Engine.Evict); otherwise the engine removes them.
 type Ledger interface {
-	Charge(n int) error
-	Release()
+	Commit(tokens []int32) error
+	Finish() (keep bool)
+}
+
+// PrefixLedger is a Ledger whose sequence may start with cells shared from
+// another sequence: the engine copies positions [0, n) of sequence src
+// (llama_memory_seq_cp, which only tags the cells in a unified cache) and
+// then calls Copied.
+type PrefixLedger interface {
+	Ledger
+	Prefix() (src, n int)
+	Copied()
+}
+
+// GrowLedger is a Ledger under optimistic admission: the engine asks for
+// cells before decoding tokens, and preempts a sequence when Grow reports
+// that none are left (ok false). Requeue gives a preempted sequence's cells
+// back and queues it to run again with tokens as its prompt; resumed is
+// closed when it may, and SeqID then names its new sequence id.
+type GrowLedger interface {
+	Ledger
+	Grow(n int) (ok bool, err error)
+	Requeue(tokens []int32) (keep bool, resumed <-chan struct{}, err error)
+	SeqID() int
 }
 
 // FinishReason says why a sequence ended normally.
@@ -61,8 +86,12 @@ func (r FinishReason) String() string {
 type Request struct {
 	// Ctx ends the sequence at the next step when it is done.
 	Ctx context.Context
-	// SeqID is the llama.cpp sequence id the allocator assigned.
+	// SeqID is the llama.cpp sequence id the allocator assigned, in
+	// [0, MaxSequenceIDs).
 	SeqID int
+	// Priority orders preemption: the lowest priority, most recently
+	// started sequence goes first.
+	Priority int32
 	// Prompt holds the prompt's token ids, all in the vocabulary.
 	Prompt []int32
 	// MaxTokens is the most tokens to generate.
@@ -73,7 +102,7 @@ type Request struct {
 	Stop []string
 	// IgnoreEOS keeps generating past end-of-generation tokens.
 	IgnoreEOS bool
-	// Ledger is charged for the sequence's cells and released at its end.
+	// Ledger is charged for the sequence's cells and finished at its end.
 	Ledger Ledger
 }
 
@@ -90,6 +119,8 @@ type Event struct {
 // Result describes how a sequence ended. Err is nil for a normal end.
 type Result struct {
 	Reason           FinishReason
+	CachedTokens     int // prompt tokens shared from the prefix cache
+	Preempted        int // times the sequence was preempted and resumed
 	StopString       string
 	Err              error
 	PromptTokens     int
@@ -123,7 +154,8 @@ type EngineConfig struct {
 	Cells int
 	// Batch is the token budget of one decode step (n_batch).
 	Batch int
-	// MaxSequences bounds the sequences running at once.
+	// MaxSequences bounds the sequences running at once. Sequence ids may
+	// go up to MaxSequenceIDs, for cached sequences.
 	MaxSequences int
 	// Threads is the CPU thread count; 0 means all CPUs.
 	Threads int
@@ -144,6 +176,8 @@ type EngineStats struct {
 	NoKVSlot        uint64
 	SlowConsumers   uint64
 	Aborted         uint64
+	Preempted       uint64
+	Evicted         uint64
 	Running         int64
 }
 
@@ -162,13 +196,19 @@ type Engine struct {
 	closed atomic.Bool
 
 	steps, prefill, generated, nokvslot, slow, aborted atomic.Uint64
+	preempted, evicted                                 atomic.Uint64
 	running                                            atomic.Int64
 
+	evictMu sync.Mutex
+	evicts  []int // sequences to remove from the cache, in order
+
 	// Owned by the worker goroutine.
-	ctx    *Context
-	b      *Batch
-	active []*sequence
-	piece  []byte
+	ctx     *Context
+	b       *Batch
+	active  []*sequence // in the order they (re)started
+	paused  []*sequence // preempted, waiting to resume
+	piece   []byte
+	drained []int
 }
 
 type seqState int
@@ -176,18 +216,24 @@ type seqState int
 const (
 	statePrefill seqState = iota
 	stateDecode
+	statePaused
 )
 
 type sequence struct {
 	req       Request
 	stream    *Stream
 	sampler   *Sampler
+	seq       int // current llama.cpp sequence id
+	inCache   bool
+	toks      []int32 // prompt, then every generated token fed back
 	state     seqState
 	nPast     int // tokens in the cache
-	chunk     int // prompt tokens in the current batch
+	chunk     int // tokens of toks in the current batch
 	out       int // output index in the current batch, or -1
 	next      int32
+	one       [1]int32
 	generated int
+	resumed   <-chan struct{}
 	cancelled atomic.Bool
 	stopWatch func() bool
 	text      textBuffer
@@ -235,6 +281,8 @@ func (e *Engine) Stats() EngineStats {
 		NoKVSlot:        e.nokvslot.Load(),
 		SlowConsumers:   e.slow.Load(),
 		Aborted:         e.aborted.Load(),
+		Preempted:       e.preempted.Load(),
+		Evicted:         e.evicted.Load(),
 		Running:         e.running.Load(),
 	}
 }
@@ -248,20 +296,40 @@ func (e *Engine) Close() {
 	<-e.done
 }
 
-// Start hands an admitted sequence to the worker. The sequence's Ledger is
-// released by the engine when the sequence ends, also when Start fails.
+// Evict removes a cached sequence's cells from the KV cache before the
+// next decode and before any sequence started after the call. It does not
+// block; the allocator calls it when it evicts a prefix cache entry.
+func (e *Engine) Evict(seq int) {
+	e.evictMu.Lock()
+	e.evicts = append(e.evicts, seq)
+	e.evictMu.Unlock()
+}
+
+// removeEvicted carries out pending evictions. It runs on the worker.
+func (e *Engine) removeEvicted() {
+	e.evictMu.Lock()
+	e.drained, e.evicts = e.evicts, e.drained[:0]
+	e.evictMu.Unlock()
+	for _, seq := range e.drained {
+		e.ctx.SeqRemove(seq, -1, -1)
+		e.evicted.Add(1)
+	}
+}
+
+// Start hands an admitted sequence to the worker. The engine finishes the
+// sequence's Ledger when the sequence ends, also when Start fails.
 func (e *Engine) Start(req Request) (*Stream, error) {
 	fail := func(err error) (*Stream, error) {
 		if req.Ledger != nil {
-			req.Ledger.Release()
+			req.Ledger.Finish()
 		}
 		return nil, err
 	}
 	switch {
 	case req.Ledger == nil || req.Ctx == nil:
 		return fail(fmt.Errorf("%w: ledger and context are required", ErrBadRequest))
-	case req.SeqID < 0 || req.SeqID >= e.cfg.MaxSequences:
-		return fail(fmt.Errorf("%w: sequence id %d outside [0, %d)", ErrBadRequest, req.SeqID, e.cfg.MaxSequences))
+	case req.SeqID < 0 || req.SeqID >= MaxSequenceIDs:
+		return fail(fmt.Errorf("%w: sequence id %d outside [0, %d)", ErrBadRequest, req.SeqID, MaxSequenceIDs))
 	case len(req.Prompt) == 0:
 		return fail(fmt.Errorf("%w: empty prompt", ErrBadRequest))
 	case req.MaxTokens <= 0:
@@ -272,7 +340,7 @@ func (e *Engine) Start(req Request) (*Stream, error) {
 	if i := e.model.ValidTokens(req.Prompt); i >= 0 {
 		return fail(fmt.Errorf("%w: %w: prompt[%d] = %d", ErrBadRequest, ErrTokenOutOfRange, i, req.Prompt[i]))
 	}
-	s := &sequence{req: req, stream: &Stream{events: make(chan Event, e.cfg.StreamBuffer)}, out: -1}
+	s := &sequence{req: req, stream: &Stream{events: make(chan Event, e.cfg.StreamBuffer)}, out: -1, seq: req.SeqID}
 	s.stopWatch = context.AfterFunc(req.Ctx, func() { s.cancelled.Store(true) })
 	select {
 	case e.submit <- s:
@@ -303,6 +371,9 @@ func (e *Engine) run(ready chan<- error) {
 		for len(e.active) > 0 {
 			e.finish(e.active[0], FinishNone, "", ErrEngineClosed)
 		}
+		for len(e.paused) > 0 {
+			e.finish(e.paused[0], FinishNone, "", ErrEngineClosed)
+		}
 		// Sequences handed over but never taken.
 		for {
 			select {
@@ -318,11 +389,13 @@ func (e *Engine) run(ready chan<- error) {
 		e.ctx.Close()
 	}()
 
+	var incoming []*sequence
 	for {
-		if len(e.active) == 0 {
+		incoming = incoming[:0]
+		if len(e.active) == 0 && len(e.paused) == 0 {
 			select {
 			case s := <-e.submit:
-				e.add(s)
+				incoming = append(incoming, s)
 			case <-e.quit:
 				return
 			}
@@ -331,20 +404,31 @@ func (e *Engine) run(ready chan<- error) {
 		for {
 			select {
 			case s := <-e.submit:
-				e.add(s)
+				incoming = append(incoming, s)
 			case <-e.quit:
 				return
 			default:
 				break drain
 			}
 		}
+		// Evictions made before these sequences were admitted come first:
+		// one may have freed the sequence id a newcomer uses.
+		e.removeEvicted()
+		for _, s := range incoming {
+			e.add(s)
+		}
 		e.reap()
+		e.resume()
 		if len(e.active) > 0 {
 			e.step()
+		} else if len(e.paused) > 0 {
+			time.Sleep(time.Millisecond) // nothing runs; wait for a resume
 		}
 	}
 }
 
+// add takes a newly admitted sequence: it builds its sampler and copies the
+// cached prefix the allocator found for it.
 func (e *Engine) add(s *sequence) {
 	s.sampler = NewSampler(s.req.Sampling)
 	if s.req.Sampling.HasPenalties() {
@@ -352,33 +436,158 @@ func (e *Engine) add(s *sequence) {
 			s.sampler.Accept(t)
 		}
 	}
+	s.toks = append(make([]int32, 0, len(s.req.Prompt)+min(s.req.MaxTokens, 4096)), s.req.Prompt...)
 	s.text.reset(s.req.Stop)
 	s.stream.result.Started = time.Now()
 	s.stream.result.PromptTokens = len(s.req.Prompt)
+	s.inCache = true
+	s.stream.result.CachedTokens = e.copyPrefix(s)
 	e.active = append(e.active, s)
 	e.running.Add(1)
 }
 
+// copyPrefix shares the cached cells the allocator chose for s and returns
+// how many tokens they hold.
+func (e *Engine) copyPrefix(s *sequence) int {
+	s.nPast = 0
+	pl, ok := s.req.Ledger.(PrefixLedger)
+	if !ok {
+		return 0
+	}
+	src, n := pl.Prefix()
+	if n > 0 && src >= 0 {
+		e.ctx.SeqCopy(src, s.seq, 0, n)
+		s.nPast = n
+	}
+	pl.Copied()
+	return s.nPast
+}
+
 // reap ends sequences whose client went away.
 func (e *Engine) reap() {
-	for i := 0; i < len(e.active); {
-		s := e.active[i]
-		if s.cancelled.Load() {
-			e.finish(s, FinishNone, "", context.Cause(s.req.Ctx))
-			continue // finish removed e.active[i]
+	for _, list := range []*[]*sequence{&e.active, &e.paused} {
+		for i := 0; i < len(*list); {
+			s := (*list)[i]
+			if s.cancelled.Load() {
+				e.finish(s, FinishNone, "", context.Cause(s.req.Ctx))
+				continue // finish removed it
+			}
+			i++
 		}
-		i++
 	}
 }
 
+// resume restarts preempted sequences the allocator has readmitted: they
+// recompute their tokens, sharing whatever prefix is still cached.
+func (e *Engine) resume() {
+	for i := 0; i < len(e.paused); {
+		s := e.paused[i]
+		select {
+		case <-s.resumed:
+		default:
+			i++
+			continue
+		}
+		e.paused = append(e.paused[:i], e.paused[i+1:]...)
+		s.resumed = nil
+		s.seq = s.req.Ledger.(GrowLedger).SeqID()
+		s.inCache = true
+		e.copyPrefix(s)
+		s.state = statePrefill
+		e.active = append(e.active, s)
+		e.running.Add(1)
+	}
+}
+
+// target is how many tokens must be in the cache before s samples or
+// decodes: all of s.toks. (A sequence that has sampled holds its last
+// sampled token in s.next; the next decode step feeds it.)
+func (s *sequence) target() int { return len(s.toks) }
+
+// grow makes sure every decoding sequence has a cell for its next token,
+// preempting sequences when an optimistic pool runs dry.
+func (e *Engine) grow() {
+	for i := 0; i < len(e.active); {
+		s := e.active[i]
+		gl, ok := s.req.Ledger.(GrowLedger)
+		if !ok || s.state != stateDecode {
+			i++
+			continue
+		}
+		got, err := gl.Grow(1)
+		if err != nil {
+			e.finish(s, FinishNone, "", err)
+			continue
+		}
+		if got {
+			i++
+			continue
+		}
+		v := e.victim()
+		e.preempt(v)
+		if v == s {
+			continue // s left e.active; e.active[i] is the next one
+		}
+		if idx := position(e.active, s); idx >= 0 {
+			i = idx // retry s, which may have moved
+		}
+	}
+}
+
+func position(list []*sequence, s *sequence) int {
+	for i, x := range list {
+		if x == s {
+			return i
+		}
+	}
+	return -1
+}
+
+// victim picks the sequence to preempt: the lowest priority, and among
+// those the most recently started.
+func (e *Engine) victim() *sequence {
+	v := e.active[len(e.active)-1]
+	for i := len(e.active) - 1; i >= 0; i-- {
+		if s := e.active[i]; s.req.Priority < v.req.Priority {
+			v = s
+		}
+	}
+	return v
+}
+
+// preempt frees s's cells and queues it to run again later; its stream
+// stays open and simply pauses.
+func (e *Engine) preempt(s *sequence) {
+	gl := s.req.Ledger.(GrowLedger)
+	// Everything in s.toks is recomputed on resume, less any prefix that is
+	// still cached then.
+	keep, resumed, err := gl.Requeue(s.toks)
+	if err != nil {
+		e.finish(s, FinishNone, "", err)
+		return
+	}
+	if !keep {
+		e.ctx.SeqRemove(s.seq, -1, -1)
+	}
+	e.preempted.Add(1)
+	s.stream.result.Preempted++
+	s.inCache = false
+	s.state, s.resumed, s.chunk, s.out, s.nPast = statePaused, resumed, 0, -1, 0
+	i := position(e.active, s)
+	e.active = append(e.active[:i], e.active[i+1:]...)
+	e.paused = append(e.paused, s)
+	e.running.Add(-1)
+}
+
 // fill builds the step's batch: one token per decoding sequence, then
-// prefill chunks in admission order up to budget tokens.
+// chunks of the tokens that prefilling sequences still lack, up to budget
+// tokens.
 func (e *Engine) fill(budget int) {
 	e.b.Reset()
 	for _, s := range e.active {
 		s.out, s.chunk = -1, 0
 		if s.state == stateDecode {
-			s.out = e.b.Add(s.next, s.nPast, s.req.SeqID, true)
+			s.out = e.b.Add(s.next, s.nPast, s.seq, true)
 		}
 	}
 	for _, s := range e.active {
@@ -389,10 +598,10 @@ func (e *Engine) fill(budget int) {
 		if room <= 0 {
 			break
 		}
-		n := min(room, len(s.req.Prompt)-s.nPast)
-		last := s.nPast+n == len(s.req.Prompt)
+		n := min(room, s.target()-s.nPast)
+		last := s.nPast+n == s.target()
 		for i := range n {
-			idx := e.b.Add(s.req.Prompt[s.nPast+i], s.nPast+i, s.req.SeqID, last && i == n-1)
+			idx := e.b.Add(s.toks[s.nPast+i], s.nPast+i, s.seq, last && i == n-1)
 			if last && i == n-1 {
 				s.out = idx
 			}
@@ -412,9 +621,16 @@ func (e *Engine) decoding() int {
 }
 
 func (e *Engine) step() {
+	e.grow()
+	if len(e.active) == 0 {
+		return
+	}
 	budget := e.batch
 	for {
 		e.fill(budget)
+		// Cells the allocator freed by eviction must be free in llama.cpp
+		// before this decode uses them.
+		e.removeEvicted()
 		err := e.ctx.Decode(e.b)
 		if err == nil {
 			break
@@ -472,16 +688,24 @@ func (e *Engine) advance(s *sequence, step uint64) bool {
 	case s.state == statePrefill && s.chunk > 0:
 		s.nPast += s.chunk
 		e.prefill.Add(uint64(s.chunk))
-		if err := s.req.Ledger.Charge(s.chunk); err != nil {
+		if err := s.req.Ledger.Commit(s.toks[s.nPast-s.chunk : s.nPast]); err != nil {
 			e.finish(s, FinishNone, "", err)
 			return false
 		}
-		if s.nPast < len(s.req.Prompt) {
+		if s.nPast < s.target() {
+			return true
+		}
+		if s.generated > 0 {
+			// A resumed sequence has recomputed its cells; it goes on
+			// with the token it had sampled.
+			s.state = stateDecode
 			return true
 		}
 	case s.state == stateDecode:
 		s.nPast++
-		if err := s.req.Ledger.Charge(1); err != nil {
+		s.toks = append(s.toks, s.next)
+		s.one[0] = s.next
+		if err := s.req.Ledger.Commit(s.one[:]); err != nil {
 			e.finish(s, FinishNone, "", err)
 			return false
 		}
@@ -545,15 +769,15 @@ func (e *Engine) emit(s *sequence, n int, all bool, step uint64) bool {
 	}
 }
 
-// finish ends s: it flushes held-back text on a normal end, frees the
-// sequence's cells in llama.cpp and in the ledger, and closes the stream.
+// finish ends s: it flushes held-back text on a normal end, settles the
+// sequence's cells with the allocator and in llama.cpp, and closes the
+// stream.
 func (e *Engine) finish(s *sequence, reason FinishReason, stop string, err error) {
-	for i, a := range e.active {
-		if a == s {
-			e.active = append(e.active[:i], e.active[i+1:]...)
-			e.running.Add(-1)
-			break
-		}
+	if i := position(e.active, s); i >= 0 {
+		e.active = append(e.active[:i], e.active[i+1:]...)
+		e.running.Add(-1)
+	} else if i := position(e.paused, s); i >= 0 {
+		e.paused = append(e.paused[:i], e.paused[i+1:]...)
 	}
 	if err == nil && len(s.text.pend)+len(s.text.toks) > 0 {
 		if !e.emit(s, len(s.text.pend), true, e.steps.Load()) {
@@ -563,13 +787,15 @@ func (e *Engine) finish(s *sequence, reason FinishReason, stop string, err error
 	if err != nil {
 		s.stream.failed.Store(true)
 	}
-	e.ctx.SeqRemove(s.req.SeqID, -1, -1)
+	if keep := s.req.Ledger.Finish(); !keep && s.inCache {
+		e.ctx.SeqRemove(s.seq, -1, -1)
+	}
+	s.inCache = false
 	if s.sampler != nil {
 		s.sampler.Free()
 		s.sampler = nil
 	}
 	s.stopWatch()
-	s.req.Ledger.Release()
 	r := &s.stream.result
 	r.Reason, r.StopString, r.Err = reason, stop, err
 	r.CompletionTokens = s.generated

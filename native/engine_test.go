@@ -16,17 +16,18 @@ type testLedger struct {
 	released atomic.Int32
 }
 
-func (l *testLedger) Charge(n int) error {
-	if c := l.charged.Add(int64(n)); c > int64(l.reserved) {
+func (l *testLedger) Commit(tokens []int32) error {
+	if c := l.charged.Add(int64(len(tokens))); c > int64(l.reserved) {
 		return errors.New("over charge")
 	}
 	return nil
 }
 
-func (l *testLedger) Release() { l.released.Add(1) }
+func (l *testLedger) Finish() bool { l.released.Add(1); return false }
 
 func newEngine(t *testing.T, cfg EngineConfig) *Engine {
 	t.Helper()
+	cfg.Threads = 1 // the test machines are small and shared
 	e, err := NewEngine(stories(t), cfg)
 	if err != nil {
 		t.Fatal(err)

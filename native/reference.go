@@ -34,7 +34,7 @@ func GreedyReference(ctx context.Context, m *Model, prompt []int32, maxTokens in
 }
 
 func greedy(ctx context.Context, m *Model, prompt []int32, maxTokens int) ([]int32, error) {
-	c, err := NewContext(m, ContextParams{Cells: len(prompt) + maxTokens, Batch: max(len(prompt), 1), MaxSequences: 1})
+	c, err := NewContext(m, ContextParams{Cells: len(prompt) + maxTokens, Batch: max(len(prompt), 1), MaxSequences: 1, Threads: 1})
 	if err != nil {
 		return nil, err
 	}

@@ -7,6 +7,7 @@ package service
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -149,7 +150,8 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 	}
 	ci.PromptTokens = len(r.prompt)
 	lease, err := s.alloc.Admit(ctx, allocator.Request{
-		PromptTokens: len(r.prompt),
+		Prompt:       r.prompt,
+		NoCache:      req.GetSkipPrefixCache(),
 		MaxTokens:    r.maxTokens,
 		Priority:     r.priority,
 		QueueTimeout: time.Duration(req.GetQueueTimeoutMs()) * time.Millisecond,
@@ -160,24 +162,28 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 	admitted := time.Now()
 	ci.QueueWait = admitted.Sub(arrived)
 	s.cfg.Observer.QueueWait(ci.QueueWait)
+	cached := lease.CachedTokens()
+	ci.CachedTokens = cached
 	out, err := s.engine.Start(native.Request{
 		Ctx:       ctx,
 		SeqID:     lease.SeqID(),
+		Priority:  r.priority,
 		Prompt:    r.prompt,
 		MaxTokens: r.maxTokens,
 		Sampling:  r.sampling,
 		Stop:      r.stop,
 		IgnoreEOS: r.ignoreEOS,
-		Ledger:    lease,
+		Ledger:    ledger{lease},
 	})
 	if err != nil {
 		return toStatus(ctx, err)
 	}
 	queueMS := msSince(arrived, admitted)
 	err = stream.Send(&kvgatev1.GenerateResponse{Event: &kvgatev1.GenerateResponse_Started{Started: &kvgatev1.Started{
-		RequestId:    req.GetRequestId(),
-		PromptTokens: uint32(len(r.prompt)),
-		QueueWaitMs:  queueMS,
+		RequestId:          req.GetRequestId(),
+		PromptTokens:       uint32(len(r.prompt)),
+		CachedPromptTokens: uint32(cached),
+		QueueWaitMs:        queueMS,
 	}}})
 	var last time.Time
 	for ev := range out.Events() {
@@ -212,6 +218,7 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 		Stop:   res.StopString,
 		Usage: &kvgatev1.Usage{
 			PromptTokens:     uint32(res.PromptTokens),
+			CachedTokens:     uint32(res.CachedTokens),
 			CompletionTokens: uint32(res.CompletionTokens),
 		},
 		Timings: &kvgatev1.Timings{
@@ -221,6 +228,24 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 		},
 	}}})
 }
+
+// ledger adapts an allocator lease to the engine's ledger interfaces.
+type ledger struct{ *allocator.Lease }
+
+// Grow asks for n more cells; ok is false when the pool has none left and
+// the engine must preempt.
+func (l ledger) Grow(n int) (bool, error) {
+	err := l.Lease.Grow(n)
+	if errors.Is(err, allocator.ErrNoCells) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+var (
+	_ native.PrefixLedger = ledger{}
+	_ native.GrowLedger   = ledger{}
+)
 
 func finishReason(r native.FinishReason) kvgatev1.FinishReason {
 	switch r {
@@ -320,5 +345,12 @@ func (s *Service) GetCacheStats(ctx context.Context, _ *kvgatev1.GetCacheStatsRe
 		GeneratedTokensTotal: e.GeneratedTokens,
 		SlowConsumerTotal:    e.SlowConsumers,
 		DrainCellsPerSecond:  a.DrainCellsPerSecond,
+		CellsCached:          uint32(a.CellsCached),
+		CellsShared:          uint32(a.CellsShared),
+		SequencesCached:      uint32(a.Cached),
+		PrefixHitTokensTotal: a.PrefixHitTokens,
+		PromptTokensTotal:    a.PromptTokens,
+		PreemptionsTotal:     a.Preemptions,
+		EvictionsTotal:       a.Evictions,
 	}, nil
 }

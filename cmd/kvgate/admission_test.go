@@ -31,13 +31,15 @@ func cacheStats(t testing.TB, s *server) *kvgatev1.GetCacheStatsResponse {
 	return st
 }
 
-// waitQuiet waits until the pool is empty again and returns the stats.
+// waitQuiet waits until nothing runs or waits, and every used cell belongs
+// to the prefix cache, and returns the stats.
 func waitQuiet(t testing.TB, s *server) *kvgatev1.GetCacheStatsResponse {
 	t.Helper()
 	var st *kvgatev1.GetCacheStatsResponse
-	waitFor(t, 30*time.Second, "all cells to be free", func() bool {
+	waitFor(t, 30*time.Second, "all cells to be free or cached", func() bool {
 		st = cacheStats(t, s)
-		return st.GetCellsUsed() == 0 && st.GetCellsReserved() == 0 && st.GetSequencesRunning() == 0 && st.GetSequencesQueued() == 0
+		return st.GetCellsUsed() == st.GetCellsCached() && st.GetCellsReserved() == 0 &&
+			st.GetSequencesRunning() == 0 && st.GetSequencesQueued() == 0
 	})
 	return st
 }

@@ -197,7 +197,7 @@ func TestBadInput(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.GetCellsUsed() != 0 || st.GetCellsReserved() != 0 || st.GetSequencesRunning() != 0 {
+	if st.GetCellsUsed() != st.GetCellsCached() || st.GetCellsReserved() != 0 || st.GetSequencesRunning() != 0 {
 		t.Fatalf("cells leaked: %v", st)
 	}
 }

@@ -82,7 +82,9 @@ var listenRE = regexp.MustCompile(`msg="kvgate listening" addr=(\S+)`)
 // ends.
 func startServer(t testing.TB, args ...string) *server {
 	t.Helper()
-	full := append([]string{"serve", "--listen", "127.0.0.1:0", "--threads", "2"}, args...)
+	// One llama.cpp thread: the test machines are small and shared, and
+	// ggml's spinning threads slow down badly when cores are oversubscribed.
+	full := append([]string{"serve", "--listen", "127.0.0.1:0", "--threads", "1"}, args...)
 	cmd := exec.Command(kvgateBin, full...)
 	cmd.Env = append(os.Environ(), "KVGATE_CACHE_DIR="+t.TempDir())
 	stderr, err := cmd.StderrPipe()

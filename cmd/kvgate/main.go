@@ -8,6 +8,7 @@
 //	kvgate serve     [flags]         run the server
 //	kvgate generate  [flags] PROMPT  stream a completion from a server
 //	kvgate tokenize  [flags] TEXT    show a text's token ids
+//	kvgate mkmodel   [flags]         write a random-weight llama GGUF model
 //
 // Run "kvgate COMMAND -h" for a command's flags. Every serve flag can also be
 // set through an environment variable named KVGATE_ plus the flag's name in
@@ -37,6 +38,8 @@ Usage:
   kvgate serve     [flags]          run the server (default model: stories260K)
   kvgate generate  [flags] PROMPT   stream a completion from a running server
   kvgate tokenize  [flags] TEXT     show the token ids of a text
+  kvgate bench     [flags]          drive a running server with load and report throughput and latency
+  kvgate mkmodel   [flags]          write a random-weight llama GGUF model of realistic shape
 
 Run "kvgate COMMAND -h" for the flags of a command.
 `
@@ -56,6 +59,10 @@ func run(args []string) int {
 		err = generate(ctx, args[1:])
 	case "tokenize":
 		err = tokenize(ctx, args[1:])
+	case "bench":
+		err = benchCmd(ctx, args[1:])
+	case "mkmodel":
+		err = mkmodel(ctx, args[1:])
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(os.Stdout, usage)
 		return 0

@@ -40,6 +40,9 @@ type serveConfig struct {
 	logLevel     string
 	logFormat    string
 	llamaLog     string
+	prefixCache  bool
+	admission    string
+	watermark    int
 }
 
 func serveFlags(c *serveConfig) *flag.FlagSet {
@@ -57,6 +60,9 @@ func serveFlags(c *serveConfig) *flag.FlagSet {
 	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&c.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&c.llamaLog, "llama-log", "error", "llama.cpp log level: none, error, warn, info, debug")
+	fs.BoolVar(&c.prefixCache, "prefix-cache", true, "keep finished sequences' cells as a prefix cache shared by later requests")
+	fs.StringVar(&c.admission, "admission", "reserve", "admission policy: reserve (prompt + max_tokens up front) or optimistic (prompt + watermark; preempts when cells run out)")
+	fs.IntVar(&c.watermark, "watermark", 64, "optimistic admission: free cells a request must leave beside its prompt")
 	return fs
 }
 
@@ -154,11 +160,29 @@ func serve(ctx context.Context, args []string) error {
 	limits := service.DefaultLimits()
 	limits.MaxStopStrings = c.maxStop
 	limits.MaxSequenceTokens = min(engine.Cells(), info.TrainingContext)
+	var policy allocator.Policy
+	switch c.admission {
+	case "reserve":
+		policy = allocator.PolicyReserve
+	case "optimistic":
+		policy = allocator.PolicyOptimistic
+	default:
+		return fmt.Errorf("--admission %q: want reserve or optimistic", c.admission)
+	}
+	seqIDs := c.maxSeqs
+	if c.prefixCache {
+		seqIDs = native.MaxSequenceIDs // the ids beyond running ones hold cached prefixes
+	}
 	alloc, err := allocator.New(allocator.Config{
 		Cells:             engine.Cells(),
-		MaxSequences:      c.maxSeqs,
+		MaxSequences:      seqIDs,
+		MaxRunning:        c.maxSeqs,
 		MaxQueue:          c.maxQueue,
 		MaxSequenceTokens: limits.MaxSequenceTokens,
+		PrefixCache:       c.prefixCache,
+		OnEvict:           engine.Evict,
+		Policy:            policy,
+		Watermark:         min(c.watermark, engine.Cells()-1),
 	})
 	if err != nil {
 		return err
