@@ -9,6 +9,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc"
@@ -186,13 +188,34 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 		QueueWaitMs:        queueMS,
 	}}})
 	var last time.Time
-	for ev := range out.Events() {
+	events := out.Events()
+	// When the sender falls behind the worker by a quarter of the stream's
+	// buffer, it merges the waiting events into one message, so a reader
+	// that keeps up with the transport is never cut off for the cost of
+	// sending many small messages.
+	mergeAt := max(cap(events)/4, 1)
+	var text strings.Builder
+	var ids []int32
+	for ev := range events {
 		if err != nil || out.Failed() {
 			continue // drain; the engine ends the sequence when ctx is done
 		}
-		err = stream.Send(&kvgatev1.GenerateResponse{Event: &kvgatev1.GenerateResponse_Chunk{Chunk: &kvgatev1.Chunk{
-			Text: ev.Text, TokenIds: ev.Tokens,
-		}}})
+		chunk := &kvgatev1.Chunk{Text: ev.Text, TokenIds: ev.Tokens}
+		if len(events) >= mergeAt {
+			text.Reset()
+			text.WriteString(ev.Text)
+			ids = append(ids[:0], ev.Tokens...)
+			for n := len(events); n > 0; n-- {
+				more, ok := <-events
+				if !ok {
+					break
+				}
+				text.WriteString(more.Text)
+				ids = append(ids, more.Tokens...)
+			}
+			chunk = &kvgatev1.Chunk{Text: text.String(), TokenIds: slices.Clone(ids)}
+		}
+		err = stream.Send(&kvgatev1.GenerateResponse{Event: &kvgatev1.GenerateResponse_Chunk{Chunk: chunk}})
 		now := time.Now()
 		if last.IsZero() {
 			s.cfg.Observer.TimeToFirstToken(now.Sub(arrived))
