@@ -66,6 +66,8 @@ type ContextParams struct {
 	MaxSequences int
 	// Threads is the number of CPU threads; 0 means runtime.NumCPU().
 	Threads int
+	// KVType is the KV cache's element type, "f16" (the default) or "f32".
+	KVType string
 }
 
 // MaxSequenceIDs is llama.cpp's LLAMA_MAX_SEQ: sequence ids of a unified
@@ -107,6 +109,14 @@ func NewContext(m *Model, p ContextParams) (*Context, error) {
 	params.n_threads = C.int32_t(threads)
 	params.n_threads_batch = C.int32_t(threads)
 	params.kv_unified = C.bool(true)
+	switch p.KVType {
+	case "", "f16":
+		params.type_k, params.type_v = 1, 1 // GGML_TYPE_F16
+	case "f32":
+		params.type_k, params.type_v = 0, 0 // GGML_TYPE_F32
+	default:
+		return nil, fmt.Errorf("new context: KV type %q: want f16 or f32", p.KVType)
+	}
 	params.no_perf = C.bool(true)
 	C.kv_log_clear_error()
 	ptr := C.llama_init_from_model(m.ptr, params)

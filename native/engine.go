@@ -159,6 +159,8 @@ type EngineConfig struct {
 	MaxSequences int
 	// Threads is the CPU thread count; 0 means all CPUs.
 	Threads int
+	// KVType is the KV cache's element type: "f16" (default) or "f32".
+	KVType string
 	// StreamBuffer is how many events a stream may hold before its reader
 	// counts as too slow; 0 means 1024.
 	StreamBuffer int
@@ -357,6 +359,7 @@ func (e *Engine) run(ready chan<- error) {
 	defer close(e.done)
 	ctx, err := NewContext(e.model, ContextParams{
 		Cells: e.cfg.Cells, Batch: e.cfg.Batch, MaxSequences: e.cfg.MaxSequences, Threads: e.cfg.Threads,
+		KVType: e.cfg.KVType,
 	})
 	if err != nil {
 		ready <- err
@@ -480,6 +483,12 @@ func (e *Engine) reap() {
 // resume restarts preempted sequences the allocator has readmitted: they
 // recompute their tokens, sharing whatever prefix is still cached.
 func (e *Engine) resume() {
+	if len(e.paused) == 0 {
+		return
+	}
+	// A resumed sequence may get the id of a sequence evicted a moment ago:
+	// remove that one's cells before copying a prefix into the id.
+	e.removeEvicted()
 	for i := 0; i < len(e.paused); {
 		s := e.paused[i]
 		select {

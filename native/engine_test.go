@@ -289,3 +289,61 @@ func waitUntil(t *testing.T, cond func() bool) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// growLedger is a GrowLedger whose Grow fails once at a chosen token, so
+// that the engine preempts the sequence and resumes it at once.
+type growLedger struct {
+	testLedger
+	failAt   int64 // Grow fails when this many tokens were charged
+	failed   bool
+	requeued int
+}
+
+func (l *growLedger) Grow(n int) (bool, error) {
+	if !l.failed && l.charged.Load() >= l.failAt {
+		l.failed = true
+		return false, nil
+	}
+	return true, nil
+}
+
+func (l *growLedger) Requeue(tokens []int32) (bool, <-chan struct{}, error) {
+	l.requeued++
+	l.charged.Store(0)
+	ch := make(chan struct{})
+	close(ch)
+	return false, ch, nil
+}
+
+func (l *growLedger) SeqID() int { return 0 }
+
+// TestEnginePreemptResume preempts a greedy sequence in the middle of its
+// generation and checks that, recomputed, it continues exactly as the
+// reference decode does.
+func TestEnginePreemptResume(t *testing.T) {
+	m := stories(t)
+	e := newEngine(t, EngineConfig{Cells: 1024, Batch: 512, MaxSequences: 2, KVType: "f32"})
+	prompt, _ := m.Tokenize("Once upon a time", true, false)
+	want, err := GreedyReference(context.Background(), m, prompt, 120)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, at := range []int64{3, 40, 90} {
+		l := &growLedger{testLedger: testLedger{reserved: 1 << 20}, failAt: int64(len(prompt)) + at}
+		s, err := e.Start(Request{Ctx: context.Background(), SeqID: 0, Prompt: prompt, MaxTokens: len(want), Ledger: l})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := collect(s)
+		if l.requeued != 1 || got.result.Preempted != 1 {
+			t.Fatalf("preempted %d times", l.requeued)
+		}
+		if !equal(got.ids, want) {
+			j := 0
+			for j < len(got.ids) && j < len(want) && got.ids[j] == want[j] {
+				j++
+			}
+			t.Errorf("preempted after %d tokens: output differs from the reference at token %d", at, j)
+		}
+	}
+}

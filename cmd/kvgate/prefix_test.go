@@ -10,6 +10,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
+	"github.com/kvgate/kvgate/native"
 )
 
 func tokensRequest(ids []int32, maxTokens uint32) *kvgatev1.GenerateRequest {
@@ -152,17 +153,27 @@ func TestEvictionUnderPressure(t *testing.T) {
 }
 
 // TestPreemptionStress runs greedy streams on an optimistic pool too small
-// for all of them: sequences are preempted and resumed, and every stream's
-// text equals its solo run.
+// for all of them: sequences are preempted and resumed by recomputing their
+// tokens, and every stream's text equals its solo run.
+//
+// llama.cpp's attention sums over KV cells in cell order, and a recomputed
+// (or merely concurrent) sequence lands in other cells than its solo run, so
+// the last bits of a logit can differ and greedy decoding can flip where the
+// two best logits all but tie. The test therefore accepts a difference only
+// at such a tie, which it measures with an independent greedy decode: the
+// text up to there must match, and the two best logits there must lie within
+// 1e-2 of each other. (On stories260K the median gap is about 2, and fewer
+// than 1 token in 300 has a gap below 1e-2.) The engine's own preempt and
+// resume path is exact: native's TestEnginePreemptResume.
 func TestPreemptionStress(t *testing.T) {
 	s := startServer(t, "--model", testModel(t, "stories260K.gguf"), "--ctx", "256", "--max-seqs", "8",
-		"--admission", "optimistic", "--watermark", "8", "--max-queue", "64")
+		"--admission", "optimistic", "--watermark", "8", "--max-queue", "64", "--kv-type", "f32")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	r := rand.New(rand.NewPCG(3, 4))
 	const n = 10
 	reqs := make([]*kvgatev1.GenerateRequest, n)
-	solo := make([]string, n)
+	solo := make([]streamResult, n)
 	for i := range reqs {
 		reqs[i] = &kvgatev1.GenerateRequest{Prompt: tokenPrompt(r, 10+r.IntN(20)), MaxTokens: uint32(80 + r.IntN(60)),
 			IgnoreEos: true, Priority: int32(i % 3)}
@@ -170,7 +181,7 @@ func TestPreemptionStress(t *testing.T) {
 		if res.err != nil {
 			t.Fatalf("solo %d: %v", i, res.err)
 		}
-		solo[i] = res.text()
+		solo[i] = res
 	}
 	before := cacheStats(t, s).GetPreemptionsTotal()
 	got := make([]streamResult, n)
@@ -191,12 +202,40 @@ func TestPreemptionStress(t *testing.T) {
 	if preempted == 0 {
 		t.Fatal("no preemption happened: the test pool is too big")
 	}
+	m, err := native.LoadModel(testModel(t, "stories260K.gguf"), native.LoadOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
 	for i := range reqs {
 		if got[i].err != nil {
 			t.Fatalf("stream %d: %v", i, got[i].err)
 		}
-		if got[i].text() != solo[i] {
-			t.Errorf("stream %d after preemption: %q\nsolo: %q", i, got[i].text(), solo[i])
+		ids := got[i].ids()
+		if len(ids) != int(reqs[i].GetMaxTokens()) {
+			t.Errorf("stream %d: %d tokens, want %d", i, len(ids), reqs[i].GetMaxTokens())
+		}
+		if text, err := m.Detokenize(ids, native.DetokenizeOptions{}); err != nil || text != got[i].text() {
+			t.Errorf("stream %d: text and ids disagree (duplicated or missing text?)", i)
+		}
+		if got[i].text() == solo[i].text() {
+			continue
+		}
+		j := 0
+		soloIDs := solo[i].ids()
+		for j < len(ids) && j < len(soloIDs) && ids[j] == soloIDs[j] {
+			j++
+		}
+		prompt := append(append([]int32(nil), reqs[i].GetTokens().GetIds()...), soloIDs[:j]...)
+		_, margins, err := native.GreedyMargins(ctx, m, prompt, 1)
+		if err != nil || len(margins) != 1 {
+			t.Fatalf("margin at the divergence: %v", err)
+		}
+		t.Logf("stream %d differs from its solo run at token %d of %d, where the two best logits are %.2g apart",
+			i, j, len(ids), margins[0])
+		if margins[0] > 1e-2 {
+			t.Errorf("stream %d after preemption: %q\nsolo: %q\ndiffer at token %d, not at a tie (gap %.3g)",
+				i, got[i].text(), solo[i].text(), j, margins[0])
 		}
 	}
 	if st.GetNokvslotTotal() != 0 {
