@@ -425,6 +425,23 @@ func (a *Allocator) Drain() {
 	a.notifyIdleLocked()
 }
 
+// FlushCache evicts every cached sequence that no new sequence is about to
+// copy from, calling OnEvict for each, and returns the cells freed. A
+// draining server calls it last, so that it exits with no cell in use.
+func (a *Allocator) FlushCache() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	before := a.used
+	for el := a.lru.Back(); el != nil; {
+		prev := el.Prev()
+		if e := el.Value.(*entry); e.pins == 0 {
+			a.evictLocked(e)
+		}
+		el = prev
+	}
+	return before - a.used
+}
+
 // Idle returns a channel that is closed when no lease is held and nothing
 // is queued. If that is already so, the channel is closed on return. After
 // Drain, Idle reports when the last running lease is released.

@@ -110,7 +110,8 @@ func rejectStatus(ctx context.Context, rej *allocator.RejectError) error {
 		}
 		return st.Err()
 	case allocator.ReasonDraining:
-		setPushback(ctx, -1)
+		// No pushback: a client whose retry policy covers UNAVAILABLE
+		// retries on another replica after its own backoff.
 		return withInfo(codes.Unavailable, "server is draining: send new requests to another replica", rej.Reason, nil)
 	case allocator.ReasonDeadlineExceeded:
 		return withInfo(codes.DeadlineExceeded, "deadline exceeded while waiting for KV cells", rej.Reason, meta)

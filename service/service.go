@@ -50,6 +50,12 @@ type Config struct {
 	MaxSequences int
 	// MaxQueue is the admission queue's capacity.
 	MaxQueue int
+	// AdmissionPolicy names the allocator's admission policy, "reserve" or
+	// "optimistic", for GetModelInfo.
+	AdmissionPolicy string
+	// PrefixCache reports whether finished sequences leave their cells
+	// behind as a prefix cache, for GetModelInfo.
+	PrefixCache bool
 	// Observer, when set, receives per-request latencies.
 	Observer Observer
 }
@@ -346,6 +352,10 @@ func (s *Service) GetModelInfo(ctx context.Context, _ *kvgatev1.GetModelInfoRequ
 		MaxRunningSequences: uint32(s.cfg.MaxSequences),
 		MaxQueue:            uint32(s.cfg.MaxQueue),
 		SystemInfo:          native.SystemInfo(),
+		MaxPromptTokens:     uint32(effectiveLimit(s.cfg.Limits.MaxPromptTokens, s.cfg.Limits.MaxSequenceTokens-1)),
+		MaxCompletionTokens: uint32(effectiveLimit(s.cfg.Limits.MaxCompletionTokens, s.cfg.Limits.MaxSequenceTokens-1)),
+		AdmissionPolicy:     s.cfg.AdmissionPolicy,
+		PrefixCache:         s.cfg.PrefixCache,
 	}, nil
 }
 

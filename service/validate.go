@@ -12,17 +12,33 @@ import (
 )
 
 // Limits are the server-side bounds on a request. They are reported by
-// GetModelInfo and named in INVALID_ARGUMENT messages.
+// GetModelInfo, and the INVALID_ARGUMENT field violations of a request that
+// exceeds one name it by its GetModelInfo field.
 type Limits struct {
 	// MaxSequenceTokens bounds prompt tokens + max_tokens: the smaller of
 	// the KV pool and the model's training context.
 	MaxSequenceTokens int
+	// MaxPromptTokens bounds the prompt's tokens; 0 means no bound beyond
+	// MaxSequenceTokens.
+	MaxPromptTokens int
+	// MaxCompletionTokens bounds max_tokens; 0 means no bound beyond
+	// MaxSequenceTokens.
+	MaxCompletionTokens int
 	// MaxStopStrings bounds the number of stop strings.
 	MaxStopStrings int
 	// MaxStopStringBytes bounds each stop string's length.
 	MaxStopStringBytes int
 	// MaxRequestIDBytes bounds request_id.
 	MaxRequestIDBytes int
+}
+
+// effectiveLimit returns the bound a limit sets in effect: limit, unless it
+// is unset (0) or looser than bound.
+func effectiveLimit(limit, bound int) int {
+	if limit <= 0 || limit > bound {
+		limit = bound
+	}
+	return max(limit, 0)
 }
 
 // DefaultLimits returns the limits used when a flag does not set them.
@@ -89,13 +105,19 @@ func validate(req *kvgatev1.GenerateRequest, m tokenizer, lim Limits) (*request,
 		bad("prompt", "set text or tokens")
 	}
 
+	if lim.MaxPromptTokens > 0 && len(out.prompt) > lim.MaxPromptTokens {
+		bad(promptField, "%d prompt tokens exceed the server's max_prompt_tokens limit of %d", len(out.prompt), lim.MaxPromptTokens)
+	}
 	switch {
 	case out.maxTokens < 1:
 		bad("max_tokens", "must be at least 1")
+	case lim.MaxCompletionTokens > 0 && out.maxTokens > lim.MaxCompletionTokens:
+		bad("max_tokens", "%d exceeds the server's max_completion_tokens limit of %d", out.maxTokens, lim.MaxCompletionTokens)
 	case out.maxTokens > lim.MaxSequenceTokens:
-		bad("max_tokens", "%d exceeds the limit of %d tokens per sequence (prompt + max_tokens)", out.maxTokens, lim.MaxSequenceTokens)
+		bad("max_tokens", "%d exceeds the server's max_sequence_tokens limit of %d tokens per sequence (prompt + max_tokens)",
+			out.maxTokens, lim.MaxSequenceTokens)
 	case len(out.prompt) > 0 && len(out.prompt)+out.maxTokens > lim.MaxSequenceTokens:
-		bad(promptField, "%d prompt tokens + max_tokens %d = %d exceeds the limit of %d tokens per sequence",
+		bad(promptField, "%d prompt tokens + max_tokens %d = %d exceeds the server's max_sequence_tokens limit of %d tokens per sequence",
 			len(out.prompt), out.maxTokens, len(out.prompt)+out.maxTokens, lim.MaxSequenceTokens)
 	}
 
@@ -143,14 +165,14 @@ func validate(req *kvgatev1.GenerateRequest, m tokenizer, lim Limits) (*request,
 	}
 
 	if n := len(req.GetStop()); n > lim.MaxStopStrings {
-		bad("stop", "%d stop strings exceed the limit of %d", n, lim.MaxStopStrings)
+		bad("stop", "%d stop strings exceed the server's max_stop_strings limit of %d", n, lim.MaxStopStrings)
 	} else {
 		for i, s := range req.GetStop() {
 			switch {
 			case s == "":
 				bad(fmt.Sprintf("stop[%d]", i), "a stop string must not be empty")
 			case len(s) > lim.MaxStopStringBytes:
-				bad(fmt.Sprintf("stop[%d]", i), "%d bytes exceed the limit of %d", len(s), lim.MaxStopStringBytes)
+				bad(fmt.Sprintf("stop[%d]", i), "%d bytes exceed the server's max_stop_string_bytes limit of %d", len(s), lim.MaxStopStringBytes)
 			}
 		}
 		out.stop = req.GetStop()

@@ -11,12 +11,14 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
 	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
+	"github.com/kvgate/kvgate/internal/obs"
 )
 
 // stringList is a repeatable string flag.
@@ -25,10 +27,56 @@ type stringList []string
 func (s *stringList) String() string     { return strings.Join(*s, ",") }
 func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
 
+// connFlags are the client commands' connection flags.
+type connFlags struct {
+	addr                            string
+	tls                             bool
+	tlsCA, tlsCert, tlsKey, tlsName string
+	token                           string
+}
+
+func addConnFlags(fs *flag.FlagSet) *connFlags {
+	c := &connFlags{}
+	fs.StringVar(&c.addr, "addr", "localhost:50051", "server address")
+	fs.BoolVar(&c.tls, "tls", false, "use TLS with the system's root CAs (implied by the other --tls flags)")
+	fs.StringVar(&c.tlsCA, "tls-ca", "", "PEM CA certificates that sign the server's certificate (enables TLS)")
+	fs.StringVar(&c.tlsCert, "tls-cert", "", "PEM client certificate, for a server that requires mutual TLS")
+	fs.StringVar(&c.tlsKey, "tls-key", "", "PEM private key of --tls-cert")
+	fs.StringVar(&c.tlsName, "tls-server-name", "", "name to verify in the server's certificate (default: the host of --addr)")
+	fs.StringVar(&c.token, "token", "", "bearer token to send (for a server with --auth-tokens)")
+	return c
+}
+
+// dial connects to addr in plaintext, without a token.
 func dial(addr string) (*grpc.ClientConn, error) {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	return dialConn(&connFlags{addr: addr})
+}
+
+// dialConn connects to the server: over TLS when any --tls flag is given,
+// and with the bearer token on every call when --token is.
+func dialConn(c *connFlags) (*grpc.ClientConn, error) {
+	secure := c.tls || c.tlsCA != "" || c.tlsCert != "" || c.tlsKey != "" || c.tlsName != ""
+	creds := insecure.NewCredentials()
+	if secure {
+		cfg, err := obs.ClientTLSConfig(c.tlsCA, c.tlsCert, c.tlsKey, c.tlsName)
+		if err != nil {
+			return nil, err
+		}
+		creds = credentials.NewTLS(cfg)
+	}
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(creds)}
+	if c.token != "" {
+		// Without TLS the token travels in the clear: fine on loopback,
+		// not across a network.
+		tok, err := obs.BearerToken(c.token, false)
+		if err != nil {
+			return nil, fmt.Errorf("--token: %w", err)
+		}
+		opts = append(opts, grpc.WithPerRPCCredentials(tok))
+	}
+	conn, err := grpc.NewClient(c.addr, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("dial %s: %w", addr, err)
+		return nil, fmt.Errorf("dial %s: %w", c.addr, err)
 	}
 	return conn, nil
 }
@@ -63,7 +111,7 @@ func describe(err error) error {
 
 func generate(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("kvgate generate", flag.ContinueOnError)
-	addr := fs.String("addr", "localhost:50051", "server address")
+	cf := addConnFlags(fs)
 	maxTokens := fs.Uint("max-tokens", 128, "most tokens to generate")
 	temp := fs.Float64("temperature", 0, "sampling temperature (0: greedy)")
 	topK := fs.Int("top-k", 0, "top-k (0: off)")
@@ -83,7 +131,7 @@ func generate(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	conn, err := dial(*addr)
+	conn, err := dialConn(cf)
 	if err != nil {
 		return err
 	}
@@ -137,7 +185,7 @@ func generate(ctx context.Context, args []string) error {
 
 func tokenize(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("kvgate tokenize", flag.ContinueOnError)
-	addr := fs.String("addr", "localhost:50051", "server address")
+	cf := addConnFlags(fs)
 	addSpecial := fs.Bool("add-special", true, "add the beginning-of-sequence token if the model uses one")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -146,7 +194,7 @@ func tokenize(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	conn, err := dial(*addr)
+	conn, err := dialConn(cf)
 	if err != nil {
 		return err
 	}

@@ -8,20 +8,20 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
-	"google.golang.org/grpc/keepalive"
-	"google.golang.org/grpc/reflection"
 
 	"github.com/kvgate/kvgate/allocator"
 	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
+	"github.com/kvgate/kvgate/internal/obs"
 	"github.com/kvgate/kvgate/native"
 	"github.com/kvgate/kvgate/service"
 )
@@ -43,6 +43,22 @@ type serveConfig struct {
 	prefixCache  bool
 	admission    string
 	watermark    int
+	kvType       string
+
+	// Limits.
+	maxPromptTokens     int
+	maxCompletionTokens int
+	maxRecvMsgSize      int
+
+	// Operations: metrics, auth, TLS, connections.
+	metricsListen   string
+	pprof           bool
+	authTokens      string
+	tlsCert         string
+	tlsKey          string
+	clientCA        string
+	maxConnAge      time.Duration
+	maxConnAgeGrace time.Duration
 }
 
 func serveFlags(c *serveConfig) *flag.FlagSet {
@@ -62,8 +78,63 @@ func serveFlags(c *serveConfig) *flag.FlagSet {
 	fs.StringVar(&c.llamaLog, "llama-log", "error", "llama.cpp log level: none, error, warn, info, debug")
 	fs.BoolVar(&c.prefixCache, "prefix-cache", true, "keep finished sequences' cells as a prefix cache shared by later requests")
 	fs.StringVar(&c.admission, "admission", "reserve", "admission policy: reserve (prompt + max_tokens up front) or optimistic (prompt + watermark; preempts when cells run out)")
+	fs.StringVar(&c.kvType, "kv-type", "f16", "KV cache element type: f16 (half the memory) or f32 (attention less sensitive to cell order)")
 	fs.IntVar(&c.watermark, "watermark", 64, "optimistic admission: free cells a request must leave beside its prompt")
+	fs.IntVar(&c.maxPromptTokens, "max-prompt-tokens", 0, "most prompt tokens per request (0: as many as fit a sequence)")
+	fs.IntVar(&c.maxCompletionTokens, "max-completion-tokens", 0, "largest max_tokens per request (0: as many as fit a sequence)")
+	fs.IntVar(&c.maxRecvMsgSize, "max-recv-msg-size", 4<<20, "largest request message in bytes")
+	fs.StringVar(&c.metricsListen, "metrics-listen", "", "address to serve Prometheus /metrics and /healthz on (empty: off)")
+	fs.BoolVar(&c.pprof, "pprof", false, "serve net/http/pprof under /debug/pprof/ on the metrics listener")
+	fs.StringVar(&c.authTokens, "auth-tokens", "", "file of bearer tokens, one per line, required on every call but health and reflection (reloaded on SIGHUP)")
+	fs.StringVar(&c.tlsCert, "tls-cert", "", "PEM certificate of the server: serve TLS (reloaded on SIGHUP)")
+	fs.StringVar(&c.tlsKey, "tls-key", "", "PEM private key of --tls-cert")
+	fs.StringVar(&c.clientCA, "client-ca", "", "PEM CA certificates: require client certificates signed by one of them (mutual TLS)")
+	fs.DurationVar(&c.maxConnAge, "max-connection-age", 0, "close connections after this age so clients re-resolve and rebalance (0: never)")
+	fs.DurationVar(&c.maxConnAgeGrace, "max-connection-age-grace", 0, "how long streams on an aged connection may finish (0: --drain-timeout); make it outlast the longest generation")
 	return fs
+}
+
+// check validates the flags that need no model.
+func (c *serveConfig) check() error {
+	switch {
+	case c.ctx < 1:
+		return fmt.Errorf("--ctx %d: must be positive", c.ctx)
+	case c.maxSeqs < 1 || c.maxSeqs > native.MaxSequenceIDs:
+		return fmt.Errorf("--max-seqs %d: must be in [1, %d]", c.maxSeqs, native.MaxSequenceIDs)
+	case c.batch < 1:
+		return fmt.Errorf("--batch %d: must be positive", c.batch)
+	case c.maxQueue < 0:
+		return fmt.Errorf("--max-queue %d: must be >= 0", c.maxQueue)
+	case c.maxStop < 0:
+		return fmt.Errorf("--max-stop %d: must be >= 0", c.maxStop)
+	case c.maxPromptTokens < 0:
+		return fmt.Errorf("--max-prompt-tokens %d: must be >= 0", c.maxPromptTokens)
+	case c.maxCompletionTokens < 0:
+		return fmt.Errorf("--max-completion-tokens %d: must be >= 0", c.maxCompletionTokens)
+	case c.maxRecvMsgSize < 1:
+		return fmt.Errorf("--max-recv-msg-size %d: must be positive", c.maxRecvMsgSize)
+	case c.drainTimeout < 0:
+		return fmt.Errorf("--drain-timeout %v: must be >= 0", c.drainTimeout)
+	case c.maxConnAge < 0 || c.maxConnAgeGrace < 0:
+		return fmt.Errorf("--max-connection-age %v, --max-connection-age-grace %v: must be >= 0", c.maxConnAge, c.maxConnAgeGrace)
+	case c.pprof && c.metricsListen == "":
+		return errors.New("--pprof needs --metrics-listen")
+	case (c.tlsCert == "") != (c.tlsKey == ""):
+		return errors.New("--tls-cert and --tls-key go together")
+	case c.clientCA != "" && c.tlsCert == "":
+		return errors.New("--client-ca needs --tls-cert and --tls-key")
+	}
+	return nil
+}
+
+// connectionGrace returns how long streams on a connection past
+// --max-connection-age may go on: --max-connection-age-grace, by default
+// the drain timeout, the same bound on a stream that SIGTERM gives.
+func (c *serveConfig) connectionGrace() time.Duration {
+	if c.maxConnAgeGrace > 0 {
+		return c.maxConnAgeGrace
+	}
+	return c.drainTimeout
 }
 
 func newLogger(c *serveConfig) (*slog.Logger, error) {
@@ -114,17 +185,13 @@ func serve(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	switch {
-	case c.ctx < 1:
-		return fmt.Errorf("--ctx %d: must be positive", c.ctx)
-	case c.maxSeqs < 1 || c.maxSeqs > native.MaxSequenceIDs:
-		return fmt.Errorf("--max-seqs %d: must be in [1, %d]", c.maxSeqs, native.MaxSequenceIDs)
-	case c.batch < 1:
-		return fmt.Errorf("--batch %d: must be positive", c.batch)
-	case c.maxQueue < 0:
-		return fmt.Errorf("--max-queue %d: must be >= 0", c.maxQueue)
-	case c.maxStop < 0:
-		return fmt.Errorf("--max-stop %d: must be >= 0", c.maxStop)
+	if err := c.check(); err != nil {
+		return err
+	}
+	// Read the credentials before the slow part, so a typo fails fast.
+	sec, err := loadSecurity(&c)
+	if err != nil {
+		return err
 	}
 	native.Init(ll)
 	checkCPU(log)
@@ -149,9 +216,16 @@ func serve(ctx context.Context, args []string) error {
 	defer model.Close()
 	info := model.Info()
 
-	engine, err := native.NewEngine(model, native.EngineConfig{
+	var metrics *obs.Metrics
+	ecfg := native.EngineConfig{
 		Cells: c.ctx, Batch: c.batch, MaxSequences: c.maxSeqs, Threads: c.threads, StreamBuffer: c.streamBuffer,
-	})
+		KVType: c.kvType,
+	}
+	if c.metricsListen != "" {
+		metrics = obs.NewMetrics()
+		ecfg.OnStep = metrics.OnStep
+	}
+	engine, err := native.NewEngine(model, ecfg)
 	if err != nil {
 		return fmt.Errorf("create llama.cpp context: %w", err)
 	}
@@ -160,6 +234,8 @@ func serve(ctx context.Context, args []string) error {
 	limits := service.DefaultLimits()
 	limits.MaxStopStrings = c.maxStop
 	limits.MaxSequenceTokens = min(engine.Cells(), info.TrainingContext)
+	limits.MaxPromptTokens = c.maxPromptTokens
+	limits.MaxCompletionTokens = c.maxCompletionTokens
 	var policy allocator.Policy
 	switch c.admission {
 	case "reserve":
@@ -187,62 +263,143 @@ func serve(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	svc := service.New(service.Config{
+	scfg := service.Config{
 		Limits: limits, Cells: engine.Cells(), MaxSequences: c.maxSeqs, MaxQueue: c.maxQueue,
-	}, model, alloc, engine)
-
-	srv := grpc.NewServer(
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 2 * time.Minute, Timeout: 20 * time.Second}),
-	)
-	svc.Register(srv)
-	hs := health.NewServer()
-	healthpb.RegisterHealthServer(srv, hs)
-	for _, name := range []string{"", kvgatev1.GenerateService_ServiceDesc.ServiceName, kvgatev1.CacheService_ServiceDesc.ServiceName} {
-		hs.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+		AdmissionPolicy: policy.String(), PrefixCache: c.prefixCache,
 	}
-	reflection.Register(srv)
+	if metrics != nil {
+		scfg.Observer = metrics
+	}
+	svc := service.New(scfg, model, alloc, engine)
+	snapshot := func() *kvgatev1.GetCacheStatsResponse {
+		st, _ := svc.GetCacheStats(context.Background(), &kvgatev1.GetCacheStatsRequest{})
+		return st
+	}
+
+	// Background work owned by serve: load-report sampling and SIGHUP
+	// reloads. Both stop when bg is cancelled, and serve waits for them.
+	bg, stopBG := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer stopBG()
+	load := obs.NewLoadReporter(snapshot)
+	wg.Go(func() { load.Run(bg) })
+	wg.Go(func() { reloadOnHangup(bg, log, sec) })
+
+	// auxDone ends the health-watch, ORCA and reflection streams at the end
+	// of the drain, so that GracefulStop need not wait for those clients.
+	auxDone, endAux := context.WithCancel(context.Background())
+	defer endAux()
+	srv, hs, err := newGRPCServer(&c, serverDeps{
+		log: log, metrics: metrics, security: sec, load: load, shutdown: auxDone, service: svc,
+	})
+	if err != nil {
+		return err
+	}
+
+	var metricsSrv *http.Server
+	metricsErr := make(chan error, 1)
+	if metrics != nil {
+		metrics.AddSnapshot(snapshot)
+		metrics.InitializeGRPC(srv)
+		mlis, err := net.Listen("tcp", c.metricsListen)
+		if err != nil {
+			return fmt.Errorf("metrics listen: %w", err)
+		}
+		metricsSrv = &http.Server{Handler: metrics.Handler(obs.HandlerOptions{Pprof: c.pprof}), ReadHeaderTimeout: 10 * time.Second}
+		log.Info("metrics listening", "addr", mlis.Addr().String(), "pprof", c.pprof)
+		go func() { metricsErr <- metricsSrv.Serve(mlis) }()
+	}
 
 	lis, err := net.Listen("tcp", c.listen)
 	if err != nil {
+		if metricsSrv != nil {
+			_ = metricsSrv.Close()
+			<-metricsErr
+		}
 		return fmt.Errorf("listen: %w", err)
 	}
 	log.Info("kvgate listening", "addr", lis.Addr().String(), "model", filepath.Base(path),
-		"arch", info.Architecture, "kv_cells", engine.Cells(), "max_seqs", c.maxSeqs, "batch", engine.Batch())
+		"arch", info.Architecture, "kv_cells", engine.Cells(), "max_seqs", c.maxSeqs, "batch", engine.Batch(),
+		"tls", sec.certs != nil, "mtls", c.clientCA != "", "auth", sec.tokens != nil)
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(lis) }()
 
+	var failed error
 	select {
 	case err := <-serveErr:
-		return fmt.Errorf("serve: %w", err)
+		failed = fmt.Errorf("serve: %w", err)
+		serveErr <- nil
+	case err := <-metricsErr:
+		failed = fmt.Errorf("metrics: %w", err)
+		metricsErr <- nil
 	case <-ctx.Done():
 	}
-	// Graceful drain: stop advertising, refuse new work, let running
-	// streams finish, then stop.
-	log.Info("draining", "timeout", c.drainTimeout, "running", alloc.Stats().Running, "queued", alloc.Stats().Queued)
+	drain(log, &c, hs, alloc, engine, metrics)
+	endAux()
+	stopServer(srv)
+	if metricsSrv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_ = metricsSrv.Shutdown(sctx)
+		cancel()
+		if err := <-metricsErr; err != nil && !errors.Is(err, http.ErrServerClosed) && failed == nil {
+			failed = fmt.Errorf("metrics: %w", err)
+		}
+	}
+	if err := <-serveErr; err != nil && !errors.Is(err, grpc.ErrServerStopped) && failed == nil {
+		failed = fmt.Errorf("serve: %w", err)
+	}
+	stopBG()
+	wg.Wait()
+	st := snapshot()
+	inUse := int64(st.GetCellsUsed()) + int64(st.GetCellsReserved()) - int64(st.GetCellsCached())
+	log.Info("stopped", "cells_in_use", inUse, "cells_used", st.GetCellsUsed(), "cells_reserved", st.GetCellsReserved(),
+		"cells_cached", st.GetCellsCached(), "running", st.GetSequencesRunning())
+	return failed
+}
+
+// drain stops taking work and lets running streams finish: health turns
+// NOT_SERVING, new Generate calls get UNAVAILABLE, and the streams still
+// running after --drain-timeout are ended with UNAVAILABLE by closing the
+// engine. When it returns every lease is released and the prefix cache is
+// dropped: no cell is in use.
+func drain(log *slog.Logger, c *serveConfig, hs *health.Server, alloc *allocator.Allocator, engine *native.Engine, metrics *obs.Metrics) {
+	st := alloc.Stats()
+	log.Info("draining", "timeout", c.drainTimeout, "running", st.Running, "queued", st.Queued)
+	if metrics != nil {
+		metrics.SetDraining(true)
+	}
 	hs.Shutdown()
 	alloc.Drain()
+	t := time.NewTimer(c.drainTimeout)
+	defer t.Stop()
 	select {
 	case <-alloc.Idle():
-	case <-time.After(c.drainTimeout):
+	case <-t.C:
 		log.Warn("drain timeout: cancelling running streams", "running", alloc.Stats().Running)
 	}
 	engine.Close() // ends whatever still runs with UNAVAILABLE
+	// The prefix cache goes with the context: free its cells too.
+	if n := alloc.FlushCache(); n > 0 {
+		log.Info("prefix cache dropped", "cells", n)
+	}
+}
+
+// stopServer stops srv gracefully, waiting at most 5 s for calls to end
+// (after the drain and the end of the auxiliary streams only unary calls
+// can still be running) before it closes every connection.
+func stopServer(srv *grpc.Server) {
 	stopped := make(chan struct{})
 	go func() { srv.GracefulStop(); close(stopped) }()
+	t := time.NewTimer(5 * time.Second)
+	defer t.Stop()
 	select {
 	case <-stopped:
-	case <-time.After(5 * time.Second):
+	case <-t.C:
 		srv.Stop()
 		<-stopped
 	}
-	st := alloc.Stats()
-	log.Info("stopped", "cells_used", st.CellsUsed, "cells_reserved", st.CellsReserved, "running", st.Running)
-	if err := <-serveErr; err != nil && !errors.Is(err, grpc.ErrServerStopped) {
-		return fmt.Errorf("serve: %w", err)
-	}
-	return nil
 }
 
 // loadWithProgress loads the model, drawing a progress bar when stderr is a
