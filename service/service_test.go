@@ -12,8 +12,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
 	"github.com/kvgate/kvgate/allocator"
+	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
 	"github.com/kvgate/kvgate/native"
 )
 
