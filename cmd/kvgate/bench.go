@@ -1,0 +1,172 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"time"
+
+	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
+	"github.com/kvgate/kvgate/internal/bench"
+)
+
+// warmupFlag is --warmup: a duration ("10s") or a request count ("20").
+type warmupFlag struct {
+	d time.Duration
+	n int
+}
+
+func (w *warmupFlag) String() string {
+	if w.n > 0 {
+		return strconv.Itoa(w.n)
+	}
+	return w.d.String()
+}
+
+func (w *warmupFlag) Set(v string) error {
+	if n, err := strconv.Atoi(v); err == nil {
+		if n < 0 {
+			return errors.New("must not be negative")
+		}
+		*w = warmupFlag{n: n}
+		return nil
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil || d < 0 {
+		return fmt.Errorf("%q is neither a request count nor a duration", v)
+	}
+	*w = warmupFlag{d: d}
+	return nil
+}
+
+const benchUsage = `Usage: kvgate bench [flags]
+
+Drives a running kvgate server with generated load over gRPC and reports
+throughput, TTFT / inter-token / end-to-end latency percentiles, goodput,
+every status code and the prefill work the server did. Prompts are random
+token ids (so input lengths are exact) and every request sets ignore_eos (so
+output lengths are exact).
+
+Load: --concurrency N closed-loop clients, or --rate R Poisson arrivals per
+second (open loop). Sending stops after --duration or --requests, whichever
+comes first; outstanding requests are then awaited.
+
+Workloads:
+  fixed          --input-tokens in, --output-tokens out
+  mixed          lengths drawn from --dist (lognormal: median at the geometric
+                 mean of the bounds, bounds two standard deviations out;
+                 uniform) in --input-min..--input-max, --output-min..--output-max
+  shared-prefix  --input-tokens in, of which the first --prefix-tokens are one
+                 of --prefixes common prefixes; --output-tokens out
+
+Flags:
+`
+
+func benchCmd(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("kvgate bench", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), benchUsage)
+		fs.PrintDefaults()
+	}
+	addr := fs.String("addr", "localhost:50051", "server address")
+	concurrency := fs.Int("concurrency", 1, "closed-loop clients (ignored with --rate)")
+	rate := fs.Float64("rate", 0, "open loop: Poisson arrivals per second (0: closed loop)")
+	maxInFlight := fs.Int("max-in-flight", 1024, "open loop: most outstanding requests; arrivals beyond are dropped and counted")
+	duration := fs.Duration("duration", 0, "send measured requests for this long (default 30s unless --requests is set)")
+	requests := fs.Int("requests", 0, "send at most this many measured requests (0: no limit)")
+	var warmup warmupFlag
+	fs.Var(&warmup, "warmup", "warm-up before the measured window, excluded from the report: a duration (10s) or a request count (20)")
+	workload := fs.String("workload", "fixed", "fixed, mixed or shared-prefix")
+	inputTokens := fs.Int("input-tokens", 128, "prompt tokens (fixed, shared-prefix)")
+	outputTokens := fs.Int("output-tokens", 128, "output tokens (fixed, shared-prefix)")
+	dist := fs.String("dist", "lognormal", "mixed: length distribution, lognormal or uniform")
+	inputMin := fs.Int("input-min", 32, "mixed: shortest prompt")
+	inputMax := fs.Int("input-max", 512, "mixed: longest prompt")
+	outputMin := fs.Int("output-min", 16, "mixed: shortest output")
+	outputMax := fs.Int("output-max", 256, "mixed: longest output")
+	prefixTokens := fs.Int("prefix-tokens", 0, "shared-prefix: tokens of the common prefix (< --input-tokens)")
+	prefixes := fs.Int("prefixes", 1, "shared-prefix: distinct common prefixes, used in turn")
+	noPrefixCache := fs.Bool("no-prefix-cache", false, "set skip_prefix_cache on every request")
+	sloTTFT := fs.Duration("slo-ttft", 0, "goodput: time-to-first-token objective (0: not checked)")
+	sloITL := fs.Duration("slo-itl", 0, "goodput: mean inter-token latency objective (0: not checked)")
+	timeout := fs.Duration("timeout", 5*time.Minute, "deadline of each request")
+	seed := fs.Uint64("seed", 0, "seed of prompts and arrivals (0: random, recorded in the report)")
+	jsonOut := fs.Bool("json", false, "print the report as JSON (schema "+bench.Schema+")")
+	progress := fs.Bool("progress", false, "print progress to stderr every second (default: when stderr is a terminal)")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if *duration == 0 && *requests == 0 {
+		*duration = 30 * time.Second
+	}
+	cfg := bench.Config{
+		Target:         *addr,
+		Concurrency:    *concurrency,
+		Rate:           *rate,
+		MaxInFlight:    *maxInFlight,
+		Duration:       *duration,
+		Requests:       *requests,
+		WarmupDuration: warmup.d,
+		WarmupRequests: warmup.n,
+		Workload: bench.Workload{
+			Kind:         bench.WorkloadKind(*workload),
+			InputTokens:  *inputTokens,
+			OutputTokens: *outputTokens,
+		},
+		NoPrefixCache: *noPrefixCache,
+		SLOTTFT:       *sloTTFT,
+		SLOITL:        *sloITL,
+		Timeout:       *timeout,
+		Seed:          *seed,
+	}
+	switch cfg.Workload.Kind {
+	case bench.Mixed:
+		cfg.Workload = bench.Workload{
+			Kind: bench.Mixed, Distribution: bench.Distribution(*dist),
+			InputMin: *inputMin, InputMax: *inputMax, OutputMin: *outputMin, OutputMax: *outputMax,
+		}
+	case bench.SharedPrefix:
+		cfg.Workload.PrefixTokens, cfg.Workload.Prefixes = *prefixTokens, *prefixes
+	}
+	if *progress || isTerminal(os.Stderr) {
+		cfg.Progress = os.Stderr
+	}
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	conn, err := dial(*addr)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	rep, err := bench.Run(ctx, kvgatev1.NewGenerateServiceClient(conn), kvgatev1.NewCacheServiceClient(conn), cfg)
+	if err != nil {
+		return describe(err)
+	}
+	var out io.Writer = os.Stdout
+	if *jsonOut {
+		err = rep.WriteJSON(out)
+	} else {
+		err = rep.WriteText(out)
+	}
+	if err != nil {
+		return err
+	}
+	if rep.Interrupted {
+		return errors.New("interrupted: the report is partial")
+	}
+	return nil
+}
+
+// isTerminal reports whether f is a character device, such as a terminal.
+func isTerminal(f *os.File) bool {
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}

@@ -1,0 +1,261 @@
+package native
+
+// In-process benchmarks of the decode worker: no gRPC, no service; the real
+// allocator's leases are the ledgers, as in the server. Run them with, for
+// example,
+//
+//	CGO_CFLAGS="-O3 -march=native" CGO_CXXFLAGS="-O3 -march=native" \
+//	  go test ./native -run '^$' -bench 'BenchmarkEngine' -benchtime 2x
+//
+// The model is $KVGATE_BENCH_MODEL when set, else the preset named by
+// $KVGATE_BENCH_PRESET (default "15m") written by internal/mkmodel once into
+// $KVGATE_CACHE_DIR/bench (default: the user cache directory's kvgate/bench).
+// $KVGATE_BENCH_THREADS sets llama.cpp's threads (default: all CPUs).
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/kvgate/kvgate/allocator"
+	"github.com/kvgate/kvgate/internal/mkmodel"
+)
+
+// The benchmark's shape, matching scripts/bench.sh's server flags
+// (--ctx 8192 --max-seqs 32 --batch 512).
+const (
+	benchCells      = 8192
+	benchMaxSeqs    = 32
+	benchBatch      = 512
+	benchPrompt     = 128
+	benchOutput     = 128
+	benchPrefillLen = 512
+)
+
+var (
+	benchModelOnce sync.Once
+	benchModelPtr  *Model
+	benchModelErr  error
+)
+
+// benchModelPath returns the GGUF file the benchmarks run on, writing the
+// preset model when it is not cached yet.
+func benchModelPath() (string, error) {
+	if p := os.Getenv("KVGATE_BENCH_MODEL"); p != "" {
+		return p, nil
+	}
+	preset := os.Getenv("KVGATE_BENCH_PRESET")
+	if preset == "" {
+		preset = "15m"
+	}
+	spec, err := mkmodel.Preset(preset)
+	if err != nil {
+		return "", err
+	}
+	dir := os.Getenv("KVGATE_CACHE_DIR")
+	if dir == "" {
+		if dir, err = os.UserCacheDir(); err != nil {
+			return "", fmt.Errorf("bench model: %w", err)
+		}
+		dir = filepath.Join(dir, "kvgate")
+	}
+	dir = filepath.Join(dir, "bench")
+	path := filepath.Join(dir, fmt.Sprintf("%s-%s-seed%d.gguf", spec.Name, spec.Type, spec.Seed))
+	if _, err := os.Stat(path); err == nil {
+		return path, nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("bench model: %w", err)
+	}
+	if _, err := mkmodel.WriteFile(context.Background(), path, spec); err != nil {
+		return "", fmt.Errorf("bench model %s: %w", preset, err)
+	}
+	return path, nil
+}
+
+// benchModel loads the benchmark model once per process.
+func benchModel(b *testing.B) *Model {
+	b.Helper()
+	benchModelOnce.Do(func() {
+		Init(LogError)
+		path, err := benchModelPath()
+		if err != nil {
+			benchModelErr = err
+			return
+		}
+		benchModelPtr, benchModelErr = LoadModel(path, LoadOptions{})
+	})
+	if benchModelErr != nil {
+		b.Fatalf("benchmark model: %v", benchModelErr)
+	}
+	return benchModelPtr
+}
+
+func benchThreads(b *testing.B) int {
+	v := os.Getenv("KVGATE_BENCH_THREADS")
+	if v == "" {
+		return 0
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 0 {
+		b.Fatalf("KVGATE_BENCH_THREADS=%q: want a count", v)
+	}
+	return n
+}
+
+// stepTimer times decode steps from the worker's OnStep hook: the interval
+// between two hooks is one full step (sampling and streaming of the last
+// step's tokens, building the batch, llama_decode). Steps whose batch holds
+// one token per sequence are pure decode steps.
+type stepTimer struct {
+	mu           sync.Mutex
+	last         time.Time
+	decodeSteps  int
+	decodeTokens int
+	decodeTime   time.Duration
+}
+
+// onStep is the engine's OnStep hook.
+func (t *stepTimer) onStep(tokens, sequences int) {
+	now := time.Now()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if !t.last.IsZero() && tokens == sequences {
+		t.decodeSteps++
+		t.decodeTokens += tokens
+		t.decodeTime += now.Sub(t.last)
+	}
+	t.last = now
+}
+
+// restart forgets the last step, so the idle time before a round is not
+// counted as a step.
+func (t *stepTimer) restart() {
+	t.mu.Lock()
+	t.last = time.Time{}
+	t.mu.Unlock()
+}
+
+// benchEngine returns an engine and an allocator of the benchmark's shape.
+func benchEngine(b *testing.B, onStep func(tokens, sequences int)) (*Engine, *allocator.Allocator) {
+	b.Helper()
+	m := benchModel(b)
+	e, err := NewEngine(m, EngineConfig{
+		Cells: benchCells, Batch: benchBatch, MaxSequences: benchMaxSeqs, Threads: benchThreads(b), OnStep: onStep,
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(e.Close)
+	a, err := allocator.New(allocator.Config{Cells: e.Cells(), MaxSequences: benchMaxSeqs, MaxQueue: benchMaxSeqs})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return e, a
+}
+
+// randomPrompt returns n random ordinary token ids.
+func randomPrompt(r *rand.Rand, vocab, n int) []int32 {
+	p := make([]int32, n)
+	for i := range p {
+		p[i] = int32(3 + r.IntN(vocab-3))
+	}
+	return p
+}
+
+// runRound starts one sequence per prompt at once, each generating output
+// tokens with EOS ignored, and drains every stream. It returns the tokens
+// generated.
+func runRound(b *testing.B, e *Engine, a *allocator.Allocator, prompts [][]int32, output int) int {
+	ctx := context.Background()
+	streams := make([]*Stream, len(prompts))
+	for i, p := range prompts {
+		lease, err := a.Admit(ctx, allocator.Request{PromptTokens: len(p), MaxTokens: output})
+		if err != nil {
+			b.Fatal(err)
+		}
+		s, err := e.Start(Request{Ctx: ctx, SeqID: lease.SeqID(), Prompt: p, MaxTokens: output, IgnoreEOS: true, Ledger: lease})
+		if err != nil {
+			b.Fatal(err)
+		}
+		streams[i] = s
+	}
+	var wg sync.WaitGroup
+	counts := make([]int, len(streams))
+	for i, s := range streams {
+		wg.Go(func() {
+			for ev := range s.Events() {
+				counts[i] += len(ev.Tokens)
+			}
+		})
+	}
+	wg.Wait()
+	total := 0
+	for i, s := range streams {
+		if err := s.Result().Err; err != nil {
+			b.Fatalf("stream %d: %v", i, err)
+		}
+		if counts[i] != output {
+			b.Fatalf("stream %d streamed %d tokens, want %d", i, counts[i], output)
+		}
+		total += counts[i]
+	}
+	return total
+}
+
+// BenchmarkEngineDecode runs rounds of 1, 4, 16 and 32 concurrent streams
+// of 128 prompt and 128 output tokens. One iteration is one round.
+// Reported: out-tok/s, output tokens over the round's wall time (prefill
+// included, as a client sees it); decode-tok/s, tokens over the time of
+// pure decode steps; ms/decode-step.
+func BenchmarkEngineDecode(b *testing.B) {
+	for _, n := range []int{1, 4, 16, 32} {
+		b.Run(fmt.Sprintf("streams=%d", n), func(b *testing.B) {
+			var st stepTimer
+			e, a := benchEngine(b, st.onStep)
+			r := rand.New(rand.NewPCG(uint64(n), 1))
+			vocab := e.model.Info().VocabSize
+			tokens := 0
+			for b.Loop() {
+				b.StopTimer()
+				prompts := make([][]int32, n)
+				for i := range prompts {
+					prompts[i] = randomPrompt(r, vocab, benchPrompt)
+				}
+				st.restart()
+				b.StartTimer()
+				tokens += runRound(b, e, a, prompts, benchOutput)
+			}
+			b.ReportMetric(float64(tokens)/b.Elapsed().Seconds(), "out-tok/s")
+			st.mu.Lock()
+			defer st.mu.Unlock()
+			if st.decodeSteps > 0 {
+				b.ReportMetric(float64(st.decodeTokens)/st.decodeTime.Seconds(), "decode-tok/s")
+				b.ReportMetric(st.decodeTime.Seconds()*1000/float64(st.decodeSteps), "ms/decode-step")
+			}
+		})
+	}
+}
+
+// BenchmarkEnginePrefill computes one 512-token prompt (one batch) and
+// samples one token; prefill-tok/s is prompt tokens over wall time.
+func BenchmarkEnginePrefill(b *testing.B) {
+	e, a := benchEngine(b, nil)
+	r := rand.New(rand.NewPCG(7, 7))
+	vocab := e.model.Info().VocabSize
+	prompt := 0
+	for b.Loop() {
+		b.StopTimer()
+		p := randomPrompt(r, vocab, benchPrefillLen)
+		b.StartTimer()
+		runRound(b, e, a, [][]int32{p}, 1)
+		prompt += len(p)
+	}
+	b.ReportMetric(float64(prompt)/b.Elapsed().Seconds(), "prefill-tok/s")
+}
