@@ -274,7 +274,10 @@ func TestBatchingIsReal(t *testing.T) {
 		}
 	}
 	t.Logf("8 concurrent streams of %d tokens took %d decode steps (one stream needs %d)", n, steps, n)
-	if steps > n+16 {
+	// The eight are admitted together, but each handler hands its sequence
+	// to the worker when its goroutine runs, so on a busy machine they join
+	// a few steps apart; unbatched they would need 8 x 64 = 512 steps.
+	if steps > 2*n {
 		t.Fatalf("%d decode steps for 8 streams of %d tokens: not batched", steps, n)
 	}
 }
