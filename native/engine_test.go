@@ -124,7 +124,10 @@ func TestEngineBatches(t *testing.T) {
 		}
 	}
 	t.Logf("8 streams x %d tokens took %d decode steps", n, steps)
-	if steps > n+8 {
+	// The test goroutine hands the streams over one by one while the
+	// worker runs, so on a busy machine a few steps may pass in between;
+	// unbatched, the streams would need 8 x 64 = 512 steps.
+	if steps > n+n/2 {
 		t.Fatalf("%d steps for 8 concurrent streams of %d tokens: not batched", steps, n)
 	}
 }
@@ -213,7 +216,9 @@ func indexOf(s, sub string) int {
 // streams get a token at every step meanwhile (gaps measured in steps).
 func TestEnginePrefillDoesNotStall(t *testing.T) {
 	m := stories(t)
-	e := newEngine(t, EngineConfig{Cells: 2048, Batch: 512, MaxSequences: 4, StreamBuffer: 4096})
+	e := newEngine(t, EngineConfig{Cells: 4096, Batch: 512, MaxSequences: 4, StreamBuffer: 4096})
+	bg, stopBG := context.WithCancel(context.Background())
+	defer stopBG()
 	type run struct {
 		steps []uint64
 		done  chan struct{}
@@ -221,8 +226,10 @@ func TestEnginePrefillDoesNotStall(t *testing.T) {
 	runs := make([]*run, 3)
 	for i := range runs {
 		prompt, _ := m.Tokenize([]string{"Once upon a time", "The dog", "Sue had a"}[i], true, false)
-		s, err := e.Start(Request{Ctx: context.Background(), SeqID: i, Prompt: prompt, MaxTokens: 150, IgnoreEOS: true,
-			Ledger: &testLedger{reserved: len(prompt) + 150}})
+		// Long enough to outlast the prefill below even on a slow machine;
+		// cancelled once it is done.
+		s, err := e.Start(Request{Ctx: bg, SeqID: i, Prompt: prompt, MaxTokens: 800, IgnoreEOS: true,
+			Ledger: &testLedger{reserved: len(prompt) + 800}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -250,6 +257,7 @@ func TestEnginePrefillDoesNotStall(t *testing.T) {
 		t.Fatal(longRes.result.Err)
 	}
 	prefillEnd := longRes.steps[0]
+	stopBG()
 	for _, r := range runs {
 		<-r.done
 	}
