@@ -151,6 +151,8 @@ type Stats struct {
 	Evictions uint64
 	// Preemptions counts running sequences requeued by Lease.Requeue.
 	Preemptions uint64
+	// CellsQueued is the cells the queued requests need at admission.
+	CellsQueued int
 }
 
 // Allocator owns every cell of a KV cache pool and admits sequences under
@@ -477,6 +479,7 @@ func (a *Allocator) Stats() Stats {
 		PromptTokens:        a.prompts,
 		Evictions:           a.evictions,
 		Preemptions:         a.preemptions,
+		CellsQueued:         a.cellsAheadLocked(len(a.queue)),
 		CellsTotal:          a.cfg.Cells,
 		CellsUsed:           a.used,
 		CellsReserved:       a.reserved,

@@ -385,5 +385,6 @@ func (s *Service) GetCacheStats(ctx context.Context, _ *kvgatev1.GetCacheStatsRe
 		PromptTokensTotal:    a.PromptTokens,
 		PreemptionsTotal:     a.Preemptions,
 		EvictionsTotal:       a.Evictions,
+		CellsQueued:          uint32(a.CellsQueued),
 	}, nil
 }

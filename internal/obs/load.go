@@ -136,14 +136,8 @@ func (r *LoadReporter) ServerMetrics() *orca.ServerMetrics {
 	s := r.snap()
 	total := float64(max(s.GetCellsTotal(), 1))
 	inUse := max(int64(s.GetCellsUsed())+int64(s.GetCellsReserved())-int64(s.GetCellsCached()), 0)
-	// TODO(allocator): the queue's exact cell demand, once the allocator
-	// reports it; until then each queued request counts as the mean
-	// footprint of a running one.
-	var queued float64
-	if n := s.GetSequencesRunning(); n > 0 {
-		queued = float64(s.GetSequencesQueued()) * float64(inUse) / float64(n)
-	}
-	demand := (float64(inUse) + queued) / total
+	// The queue's demand is what its requests need at admission.
+	demand := (float64(inUse) + float64(s.GetCellsQueued())) / total
 	return &orca.ServerMetrics{
 		CPUUtilization: -1,
 		MemUtilization: -1,

@@ -43,17 +43,17 @@ func TestLoadReport(t *testing.T) {
 	}
 
 	// 2 running sequences hold 300 used + 100 reserved cells, 50 of the
-	// used ones only cached; 3 requests queue.
+	// used ones only cached; 3 requests queue, needing 525 cells.
 	snap.set(&kvgatev1.GetCacheStatsResponse{
 		CellsTotal: 1000, CellsUsed: 300, CellsReserved: 100, CellsCached: 50,
-		SequencesRunning: 2, SequencesQueued: 3,
+		SequencesRunning: 2, SequencesQueued: 3, CellsQueued: 525,
 		AdmittedTotal: 20, RejectedTotal: map[string]uint64{"QUEUE_FULL": 4, "NEVER_FITS": 1, "DRAINING": 1},
 	})
 	start := r.samples[0].t
 	r.record(start.Add(2 * time.Second))
 	sm = r.ServerMetrics()
 	inUse := 350.0
-	queued := 3 * inUse / 2
+	queued := 525.0
 	if got := sm.Utilization["kv_cells"]; !near(got, inUse/1000) {
 		t.Errorf("kv_cells = %v, want %v", got, inUse/1000)
 	}
@@ -79,7 +79,7 @@ func TestLoadReport(t *testing.T) {
 	}
 
 	// A full pool with a queue reports more than 1.
-	snap.set(&kvgatev1.GetCacheStatsResponse{CellsTotal: 1000, CellsUsed: 900, CellsReserved: 100, SequencesRunning: 4, SequencesQueued: 4})
+	snap.set(&kvgatev1.GetCacheStatsResponse{CellsTotal: 1000, CellsUsed: 900, CellsReserved: 100, SequencesRunning: 4, SequencesQueued: 4, CellsQueued: 1000})
 	if sm := r.ServerMetrics(); !near(sm.AppUtilization, 2) || !near(sm.Utilization["kv_demand"], 1) {
 		t.Errorf("saturated: app %v kv_demand %v", sm.AppUtilization, sm.Utilization["kv_demand"])
 	}

@@ -1435,8 +1435,11 @@ type GetCacheStatsResponse struct {
 	PreemptionsTotal uint64 `protobuf:"varint,20,opt,name=preemptions_total,json=preemptionsTotal,proto3" json:"preemptions_total,omitempty"`
 	// Prefix cache entries evicted to make room.
 	EvictionsTotal uint64 `protobuf:"varint,21,opt,name=evictions_total,json=evictionsTotal,proto3" json:"evictions_total,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Cells the queued requests need to be admitted (an upper bound: a
+	// cached prefix may cover part of it).
+	CellsQueued   uint32 `protobuf:"varint,22,opt,name=cells_queued,json=cellsQueued,proto3" json:"cells_queued,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetCacheStatsResponse) Reset() {
@@ -1616,6 +1619,13 @@ func (x *GetCacheStatsResponse) GetEvictionsTotal() uint64 {
 	return 0
 }
 
+func (x *GetCacheStatsResponse) GetCellsQueued() uint32 {
+	if x != nil {
+		return x.CellsQueued
+	}
+	return 0
+}
+
 var File_kvgate_v1_generate_proto protoreflect.FileDescriptor
 
 const file_kvgate_v1_generate_proto_rawDesc = "" +
@@ -1718,7 +1728,7 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x15max_completion_tokens\x18\x11 \x01(\rR\x13maxCompletionTokens\x12)\n" +
 	"\x10admission_policy\x18\x12 \x01(\tR\x0fadmissionPolicy\x12!\n" +
 	"\fprefix_cache\x18\x13 \x01(\bR\vprefixCache\"\x16\n" +
-	"\x14GetCacheStatsRequest\"\x8a\b\n" +
+	"\x14GetCacheStatsRequest\"\xad\b\n" +
 	"\x15GetCacheStatsResponse\x12\x1f\n" +
 	"\vcells_total\x18\x01 \x01(\rR\n" +
 	"cellsTotal\x12\x1d\n" +
@@ -1744,7 +1754,8 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x17prefix_hit_tokens_total\x18\x12 \x01(\x04R\x14prefixHitTokensTotal\x12.\n" +
 	"\x13prompt_tokens_total\x18\x13 \x01(\x04R\x11promptTokensTotal\x12+\n" +
 	"\x11preemptions_total\x18\x14 \x01(\x04R\x10preemptionsTotal\x12'\n" +
-	"\x0fevictions_total\x18\x15 \x01(\x04R\x0eevictionsTotal\x1a@\n" +
+	"\x0fevictions_total\x18\x15 \x01(\x04R\x0eevictionsTotal\x12!\n" +
+	"\fcells_queued\x18\x16 \x01(\rR\vcellsQueued\x1a@\n" +
 	"\x12RejectedTotalEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01*v\n" +
