@@ -156,13 +156,14 @@ func TestEvictionUnderPressure(t *testing.T) {
 // for all of them: sequences are preempted and resumed by recomputing their
 // tokens, and every stream's text equals its solo run.
 //
-// A resumed sequence recomputes its generated tokens in one prefill batch,
-// and llama.cpp rounds a large batch's matmuls differently in the last bits
-// from the one-token steps that first computed them, so greedy decoding can
-// flip where the best logits all but tie. (Measured here: a solo run of
-// stream 7 itself disagrees with a one-batch recompute of its own context at
-// token 77, where the two best logits are 4.3e-4 apart; batched decoding of
-// 12 streams and fragmented KV cells reproduced solo runs exactly.) The test therefore accepts a difference only
+// llama.cpp rounds a step's matmuls differently in the last bits depending
+// on how many tokens the step carries, and here a stream's tokens meet large
+// batches (its own recompute after preemption, or steps shared with other
+// streams' prefills) that its solo run never did, so greedy decoding can
+// flip where the best logits all but tie. (Measured: stream 7's solo run
+// itself disagrees with a one-batch recompute of its own context at token
+// 77, where the two best logits are 4.3e-4 apart; batched decoding of 12
+// streams and fragmented KV cells reproduced solo runs exactly.) The test therefore accepts a difference only
 // at such a tie, which it measures with an independent greedy decode: the
 // text up to there must match, and the two best logits there must lie within
 // 1e-2 of each other. (On stories260K the median gap is about 2, and fewer
