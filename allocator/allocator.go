@@ -497,12 +497,6 @@ func (a *Allocator) freeLocked() int { return a.cfg.Cells - a.used - a.reserved 
 // availLocked returns the cells free now or after evicting the cache.
 func (a *Allocator) availLocked() int { return a.freeLocked() + a.tree.evictable }
 
-// fitsLocked reports whether need cells and a sequence id could be had now,
-// evicting cache if necessary.
-func (a *Allocator) fitsLocked(need int) bool {
-	return need <= a.availLocked() && a.running < a.cfg.MaxRunning && a.idAvailableLocked()
-}
-
 // insertIndexLocked returns where a request of priority p goes in the queue:
 // after every waiter of priority >= p.
 func (a *Allocator) insertIndexLocked(p int32) int {

@@ -207,3 +207,9 @@ func (a *Allocator) checkLocked() error {
 	}
 	return nil
 }
+
+// fitsLocked reports whether need cells and a sequence id could be had now,
+// evicting cache if necessary: the queue's head must not wait if it does.
+func (a *Allocator) fitsLocked(need int) bool {
+	return need <= a.availLocked() && a.running < a.cfg.MaxRunning && a.idAvailableLocked()
+}

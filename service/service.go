@@ -181,7 +181,7 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 		Sampling:  r.sampling,
 		Stop:      r.stop,
 		IgnoreEOS: r.ignoreEOS,
-		Ledger:    ledger{lease},
+		Ledger:    s.ledgerFor(lease),
 	})
 	if err != nil {
 		return toStatus(ctx, err)
@@ -258,8 +258,22 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 	}}})
 }
 
-// ledger adapts an allocator lease to the engine's ledger interfaces.
+// reserveLedger adapts a lease admitted under the reserve policy: its
+// cells are all reserved up front, so the worker need not ask for each
+// token's cell (one allocator lock fewer per token).
+type reserveLedger struct{ *allocator.Lease }
+
+// ledger adapts a lease admitted under the optimistic policy, which grows
+// cell by cell and may be preempted.
 type ledger struct{ *allocator.Lease }
+
+// ledgerFor returns the engine's view of lease under the server's policy.
+func (s *Service) ledgerFor(lease *allocator.Lease) native.Ledger {
+	if s.cfg.AdmissionPolicy == allocator.PolicyOptimistic.String() {
+		return ledger{lease}
+	}
+	return reserveLedger{lease}
+}
 
 // Grow asks for n more cells; ok is false when the pool has none left and
 // the engine must preempt.
@@ -272,6 +286,7 @@ func (l ledger) Grow(n int) (bool, error) {
 }
 
 var (
+	_ native.PrefixLedger = reserveLedger{}
 	_ native.PrefixLedger = ledger{}
 	_ native.GrowLedger   = ledger{}
 )
