@@ -21,32 +21,69 @@ func GreedyReference(ctx context.Context, m *Model, prompt []int32, maxTokens in
 // tiny, floating-point rounding (a different order of summation over KV
 // cells, say) can flip greedy decoding.
 func GreedyMargins(ctx context.Context, m *Model, prompt []int32, maxTokens int) ([]int32, []float32, error) {
-	if len(prompt) == 0 || maxTokens <= 0 {
-		return nil, nil, fmt.Errorf("greedy reference: empty prompt or max tokens %d", maxTokens)
+	if maxTokens <= 0 {
+		return nil, nil, fmt.Errorf("greedy reference: max tokens %d", maxTokens)
+	}
+	r, err := reference(ctx, m, prompt, maxTokens, nil)
+	return r.toks, r.margins, err
+}
+
+// GreedyDeficits decodes prompt followed by tokens on a private context, the
+// way GreedyReference does, and returns for every token how far its logit
+// falls below the best logit of its step: 0 where it is the greedy choice.
+// A continuation whose deficits are all tiny is greedy up to floating-point
+// rounding; one with a large deficit anywhere is not greedy there. Unlike
+// GreedyReference it does not stop at an end-of-generation token.
+func GreedyDeficits(ctx context.Context, m *Model, prompt, tokens []int32) ([]float32, error) {
+	if len(tokens) == 0 {
+		return nil, fmt.Errorf("greedy deficits: no tokens")
+	}
+	if i := m.ValidTokens(tokens); i >= 0 {
+		return nil, fmt.Errorf("greedy deficits: %w: tokens[%d] = %d", ErrTokenOutOfRange, i, tokens[i])
+	}
+	r, err := reference(ctx, m, prompt, len(tokens), tokens)
+	return r.deficits, err
+}
+
+// referenceResult is what one reference decode found.
+type referenceResult struct {
+	toks     []int32
+	margins  []float32
+	deficits []float32
+}
+
+// reference runs the reference decode on a goroutine locked to its OS
+// thread, as every llama.cpp call for a context must be.
+func reference(ctx context.Context, m *Model, prompt []int32, n int, forced []int32) (referenceResult, error) {
+	if len(prompt) == 0 {
+		return referenceResult{}, fmt.Errorf("greedy reference: empty prompt")
 	}
 	if i := m.ValidTokens(prompt); i >= 0 {
-		return nil, nil, fmt.Errorf("greedy reference: %w: prompt[%d] = %d", ErrTokenOutOfRange, i, prompt[i])
+		return referenceResult{}, fmt.Errorf("greedy reference: %w: prompt[%d] = %d", ErrTokenOutOfRange, i, prompt[i])
 	}
 	type result struct {
-		toks    []int32
-		margins []float32
-		err     error
+		r   referenceResult
+		err error
 	}
 	ch := make(chan result, 1)
 	go func() {
 		runtime.LockOSThread()
 		defer runtime.UnlockOSThread()
-		toks, margins, err := greedy(ctx, m, prompt, maxTokens)
-		ch <- result{toks, margins, err}
+		r, err := greedy(ctx, m, prompt, n, forced)
+		ch <- result{r, err}
 	}()
-	r := <-ch
-	return r.toks, r.margins, r.err
+	res := <-ch
+	return res.r, res.err
 }
 
-func greedy(ctx context.Context, m *Model, prompt []int32, maxTokens int) ([]int32, []float32, error) {
-	c, err := NewContext(m, ContextParams{Cells: len(prompt) + maxTokens, Batch: max(len(prompt), 1), MaxSequences: 1, Threads: 1, KVType: "f32"})
+// greedy decodes up to n tokens after prompt, one per step. With forced nil
+// it follows the argmax and stops at end of generation; otherwise it feeds
+// forced[i] at step i and records how far that token was below the best.
+func greedy(ctx context.Context, m *Model, prompt []int32, n int, forced []int32) (referenceResult, error) {
+	var r referenceResult
+	c, err := NewContext(m, ContextParams{Cells: len(prompt) + n, Batch: max(len(prompt), 1), MaxSequences: 1, Threads: 1, KVType: "f32"})
 	if err != nil {
-		return nil, nil, err
+		return r, err
 	}
 	defer c.Close()
 	b := NewBatch(max(len(prompt), 1))
@@ -54,15 +91,13 @@ func greedy(ctx context.Context, m *Model, prompt []int32, maxTokens int) ([]int
 	for i, t := range prompt {
 		b.Add(t, i, 0, i == len(prompt)-1)
 	}
-	var out []int32
-	var margins []float32
 	pos := len(prompt)
-	for len(out) < maxTokens {
+	for step := 0; step < n; step++ {
 		if err := ctx.Err(); err != nil {
-			return out, margins, err
+			return r, err
 		}
 		if err := c.Decode(b); err != nil {
-			return out, margins, fmt.Errorf("greedy reference: %w", err)
+			return r, fmt.Errorf("greedy reference: %w", err)
 		}
 		logits := c.Logits(b.Len() - 1)
 		best, second := 0, -1
@@ -75,18 +110,21 @@ func greedy(ctx context.Context, m *Model, prompt []int32, maxTokens int) ([]int
 			}
 		}
 		tok := int32(best)
-		if m.IsEOG(tok) {
+		if forced != nil {
+			tok = forced[step]
+			r.deficits = append(r.deficits, logits[best]-logits[tok])
+		} else if m.IsEOG(tok) {
 			break
 		}
-		out = append(out, tok)
+		r.toks = append(r.toks, tok)
 		if second >= 0 {
-			margins = append(margins, logits[best]-logits[second])
+			r.margins = append(r.margins, logits[best]-logits[second])
 		} else {
-			margins = append(margins, 0)
+			r.margins = append(r.margins, 0)
 		}
 		b.Reset()
 		b.Add(tok, pos, 0, true)
 		pos++
 	}
-	return out, margins, nil
+	return r, nil
 }

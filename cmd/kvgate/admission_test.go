@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
+	"github.com/kvgate/kvgate/native"
 )
 
 func cacheStats(t testing.TB, s *server) *kvgatev1.GetCacheStatsResponse {
@@ -223,7 +224,8 @@ func classify(err error) (string, error) {
 
 // TestBatchingIsReal holds 8 greedy requests in the queue behind a blocker,
 // releases them together, and checks that the worker ran them in about as
-// many steps as one stream needs, each with its solo output.
+// many steps as one stream needs, each with its solo output up to a
+// near-tie (see sameOrTie: batching changes the last bits of the logits).
 func TestBatchingIsReal(t *testing.T) {
 	s := startServer(t, "--model", testModel(t, "stories260K.gguf"), "--ctx", "1024", "--max-seqs", "16")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -265,14 +267,25 @@ func TestBatchingIsReal(t *testing.T) {
 	unblock()
 	wg.Wait()
 	steps := cacheStats(t, s).GetDecodeStepsTotal() - before
-	for i := range prompts {
+	m, err := native.LoadModel(testModel(t, "stories260K.gguf"), native.LoadOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	equal := 0
+	for i, p := range prompts {
 		if got[i].err != nil {
 			t.Fatalf("stream %d: %v", i, got[i].err)
 		}
-		if got[i].text() != solo[i].text() {
-			t.Errorf("stream %d: batched %q\nsolo %q", i, got[i].text(), solo[i].text())
+		prompt, err := m.Tokenize(p, true, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sameOrTie(ctx, t, m, prompt, fmt.Sprintf("stream %d", i), solo[i], got[i]) {
+			equal++
 		}
 	}
+	t.Logf("%d of %d batched streams equal their solo run token for token", equal, len(prompts))
 	t.Logf("8 concurrent streams of %d tokens took %d decode steps (one stream needs %d)", n, steps, n)
 	// The eight are admitted together, but each handler hands its sequence
 	// to the worker when its goroutine runs, so on a busy machine they join

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"math/rand/v2"
 	"sync"
 	"testing"
@@ -154,19 +155,23 @@ func TestEvictionUnderPressure(t *testing.T) {
 
 // TestPreemptionStress runs greedy streams on an optimistic pool too small
 // for all of them: sequences are preempted and resumed by recomputing their
-// tokens, and every stream's text equals its solo run.
+// tokens, and every stream's text must equal its solo run.
 //
-// Where the best logits all but tie, the last bits of llama.cpp's arithmetic
-// decide the greedy token, and those depend on how a step is batched and
-// where the cells lie, which differ between a solo run and a run beside
-// other streams with preemptions. (Measured: at stream 7's token 77 the two
-// best logits are 4.3e-4 apart, and a fresh context, the solo run on this
-// server and the stressed run picked three different tokens.) The test therefore accepts a difference only
-// at such a tie, which it measures with an independent greedy decode: the
-// text up to there must match, and the two best logits there must lie within
-// 1e-2 of each other. (On stories260K the median gap is about 2, and fewer
-// than 1 token in 300 has a gap below 1e-2.) The engine's own preempt and
-// resume path is exact: native's TestEnginePreemptResume.
+// Bit-for-bit equality cannot be had from this llama.cpp, for two measured
+// reasons (native's TestLogitDrift): ggml multiplies a batch of two or more
+// tokens with llamafile's tinyBLAS and a single token with ggml_vec_dot,
+// which round differently, and flash attention sums over a sequence's cells
+// in cell order, which llama.cpp chooses and which differs from position
+// order once a sequence's later tokens fill holes below its earlier ones.
+// Where the two best logits all but tie, those last bits decide the token.
+//
+// So the test checks every streamed token, solo and stressed, against an
+// independent teacher-forced decode: each must be the greedy choice or lie
+// within tieTolerance of it. A stream that differs from its solo run passes
+// only if both are greedy in that sense at every token; the test logs where
+// and by how much. A resume that duplicated, skipped or garbled a token
+// would show as a token far from greedy. The engine's own preempt-and-resume
+// path, taken alone, is exact: native's TestEnginePreemptResume.
 func TestPreemptionStress(t *testing.T) {
 	s := startServer(t, "--model", testModel(t, "stories260K.gguf"), "--ctx", "256", "--max-seqs", "8",
 		"--admission", "optimistic", "--watermark", "8", "--max-queue", "64", "--kv-type", "f32")
@@ -209,6 +214,7 @@ func TestPreemptionStress(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
+	equal := 0
 	for i := range reqs {
 		if got[i].err != nil {
 			t.Fatalf("stream %d: %v", i, got[i].err)
@@ -220,26 +226,11 @@ func TestPreemptionStress(t *testing.T) {
 		if text, err := m.Detokenize(ids, native.DetokenizeOptions{}); err != nil || text != got[i].text() {
 			t.Errorf("stream %d: text and ids disagree (duplicated or missing text?)", i)
 		}
-		if got[i].text() == solo[i].text() {
-			continue
-		}
-		j := 0
-		soloIDs := solo[i].ids()
-		for j < len(ids) && j < len(soloIDs) && ids[j] == soloIDs[j] {
-			j++
-		}
-		prompt := append(append([]int32(nil), reqs[i].GetTokens().GetIds()...), soloIDs[:j]...)
-		_, margins, err := native.GreedyMargins(ctx, m, prompt, 1)
-		if err != nil || len(margins) != 1 {
-			t.Fatalf("margin at the divergence: %v", err)
-		}
-		t.Logf("stream %d differs from its solo run at token %d of %d, where the two best logits are %.2g apart",
-			i, j, len(ids), margins[0])
-		if margins[0] > 1e-2 {
-			t.Errorf("stream %d after preemption: %q\nsolo: %q\ndiffer at token %d, not at a tie (gap %.3g)",
-				i, got[i].text(), solo[i].text(), j, margins[0])
+		if sameOrTie(ctx, t, m, reqs[i].GetTokens().GetIds(), fmt.Sprintf("stream %d", i), solo[i], got[i]) {
+			equal++
 		}
 	}
+	t.Logf("%d of %d streams equal their solo run token for token", equal, n)
 	if st.GetNokvslotTotal() != 0 {
 		t.Errorf("nokvslot_total = %d", st.GetNokvslotTotal())
 	}
