@@ -34,6 +34,11 @@ type driftCase struct {
 	// cache and recomputed, prompt and generated tokens, in 16-token chunks:
 	// what resuming a preempted sequence does.
 	recompute []int
+	// padded gives every llama_decode, here and in the solo decode it is
+	// compared with, at least two tokens and two outputs: the solo decode
+	// carries a token of a second sequence, and the others' tokens ask for
+	// logits. Then every matrix product takes tinyBLAS, whatever the batch.
+	padded bool
 	// exact says the logits must be bit-identical to the solo decode's.
 	exact bool
 }
@@ -61,6 +66,9 @@ func TestLogitDrift(t *testing.T) {
 		{name: "later tokens below earlier ones", others: 6, holes: true},
 		{name: "batched, with holes", others: 6, together: true, holes: true},
 		{name: "recomputed after preemption", others: 6, together: true, recompute: []int{40, 90}},
+		{name: "padded: batched with 6 others", others: 6, together: true, padded: true, exact: true},
+		{name: "padded: recomputed after preemption", others: 6, together: true, padded: true, recompute: []int{40, 90}, exact: true},
+		{name: "padded: batched, with holes", others: 6, together: true, holes: true, padded: true},
 	}
 	prompts := []string{"Once upon a time", "The frog jumped", "Tom saw a big truck", "A cat sat on the mat",
 		"Lily and Tom went to the park", "The king was sad"}
@@ -73,7 +81,7 @@ func TestLogitDrift(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				toks, ref := soloLogits(t, m, prompt, steps)
+				toks, ref := soloLogits(t, m, prompt, steps, tc.padded)
 				d := driftOf(t, m, tc, rand.New(rand.NewPCG(uint64(i), 9)), prompt, toks, ref)
 				worst = math.Max(worst, d)
 			}
@@ -90,31 +98,42 @@ func TestLogitDrift(t *testing.T) {
 	}
 }
 
-// soloLogits decodes prompt greedily on a fresh single-sequence context, one
-// token per step, and returns the tokens and every step's logits.
-func soloLogits(t *testing.T, m *Model, prompt []int32, n int) ([]int32, [][]float32) {
+// soloLogits decodes prompt greedily on a fresh context, one token per
+// step, and returns the tokens and every step's logits. Padded, every
+// decode also carries a token of a second sequence that asks for logits.
+func soloLogits(t *testing.T, m *Model, prompt []int32, n int, padded bool) ([]int32, [][]float32) {
 	t.Helper()
-	c, err := NewContext(m, ContextParams{Cells: len(prompt) + n, Batch: len(prompt), MaxSequences: 1, Threads: 1, KVType: "f32"})
+	c, err := NewContext(m, ContextParams{Cells: len(prompt) + 2*n + 1, Batch: len(prompt) + 1, MaxSequences: 2, Threads: 1, KVType: "f32"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	b := NewBatch(len(prompt))
+	b := NewBatch(len(prompt) + 1)
 	defer b.Free()
-	for i, tok := range prompt {
-		b.Add(tok, i, 0, i == len(prompt)-1)
+	pad := 0 // the next position of the padding sequence
+	add := func(tok int32, pos int) int {
+		idx := b.Add(tok, pos, 0, true)
+		if padded {
+			b.Add(5, pad, 1, true)
+			pad++
+		}
+		return idx
 	}
+	for i, tok := range prompt[:len(prompt)-1] {
+		b.Add(tok, i, 0, false)
+	}
+	idx := add(prompt[len(prompt)-1], len(prompt)-1)
 	toks := make([]int32, 0, n)
 	logits := make([][]float32, 0, n)
 	for len(toks) < n {
 		if err := c.Decode(b); err != nil {
 			t.Fatal(err)
 		}
-		l := append([]float32(nil), c.Logits(b.Len()-1)...)
+		l := append([]float32(nil), c.Logits(idx)...)
 		tok := int32(argmax(l))
 		logits = append(logits, l)
 		b.Reset()
-		b.Add(tok, len(prompt)+len(toks), 0, true)
+		idx = add(tok, len(prompt)+len(toks))
 		toks = append(toks, tok)
 	}
 	return toks, logits
@@ -149,7 +168,7 @@ func driftOf(t *testing.T, m *Model, tc driftCase, r *rand.Rand, prompt, toks []
 			dst.Reset()
 		}
 		for s := 1; s <= tc.others; s++ {
-			dst.Add(int32(3+r.IntN(509)), pos[s], s, false)
+			dst.Add(int32(3+r.IntN(509)), pos[s], s, tc.padded)
 			pos[s]++
 		}
 		if !tc.together && tc.others > 0 {
