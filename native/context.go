@@ -7,6 +7,7 @@ package native
 import "C"
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"runtime"
@@ -248,4 +249,34 @@ func (b *Batch) Free() {
 		b.cap = 0
 		b.b = C.struct_llama_batch{}
 	}
+}
+
+// cellOrder returns the positions of seq's cells in cell order, read back
+// from llama.cpp's state of the sequence (llama_state_seq_get_data writes a
+// position and the sequence ids for every cell, in cell order, before the
+// tensors). It copies the sequence's K and V too, so it is for tests.
+func (c *Context) cellOrder(seq int) ([]int32, error) {
+	n := C.llama_state_seq_get_size(c.ptr, C.llama_seq_id(seq))
+	buf := make([]byte, int(n))
+	if n == 0 {
+		return nil, errors.New("cell order: empty state")
+	}
+	if got := C.llama_state_seq_get_data(c.ptr, (*C.uint8_t)(unsafe.Pointer(&buf[0])), n, C.llama_seq_id(seq)); got != n {
+		return nil, fmt.Errorf("cell order: state of %d bytes, wrote %d", n, got)
+	}
+	u32 := func(at int) uint32 { return binary.LittleEndian.Uint32(buf[at:]) }
+	if len(buf) < 8 || u32(0) != 1 {
+		return nil, fmt.Errorf("cell order: want one stream, state starts %x", buf[:min(8, len(buf))])
+	}
+	count := int(u32(4))
+	out := make([]int32, 0, count)
+	at := 8
+	for range count {
+		if at+8 > len(buf) {
+			return nil, errors.New("cell order: state ends in the cell list")
+		}
+		out = append(out, int32(u32(at)))
+		at += 8 + 4*int(u32(at+4))
+	}
+	return out, nil
 }

@@ -168,7 +168,33 @@ type EngineConfig struct {
 	// with the batch's token count and the number of sequences in it. It
 	// must not block.
 	OnStep func(tokens, sequences int)
+	// Deterministic makes every sequence's logits bit-identical to a solo
+	// decode of it, whatever runs beside it, by removing the two ways
+	// batching changes llama.cpp's arithmetic:
+	//   - every llama_decode carries at least two tokens and, when any token
+	//     asks for logits, at least two outputs (a padding token of sequence
+	//     PadSequence makes up the count), so that every matrix product takes
+	//     llamafile's tinyBLAS, which sums each element the same way for any
+	//     batch width;
+	//   - every sequence's cells stay in position order, which is the order
+	//     flash attention sums them in: the worker mirrors llama.cpp's cell
+	//     placement, holds a sequence back for a step when its next token
+	//     would land below its earlier ones, and recomputes it from scratch
+	//     when it has waited HoldLimit steps.
+	// It costs the padding token where a step has a single token, held
+	// steps and recomputation. Sequence ids must be below PadSequence, and
+	// prefix sharing (Ledger.Prefix) is not allowed, because a shared prefix
+	// pins a sequence's lowest cells where others put them.
+	Deterministic bool
 }
+
+// PadSequence is the sequence id of the padding token of a deterministic
+// engine (EngineConfig.Deterministic).
+const PadSequence = MaxSequenceIDs - 1
+
+// HoldLimit is how many steps in a row a deterministic engine holds a
+// sequence back before it recomputes it in cells that keep its order.
+const HoldLimit = 4
 
 // EngineStats counts the worker's work since start.
 type EngineStats struct {
@@ -181,6 +207,12 @@ type EngineStats struct {
 	Preempted       uint64
 	Evicted         uint64
 	Running         int64
+	// Held counts steps a deterministic engine held a sequence back to keep
+	// its cells in order; Relocated counts sequences it recomputed for
+	// that; Padded counts its padding tokens; Disordered counts sequences
+	// it let break their cell order because nothing else could run (their
+	// output is no longer guaranteed to match a solo decode).
+	Held, Relocated, Padded, Disordered uint64
 }
 
 // Engine is the single decode worker. It owns the llama.cpp context and runs
@@ -199,6 +231,7 @@ type Engine struct {
 
 	steps, prefill, generated, nokvslot, slow, aborted atomic.Uint64
 	preempted, evicted                                 atomic.Uint64
+	held, relocated, padded, disordered                atomic.Uint64
 	running                                            atomic.Int64
 
 	evictMu sync.Mutex
@@ -211,6 +244,14 @@ type Engine struct {
 	paused  []*sequence // preempted, waiting to resume
 	piece   []byte
 	drained []int
+	// Deterministic mode (EngineConfig.Deterministic): the mirror of
+	// llama.cpp's cells and scratch space for placing a batch.
+	cmap       *cellMap
+	order      []*sequence
+	bseq, bpos []int32
+	placed     []int32
+	outputs    int
+	padIdx     int
 }
 
 type seqState int
@@ -235,6 +276,11 @@ type sequence struct {
 	next      int32
 	one       [1]int32
 	generated int
+	ledgered  int  // tokens of toks committed to the Ledger
+	grown     bool // Grow gave a cell for the pending token
+	held      int  // steps in a row a deterministic engine held s back
+	skip      bool // held back this step
+	force     bool // may break its cell order this step, to make progress
 	resumed   <-chan struct{}
 	cancelled atomic.Bool
 	stopWatch func() bool
@@ -247,8 +293,14 @@ func NewEngine(m *Model, cfg EngineConfig) (*Engine, error) {
 	if cfg.MaxSequences <= 0 || cfg.MaxSequences > MaxSequenceIDs {
 		return nil, fmt.Errorf("engine: max sequences %d outside [1, %d]", cfg.MaxSequences, MaxSequenceIDs)
 	}
+	if cfg.Deterministic && cfg.MaxSequences >= PadSequence {
+		return nil, fmt.Errorf("engine: deterministic: max sequences %d leaves no id for padding (want < %d)", cfg.MaxSequences, PadSequence)
+	}
 	if cfg.Batch < cfg.MaxSequences {
 		cfg.Batch = cfg.MaxSequences
+	}
+	if cfg.Deterministic {
+		cfg.Batch++ // room for the padding token
 	}
 	if cfg.StreamBuffer <= 0 {
 		cfg.StreamBuffer = 1024
@@ -268,7 +320,8 @@ func NewEngine(m *Model, cfg EngineConfig) (*Engine, error) {
 	return e, nil
 }
 
-// Cells returns the KV-cell pool size after llama.cpp's padding.
+// Cells returns the KV cells sequences may use: the pool after llama.cpp's
+// padding, less the padding token's cell in deterministic mode.
 func (e *Engine) Cells() int { return e.cells }
 
 // Batch returns the per-step token budget.
@@ -286,6 +339,10 @@ func (e *Engine) Stats() EngineStats {
 		Preempted:       e.preempted.Load(),
 		Evicted:         e.evicted.Load(),
 		Running:         e.running.Load(),
+		Held:            e.held.Load(),
+		Relocated:       e.relocated.Load(),
+		Padded:          e.padded.Load(),
+		Disordered:      e.disordered.Load(),
 	}
 }
 
@@ -307,14 +364,24 @@ func (e *Engine) Evict(seq int) {
 	e.evictMu.Unlock()
 }
 
-// removeEvicted carries out pending evictions. It runs on the worker.
-func (e *Engine) removeEvicted() {
+// removeEvicted carries out pending evictions and reports whether there
+// were any. It runs on the worker.
+func (e *Engine) removeEvicted() bool {
 	e.evictMu.Lock()
 	e.drained, e.evicts = e.evicts, e.drained[:0]
 	e.evictMu.Unlock()
 	for _, seq := range e.drained {
-		e.ctx.SeqRemove(seq, -1, -1)
+		e.seqRemove(seq)
 		e.evicted.Add(1)
+	}
+	return len(e.drained) > 0
+}
+
+// seqRemove removes seq's tokens from the cache (and from the mirror).
+func (e *Engine) seqRemove(seq int) {
+	e.ctx.SeqRemove(seq, -1, -1)
+	if e.cmap != nil {
+		e.cmap.remove(seq)
 	}
 }
 
@@ -332,6 +399,8 @@ func (e *Engine) Start(req Request) (*Stream, error) {
 		return fail(fmt.Errorf("%w: ledger and context are required", ErrBadRequest))
 	case req.SeqID < 0 || req.SeqID >= MaxSequenceIDs:
 		return fail(fmt.Errorf("%w: sequence id %d outside [0, %d)", ErrBadRequest, req.SeqID, MaxSequenceIDs))
+	case e.cfg.Deterministic && req.SeqID == PadSequence:
+		return fail(fmt.Errorf("%w: sequence id %d is the deterministic engine's padding", ErrBadRequest, req.SeqID))
 	case len(req.Prompt) == 0:
 		return fail(fmt.Errorf("%w: empty prompt", ErrBadRequest))
 	case req.MaxTokens <= 0:
@@ -367,6 +436,15 @@ func (e *Engine) run(ready chan<- error) {
 	}
 	e.ctx, e.cells, e.batch = ctx, ctx.Cells(), ctx.BatchSize()
 	e.b = NewBatch(e.batch)
+	if e.cfg.Deterministic {
+		e.cmap = newCellMap(ctx.Cells(), min(ctx.BatchSize(), 512))
+		e.cells-- // the padding token's cell
+		e.order = make([]*sequence, 0, e.cfg.MaxSequences)
+		e.bseq = make([]int32, 0, e.batch)
+		e.bpos = make([]int32, 0, e.batch)
+		e.placed = make([]int32, 0, e.batch)
+		e.batch-- // the padding token's room
+	}
 	e.piece = make([]byte, 0, 256)
 	ready <- nil
 
@@ -444,10 +522,19 @@ func (e *Engine) add(s *sequence) {
 	s.stream.result.Started = time.Now()
 	s.stream.result.PromptTokens = len(s.req.Prompt)
 	s.inCache = true
-	s.stream.result.CachedTokens = e.copyPrefix(s)
+	n := e.copyPrefix(s)
 	e.active = append(e.active, s)
 	e.running.Add(1)
+	if n < 0 {
+		e.finish(s, FinishNone, "", errDeterministicPrefix)
+		return
+	}
+	s.stream.result.CachedTokens = n
 }
+
+// errDeterministicPrefix ends a sequence offered a shared prefix by a
+// deterministic engine: a misconfigured server, not a bad request.
+var errDeterministicPrefix = errors.New("engine: a deterministic engine cannot share prefixes; turn the prefix cache off")
 
 // copyPrefix shares the cached cells the allocator chose for s and returns
 // how many tokens they hold.
@@ -458,8 +545,17 @@ func (e *Engine) copyPrefix(s *sequence) int {
 		return 0
 	}
 	src, n := pl.Prefix()
+	if n > 0 && src >= 0 && e.cmap != nil {
+		// A shared prefix pins the sequence's first cells wherever its
+		// owner put them; the caller was told not to offer one.
+		pl.Copied()
+		return -1
+	}
 	if n > 0 && src >= 0 {
 		e.ctx.SeqCopy(src, s.seq, 0, n)
+		if e.cmap != nil {
+			e.cmap.copyPrefix(src, s.seq, n)
+		}
 		s.nPast = n
 	}
 	pl.Copied()
@@ -501,10 +597,13 @@ func (e *Engine) resume() {
 		s.resumed = nil
 		s.seq = s.req.Ledger.(GrowLedger).SeqID()
 		s.inCache = true
-		e.copyPrefix(s)
+		n := e.copyPrefix(s)
 		s.state = statePrefill
 		e.active = append(e.active, s)
 		e.running.Add(1)
+		if n < 0 {
+			e.finish(s, FinishNone, "", errDeterministicPrefix)
+		}
 	}
 }
 
@@ -519,7 +618,7 @@ func (e *Engine) grow() {
 	for i := 0; i < len(e.active); {
 		s := e.active[i]
 		gl, ok := s.req.Ledger.(GrowLedger)
-		if !ok || s.state != stateDecode {
+		if !ok || s.state != stateDecode || s.grown {
 			i++
 			continue
 		}
@@ -529,6 +628,7 @@ func (e *Engine) grow() {
 			continue
 		}
 		if got {
+			s.grown = true // until the token is decoded; it may be held back
 			i++
 			continue
 		}
@@ -576,12 +676,13 @@ func (e *Engine) preempt(s *sequence) {
 		return
 	}
 	if !keep {
-		e.ctx.SeqRemove(s.seq, -1, -1)
+		e.seqRemove(s.seq)
 	}
 	e.preempted.Add(1)
 	s.stream.result.Preempted++
 	s.inCache = false
 	s.state, s.resumed, s.chunk, s.out, s.nPast = statePaused, resumed, 0, -1, 0
+	s.ledgered, s.grown, s.held = 0, false, 0 // the allocator starts s afresh
 	i := position(e.active, s)
 	e.active = append(e.active[:i], e.active[i+1:]...)
 	e.paused = append(e.paused, s)
@@ -593,6 +694,10 @@ func (e *Engine) preempt(s *sequence) {
 // tokens.
 func (e *Engine) fill(budget int) {
 	e.b.Reset()
+	if e.cmap != nil {
+		e.fillOrdered(budget)
+		return
+	}
 	for _, s := range e.active {
 		s.out, s.chunk = -1, 0
 		if s.state == stateDecode {
@@ -619,6 +724,143 @@ func (e *Engine) fill(budget int) {
 	}
 }
 
+// put adds a token to a deterministic engine's batch and to its record of
+// the batch's sequences and positions.
+func (e *Engine) put(tok int32, pos, seq int, logits bool) int {
+	e.bseq = append(e.bseq, int32(seq))
+	e.bpos = append(e.bpos, int32(pos))
+	if logits {
+		e.outputs++
+	}
+	return e.b.Add(tok, pos, seq, logits)
+}
+
+// fillOrdered is fill for a deterministic engine. It leaves out sequences
+// held back this step, puts each sequence's tokens together, the sequences
+// whose highest cell is lowest first (new ones, with no cells, lead: they
+// may fill holes below everyone else), and pads the batch to two tokens
+// and, if any token asks for logits, two outputs.
+func (e *Engine) fillOrdered(budget int) {
+	e.order = e.order[:0]
+	room := budget
+	for _, s := range e.active {
+		s.out, s.chunk = -1, 0
+		if !s.skip && s.state == stateDecode {
+			room--
+			e.order = append(e.order, s)
+		}
+	}
+	for _, s := range e.active {
+		if s.skip || s.state != statePrefill || room <= 0 {
+			continue
+		}
+		s.chunk = min(room, s.target()-s.nPast)
+		room -= s.chunk
+		e.order = append(e.order, s)
+	}
+	top := func(s *sequence) int32 { return e.cmap.maxCell[s.seq] }
+	for i := 1; i < len(e.order); i++ {
+		for j := i; j > 0 && top(e.order[j]) < top(e.order[j-1]); j-- {
+			e.order[j], e.order[j-1] = e.order[j-1], e.order[j]
+		}
+	}
+	e.bseq, e.bpos, e.outputs, e.padIdx = e.bseq[:0], e.bpos[:0], 0, -1
+	for _, s := range e.order {
+		if s.state == stateDecode {
+			s.out = e.put(s.next, s.nPast, s.seq, true)
+			continue
+		}
+		last := s.nPast+s.chunk == s.target()
+		for i := range s.chunk {
+			out := last && i == s.chunk-1
+			if idx := e.put(s.toks[s.nPast+i], s.nPast+i, s.seq, out); out {
+				s.out = idx
+			}
+		}
+	}
+	if n := e.b.Len(); n > 0 && (n < 2 || e.outputs == 1) {
+		e.padIdx = e.put(0, 0, PadSequence, true)
+	}
+}
+
+// plan builds a deterministic engine's batch. Placing it on the mirror of
+// llama.cpp's cells, it holds back every sequence whose tokens would land
+// below cells it already holds, until the rest fits in order. A sequence
+// held HoldLimit steps in a row, or one whose hold would leave the step
+// empty, is recomputed from its first token, which lets it go wherever
+// there is room; one that still cannot go anywhere in order runs out of
+// order (counted in Disordered) so that the engine never stalls. plan
+// returns false when no sequence can run this step.
+func (e *Engine) plan(budget int) bool {
+	for _, s := range e.active {
+		s.skip, s.force = false, false
+		if s.held >= HoldLimit && e.cmap.maxCell[s.seq] >= 0 {
+			e.relocate(s)
+		}
+	}
+	for {
+		e.removeEvicted() // before placing: an eviction moves llama.cpp's head
+		e.fill(budget)
+		if e.b.Len() == 0 {
+			// Everyone is held: free the one held longest.
+			var v *sequence
+			for _, s := range e.active {
+				if s.skip && (v == nil || s.held > v.held) {
+					v = s
+				}
+			}
+			if v == nil {
+				return false
+			}
+			v.skip = false
+			if e.cmap.maxCell[v.seq] >= 0 {
+				e.relocate(v)
+			} else {
+				v.force = true
+				e.disordered.Add(1)
+			}
+			continue
+		}
+		e.cmap.mark()
+		var broken seqSet
+		var fits bool
+		e.placed, fits = e.cmap.place(e.bseq, e.bpos, e.placed[:0], PadSequence, &broken)
+		if !fits {
+			break // llama.cpp will say so too; step rolls back and shrinks
+		}
+		held := false
+		for _, s := range e.active {
+			if !s.skip && !s.force && broken.has(s.seq) {
+				s.skip, held = true, true
+			}
+		}
+		if !held {
+			break
+		}
+		e.cmap.rollback()
+	}
+	for _, s := range e.active {
+		switch {
+		case s.skip:
+			s.held++
+			e.held.Add(1)
+		case s.out >= 0 || s.chunk > 0:
+			s.held = 0
+		}
+	}
+	return true
+}
+
+// relocate drops s's cells and sends it back to prefill: it recomputes its
+// prompt and generated tokens (bit-identically, in a deterministic engine)
+// in whatever cells are free, which keeps them in order. Its ledger keeps
+// its cells counted; it does not commit its tokens again.
+func (e *Engine) relocate(s *sequence) {
+	e.seqRemove(s.seq)
+	s.nPast, s.state, s.held = 0, statePrefill, 0
+	e.relocated.Add(1)
+}
+
 func (e *Engine) decoding() int {
 	n := 0
 	for _, s := range e.active {
@@ -636,11 +878,26 @@ func (e *Engine) step() {
 	}
 	budget := e.batch
 	for {
-		e.fill(budget)
-		// Cells the allocator freed by eviction must be free in llama.cpp
-		// before this decode uses them.
-		e.removeEvicted()
+		if e.cmap != nil {
+			if !e.plan(budget) {
+				return
+			}
+		} else {
+			e.fill(budget)
+			// Cells the allocator freed by eviction must be free in
+			// llama.cpp before this decode uses them.
+			e.removeEvicted()
+		}
 		err := e.ctx.Decode(e.b)
+		if e.cmap != nil {
+			if err != nil {
+				e.cmap.rollback()
+			}
+			if e.padIdx >= 0 {
+				e.seqRemove(PadSequence)
+				e.padded.Add(1)
+			}
+		}
 		if err == nil {
 			break
 		}
@@ -697,9 +954,14 @@ func (e *Engine) advance(s *sequence, step uint64) bool {
 	case s.state == statePrefill && s.chunk > 0:
 		s.nPast += s.chunk
 		e.prefill.Add(uint64(s.chunk))
-		if err := s.req.Ledger.Commit(s.toks[s.nPast-s.chunk : s.nPast]); err != nil {
-			e.finish(s, FinishNone, "", err)
-			return false
+		// A sequence recomputed to keep its cells in order has committed
+		// its tokens already.
+		if from := max(s.nPast-s.chunk, s.ledgered); from < s.nPast {
+			if err := s.req.Ledger.Commit(s.toks[from:s.nPast]); err != nil {
+				e.finish(s, FinishNone, "", err)
+				return false
+			}
+			s.ledgered = s.nPast
 		}
 		if s.nPast < s.target() {
 			return true
@@ -710,14 +972,16 @@ func (e *Engine) advance(s *sequence, step uint64) bool {
 			s.state = stateDecode
 			return true
 		}
-	case s.state == stateDecode:
+	case s.state == stateDecode && s.out >= 0:
 		s.nPast++
+		s.grown = false
 		s.toks = append(s.toks, s.next)
 		s.one[0] = s.next
 		if err := s.req.Ledger.Commit(s.one[:]); err != nil {
 			e.finish(s, FinishNone, "", err)
 			return false
 		}
+		s.ledgered = s.nPast
 	default:
 		return true // waiting for room in the batch
 	}
@@ -797,7 +1061,7 @@ func (e *Engine) finish(s *sequence, reason FinishReason, stop string, err error
 		s.stream.failed.Store(true)
 	}
 	if keep := s.req.Ledger.Finish(); !keep && s.inCache {
-		e.ctx.SeqRemove(s.seq, -1, -1)
+		e.seqRemove(s.seq)
 	}
 	s.inCache = false
 	if s.sampler != nil {

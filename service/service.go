@@ -56,6 +56,9 @@ type Config struct {
 	// PrefixCache reports whether finished sequences leave their cells
 	// behind as a prefix cache, for GetModelInfo.
 	PrefixCache bool
+	// Deterministic reports whether the engine runs in deterministic mode
+	// (native.EngineConfig.Deterministic), for GetModelInfo.
+	Deterministic bool
 	// Observer, when set, receives per-request latencies.
 	Observer Observer
 }
@@ -371,6 +374,7 @@ func (s *Service) GetModelInfo(ctx context.Context, _ *kvgatev1.GetModelInfoRequ
 		MaxCompletionTokens: uint32(effectiveLimit(s.cfg.Limits.MaxCompletionTokens, s.cfg.Limits.MaxSequenceTokens-1)),
 		AdmissionPolicy:     s.cfg.AdmissionPolicy,
 		PrefixCache:         s.cfg.PrefixCache,
+		Deterministic:       s.cfg.Deterministic,
 	}, nil
 }
 
@@ -379,27 +383,31 @@ func (s *Service) GetCacheStats(ctx context.Context, _ *kvgatev1.GetCacheStatsRe
 	a := s.alloc.Stats()
 	e := s.engine.Stats()
 	return &kvgatev1.GetCacheStatsResponse{
-		CellsTotal:           uint32(a.CellsTotal),
-		CellsUsed:            uint32(a.CellsUsed),
-		CellsReserved:        uint32(a.CellsReserved),
-		CellsFree:            uint32(a.CellsFree),
-		SequencesRunning:     uint32(a.Running),
-		SequencesQueued:      uint32(a.Queued),
-		NokvslotTotal:        e.NoKVSlot,
-		AdmittedTotal:        a.Admitted,
-		RejectedTotal:        a.Rejected,
-		DecodeStepsTotal:     e.Steps,
-		PrefillTokensTotal:   e.PrefillTokens,
-		GeneratedTokensTotal: e.GeneratedTokens,
-		SlowConsumerTotal:    e.SlowConsumers,
-		DrainCellsPerSecond:  a.DrainCellsPerSecond,
-		CellsCached:          uint32(a.CellsCached),
-		CellsShared:          uint32(a.CellsShared),
-		SequencesCached:      uint32(a.Cached),
-		PrefixHitTokensTotal: a.PrefixHitTokens,
-		PromptTokensTotal:    a.PromptTokens,
-		PreemptionsTotal:     a.Preemptions,
-		EvictionsTotal:       a.Evictions,
-		CellsQueued:          uint32(a.CellsQueued),
+		CellsTotal:            uint32(a.CellsTotal),
+		CellsUsed:             uint32(a.CellsUsed),
+		CellsReserved:         uint32(a.CellsReserved),
+		CellsFree:             uint32(a.CellsFree),
+		SequencesRunning:      uint32(a.Running),
+		SequencesQueued:       uint32(a.Queued),
+		NokvslotTotal:         e.NoKVSlot,
+		AdmittedTotal:         a.Admitted,
+		RejectedTotal:         a.Rejected,
+		DecodeStepsTotal:      e.Steps,
+		PrefillTokensTotal:    e.PrefillTokens,
+		GeneratedTokensTotal:  e.GeneratedTokens,
+		SlowConsumerTotal:     e.SlowConsumers,
+		DrainCellsPerSecond:   a.DrainCellsPerSecond,
+		CellsCached:           uint32(a.CellsCached),
+		CellsShared:           uint32(a.CellsShared),
+		SequencesCached:       uint32(a.Cached),
+		PrefixHitTokensTotal:  a.PrefixHitTokens,
+		PromptTokensTotal:     a.PromptTokens,
+		PreemptionsTotal:      a.Preemptions,
+		EvictionsTotal:        a.Evictions,
+		CellsQueued:           uint32(a.CellsQueued),
+		OrderHoldsTotal:       e.Held,
+		OrderRelocationsTotal: e.Relocated,
+		OrderBreaksTotal:      e.Disordered,
+		PaddingTokensTotal:    e.Padded,
 	}, nil
 }

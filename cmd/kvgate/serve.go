@@ -27,23 +27,24 @@ import (
 )
 
 type serveConfig struct {
-	listen       string
-	model        string
-	ctx          int
-	threads      int
-	batch        int
-	maxSeqs      int
-	maxQueue     int
-	streamBuffer int
-	maxStop      int
-	drainTimeout time.Duration
-	logLevel     string
-	logFormat    string
-	llamaLog     string
-	prefixCache  bool
-	admission    string
-	watermark    int
-	kvType       string
+	listen        string
+	model         string
+	ctx           int
+	threads       int
+	batch         int
+	maxSeqs       int
+	maxQueue      int
+	streamBuffer  int
+	maxStop       int
+	drainTimeout  time.Duration
+	logLevel      string
+	logFormat     string
+	llamaLog      string
+	prefixCache   bool
+	deterministic bool
+	admission     string
+	watermark     int
+	kvType        string
 
 	// Limits.
 	maxPromptTokens     int
@@ -78,7 +79,8 @@ func serveFlags(c *serveConfig) *flag.FlagSet {
 	fs.StringVar(&c.llamaLog, "llama-log", "error", "llama.cpp log level: none, error, warn, info, debug")
 	fs.BoolVar(&c.prefixCache, "prefix-cache", true, "keep finished sequences' cells as a prefix cache shared by later requests")
 	fs.StringVar(&c.admission, "admission", "reserve", "admission policy: reserve (prompt + max_tokens up front) or optimistic (prompt + watermark; preempts when cells run out)")
-	fs.StringVar(&c.kvType, "kv-type", "f16", "KV cache element type: f16 (half the memory) or f32 (attention less sensitive to cell order)")
+	fs.StringVar(&c.kvType, "kv-type", "f16", "KV cache element type: f16 (half the memory) or f32 (full precision)")
+	fs.BoolVar(&c.deterministic, "deterministic", false, "make every stream's tokens bit-for-bit those of the same request run alone, whatever runs beside it (needs --prefix-cache=false; costs a padding token on one-token steps, and held steps and recomputation when cells run short)")
 	fs.IntVar(&c.watermark, "watermark", 64, "optimistic admission: free cells a request must leave beside its prompt")
 	fs.IntVar(&c.maxPromptTokens, "max-prompt-tokens", 0, "most prompt tokens per request (0: as many as fit a sequence)")
 	fs.IntVar(&c.maxCompletionTokens, "max-completion-tokens", 0, "largest max_tokens per request (0: as many as fit a sequence)")
@@ -117,6 +119,10 @@ func (c *serveConfig) check() error {
 		return fmt.Errorf("--drain-timeout %v: must be >= 0", c.drainTimeout)
 	case c.maxConnAge < 0 || c.maxConnAgeGrace < 0:
 		return fmt.Errorf("--max-connection-age %v, --max-connection-age-grace %v: must be >= 0", c.maxConnAge, c.maxConnAgeGrace)
+	case c.deterministic && c.prefixCache:
+		return errors.New("--deterministic needs --prefix-cache=false: a shared prefix pins a sequence's first cells where another put them")
+	case c.deterministic && c.maxSeqs >= native.PadSequence:
+		return fmt.Errorf("--max-seqs %d: --deterministic needs one sequence id for padding (at most %d)", c.maxSeqs, native.PadSequence-1)
 	case c.pprof && c.metricsListen == "":
 		return errors.New("--pprof needs --metrics-listen")
 	case (c.tlsCert == "") != (c.tlsKey == ""):
@@ -219,7 +225,7 @@ func serve(ctx context.Context, args []string) error {
 	var metrics *obs.Metrics
 	ecfg := native.EngineConfig{
 		Cells: c.ctx, Batch: c.batch, MaxSequences: c.maxSeqs, Threads: c.threads, StreamBuffer: c.streamBuffer,
-		KVType: c.kvType,
+		KVType: c.kvType, Deterministic: c.deterministic,
 	}
 	if c.metricsListen != "" {
 		metrics = obs.NewMetrics()
@@ -265,7 +271,7 @@ func serve(ctx context.Context, args []string) error {
 	}
 	scfg := service.Config{
 		Limits: limits, Cells: engine.Cells(), MaxSequences: c.maxSeqs, MaxQueue: c.maxQueue,
-		AdmissionPolicy: policy.String(), PrefixCache: c.prefixCache,
+		AdmissionPolicy: policy.String(), PrefixCache: c.prefixCache, Deterministic: c.deterministic,
 	}
 	if metrics != nil {
 		scfg.Observer = metrics
@@ -321,7 +327,7 @@ func serve(ctx context.Context, args []string) error {
 	}
 	log.Info("kvgate listening", "addr", lis.Addr().String(), "model", filepath.Base(path),
 		"arch", info.Architecture, "kv_cells", engine.Cells(), "max_seqs", c.maxSeqs, "batch", engine.Batch(),
-		"tls", sec.certs != nil, "mtls", c.clientCA != "", "auth", sec.tokens != nil)
+		"deterministic", c.deterministic, "tls", sec.certs != nil, "mtls", c.clientCA != "", "auth", sec.tokens != nil)
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(lis) }()

@@ -226,8 +226,12 @@ var (
 	descPreempt   = prometheus.NewDesc("kvgate_preemptions_total", "Running sequences preempted to make room.", nil, nil)
 	descEvict     = prometheus.NewDesc("kvgate_evictions_total", "Prefix cache entries evicted to make room.", nil, nil)
 	descDrainRate = prometheus.NewDesc("kvgate_drain_cells_per_second", "Cells released per second, smoothed: the rate behind retry estimates.", nil, nil)
+	descOrder     = prometheus.NewDesc("kvgate_cell_order_events_total",
+		"Deterministic mode: sequences held back (hold), recomputed (relocation) or let out of cell order (break) to keep outputs load-invariant.", []string{"event"}, nil)
+	descPadding   = prometheus.NewDesc("kvgate_padding_tokens_total", "Deterministic mode: padding tokens that give every decode step two tokens and two outputs.", nil, nil)
 	snapshotDescs = []*prometheus.Desc{descCells, descCellsTotal, descRunning, descQueued, descCachedSeqs, descAdmitted,
-		descRejected, descSteps, descPrefill, descGenerated, descPrefixHit, descNoKVSlot, descSlow, descPreempt, descEvict, descDrainRate}
+		descRejected, descSteps, descPrefill, descGenerated, descPrefixHit, descNoKVSlot, descSlow, descPreempt, descEvict, descDrainRate,
+		descOrder, descPadding}
 )
 
 // Describe sends the descriptors of every series the collector exports.
@@ -271,4 +275,8 @@ func (c snapshotCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(descSlow, s.GetSlowConsumerTotal())
 	counter(descPreempt, s.GetPreemptionsTotal())
 	counter(descEvict, s.GetEvictionsTotal())
+	counter(descOrder, s.GetOrderHoldsTotal(), "hold")
+	counter(descOrder, s.GetOrderRelocationsTotal(), "relocation")
+	counter(descOrder, s.GetOrderBreaksTotal(), "break")
+	counter(descPadding, s.GetPaddingTokensTotal())
 }

@@ -1181,7 +1181,11 @@ type GetModelInfoResponse struct {
 	// The admission policy: "reserve" or "optimistic".
 	AdmissionPolicy string `protobuf:"bytes,18,opt,name=admission_policy,json=admissionPolicy,proto3" json:"admission_policy,omitempty"`
 	// Whether finished sequences leave their cells behind as a prefix cache.
-	PrefixCache   bool `protobuf:"varint,19,opt,name=prefix_cache,json=prefixCache,proto3" json:"prefix_cache,omitempty"`
+	PrefixCache bool `protobuf:"varint,19,opt,name=prefix_cache,json=prefixCache,proto3" json:"prefix_cache,omitempty"`
+	// Whether the server runs in deterministic mode (serve --deterministic):
+	// every stream's tokens are bit-for-bit those of the same request run
+	// alone, whatever else runs beside it.
+	Deterministic bool `protobuf:"varint,20,opt,name=deterministic,proto3" json:"deterministic,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1349,6 +1353,13 @@ func (x *GetModelInfoResponse) GetPrefixCache() bool {
 	return false
 }
 
+func (x *GetModelInfoResponse) GetDeterministic() bool {
+	if x != nil {
+		return x.Deterministic
+	}
+	return false
+}
+
 // GetCacheStatsRequest asks for allocator statistics.
 type GetCacheStatsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1437,9 +1448,23 @@ type GetCacheStatsResponse struct {
 	EvictionsTotal uint64 `protobuf:"varint,21,opt,name=evictions_total,json=evictionsTotal,proto3" json:"evictions_total,omitempty"`
 	// Cells the queued requests need to be admitted (an upper bound: a
 	// cached prefix may cover part of it).
-	CellsQueued   uint32 `protobuf:"varint,22,opt,name=cells_queued,json=cellsQueued,proto3" json:"cells_queued,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	CellsQueued uint32 `protobuf:"varint,22,opt,name=cells_queued,json=cellsQueued,proto3" json:"cells_queued,omitempty"`
+	// Deterministic mode (serve --deterministic) only. Steps a sequence was
+	// held back so that its next token would not land in a cell below its
+	// earlier ones.
+	OrderHoldsTotal uint64 `protobuf:"varint,23,opt,name=order_holds_total,json=orderHoldsTotal,proto3" json:"order_holds_total,omitempty"`
+	// Deterministic mode only. Sequences recomputed from their first token to
+	// put their cells back in order.
+	OrderRelocationsTotal uint64 `protobuf:"varint,24,opt,name=order_relocations_total,json=orderRelocationsTotal,proto3" json:"order_relocations_total,omitempty"`
+	// Deterministic mode only. Sequences let out of order because nothing
+	// else could run; their output is no longer guaranteed to equal a solo
+	// run. 0 in every test so far.
+	OrderBreaksTotal uint64 `protobuf:"varint,25,opt,name=order_breaks_total,json=orderBreaksTotal,proto3" json:"order_breaks_total,omitempty"`
+	// Deterministic mode only. Padding tokens added so that every decode
+	// step carries at least two tokens and two outputs.
+	PaddingTokensTotal uint64 `protobuf:"varint,26,opt,name=padding_tokens_total,json=paddingTokensTotal,proto3" json:"padding_tokens_total,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *GetCacheStatsResponse) Reset() {
@@ -1626,6 +1651,34 @@ func (x *GetCacheStatsResponse) GetCellsQueued() uint32 {
 	return 0
 }
 
+func (x *GetCacheStatsResponse) GetOrderHoldsTotal() uint64 {
+	if x != nil {
+		return x.OrderHoldsTotal
+	}
+	return 0
+}
+
+func (x *GetCacheStatsResponse) GetOrderRelocationsTotal() uint64 {
+	if x != nil {
+		return x.OrderRelocationsTotal
+	}
+	return 0
+}
+
+func (x *GetCacheStatsResponse) GetOrderBreaksTotal() uint64 {
+	if x != nil {
+		return x.OrderBreaksTotal
+	}
+	return 0
+}
+
+func (x *GetCacheStatsResponse) GetPaddingTokensTotal() uint64 {
+	if x != nil {
+		return x.PaddingTokensTotal
+	}
+	return 0
+}
+
 var File_kvgate_v1_generate_proto protoreflect.FileDescriptor
 
 const file_kvgate_v1_generate_proto_rawDesc = "" +
@@ -1703,7 +1756,7 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x13strip_leading_space\x18\x03 \x01(\bR\x11stripLeadingSpace\"(\n" +
 	"\x12DetokenizeResponse\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\"\x15\n" +
-	"\x13GetModelInfoRequest\"\xf6\x05\n" +
+	"\x13GetModelInfoRequest\"\x9c\x06\n" +
 	"\x14GetModelInfoResponse\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\"\n" +
 	"\farchitecture\x18\x02 \x01(\tR\farchitecture\x12 \n" +
@@ -1727,8 +1780,9 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x11max_prompt_tokens\x18\x10 \x01(\rR\x0fmaxPromptTokens\x122\n" +
 	"\x15max_completion_tokens\x18\x11 \x01(\rR\x13maxCompletionTokens\x12)\n" +
 	"\x10admission_policy\x18\x12 \x01(\tR\x0fadmissionPolicy\x12!\n" +
-	"\fprefix_cache\x18\x13 \x01(\bR\vprefixCache\"\x16\n" +
-	"\x14GetCacheStatsRequest\"\xad\b\n" +
+	"\fprefix_cache\x18\x13 \x01(\bR\vprefixCache\x12$\n" +
+	"\rdeterministic\x18\x14 \x01(\bR\rdeterministic\"\x16\n" +
+	"\x14GetCacheStatsRequest\"\xf1\t\n" +
 	"\x15GetCacheStatsResponse\x12\x1f\n" +
 	"\vcells_total\x18\x01 \x01(\rR\n" +
 	"cellsTotal\x12\x1d\n" +
@@ -1755,7 +1809,11 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x13prompt_tokens_total\x18\x13 \x01(\x04R\x11promptTokensTotal\x12+\n" +
 	"\x11preemptions_total\x18\x14 \x01(\x04R\x10preemptionsTotal\x12'\n" +
 	"\x0fevictions_total\x18\x15 \x01(\x04R\x0eevictionsTotal\x12!\n" +
-	"\fcells_queued\x18\x16 \x01(\rR\vcellsQueued\x1a@\n" +
+	"\fcells_queued\x18\x16 \x01(\rR\vcellsQueued\x12*\n" +
+	"\x11order_holds_total\x18\x17 \x01(\x04R\x0forderHoldsTotal\x126\n" +
+	"\x17order_relocations_total\x18\x18 \x01(\x04R\x15orderRelocationsTotal\x12,\n" +
+	"\x12order_breaks_total\x18\x19 \x01(\x04R\x10orderBreaksTotal\x120\n" +
+	"\x14padding_tokens_total\x18\x1a \x01(\x04R\x12paddingTokensTotal\x1a@\n" +
 	"\x12RejectedTotalEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01*v\n" +

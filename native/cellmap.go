@@ -1,0 +1,181 @@
+package native
+
+// cellMap mirrors where llama.cpp's unified KV cache (one stream, no sliding
+// window) keeps each token, so that the engine can see, before a decode,
+// which cell every token of the batch will take. It follows the vendored
+// llama.cpp (llama-kv-cache.cpp): find_slot takes the first free cells from
+// the head, starting over from cell 0 when the head lies more than twice the
+// ubatch above the used count and wrapping at the end; apply_ubatch moves
+// the head past the ubatch's last cell; seq_rm lowers the head to the first
+// cell it frees. TestCellMapMatchesLlama checks it against llama.cpp.
+//
+// Flash attention visits a sequence's cells in cell order. A sequence whose
+// cells are in position order is therefore computed exactly as if it were
+// alone; maxCell tells whether a new token keeps that order.
+type cellMap struct {
+	pos     []int32 // position held by each cell; -1 when empty
+	seqs    [][MaxSequenceIDs / 64]uint64
+	head    int
+	used    int
+	ubatch  int
+	maxCell [MaxSequenceIDs]int32 // highest cell of each sequence, -1 for none
+
+	// journal records the cells that apply changed, so that a decode that
+	// fails can be undone; see mark and rollback.
+	journal    []int32
+	savedHead  int
+	savedUsed  int
+	savedMaxes [MaxSequenceIDs]int32
+}
+
+func newCellMap(cells, ubatch int) *cellMap {
+	m := &cellMap{
+		pos:     make([]int32, cells),
+		seqs:    make([][MaxSequenceIDs / 64]uint64, cells),
+		ubatch:  ubatch,
+		journal: make([]int32, 0, ubatch*4),
+	}
+	for i := range m.pos {
+		m.pos[i] = -1
+	}
+	for i := range m.maxCell {
+		m.maxCell[i] = -1
+	}
+	return m
+}
+
+func (m *cellMap) has(cell, seq int) bool { return m.seqs[cell][seq/64]&(1<<(seq%64)) != 0 }
+
+// findSlot returns the cells find_slot would choose for a ubatch of n
+// tokens, appended to dst, or false when there is no room.
+func (m *cellMap) findSlot(n int, dst []int32) ([]int32, bool) {
+	size := len(m.pos)
+	if n > size {
+		return dst, false
+	}
+	head := m.head
+	if head > m.used+2*n {
+		head = 0
+	}
+	start := len(dst)
+	tested := 0
+	for {
+		if head+1 > size {
+			tested += size - head
+			head = 0
+			continue
+		}
+		idx := head
+		head++
+		tested++
+		if m.pos[idx] < 0 {
+			dst = append(dst, int32(idx))
+		}
+		if len(dst)-start == n {
+			return dst, true
+		}
+		if tested >= size {
+			return dst[:start], false
+		}
+	}
+}
+
+// mark starts a journal: until the next mark, rollback undoes apply.
+func (m *cellMap) mark() {
+	m.journal = m.journal[:0]
+	m.savedHead, m.savedUsed, m.savedMaxes = m.head, m.used, m.maxCell
+}
+
+// rollback undoes every apply since mark.
+func (m *cellMap) rollback() {
+	for _, c := range m.journal {
+		m.pos[c] = -1
+		m.seqs[c] = [MaxSequenceIDs / 64]uint64{}
+	}
+	m.journal = m.journal[:0]
+	m.head, m.used, m.maxCell = m.savedHead, m.savedUsed, m.savedMaxes
+}
+
+// seqSet is a set of sequence ids.
+type seqSet [MaxSequenceIDs / 64]uint64
+
+func (s *seqSet) add(seq int32)    { s[seq/64] |= 1 << (seq % 64) }
+func (s *seqSet) has(seq int) bool { return s[seq/64]&(1<<(seq%64)) != 0 }
+func (s *seqSet) empty() bool      { return *s == seqSet{} }
+
+// place puts a batch (token i of sequence seqs[i] at position pos[i]) into
+// the map the way llama_decode does, one ubatch of at most m.ubatch tokens
+// after another, and appends each token's cell to cells. It returns false
+// when llama.cpp would find no slot; the map is then as apply left it, and
+// the caller rolls back. Sequences, other than exempt, that get a cell
+// below one they already hold are added to broken.
+func (m *cellMap) place(seqs, pos []int32, cells []int32, exempt int32, broken *seqSet) ([]int32, bool) {
+	for at := 0; at < len(seqs); at += m.ubatch {
+		end := min(len(seqs), at+m.ubatch)
+		from := len(cells)
+		var ok bool
+		if cells, ok = m.findSlot(end-at, cells); !ok {
+			return cells, false
+		}
+		for i, c := range cells[from:] {
+			s := seqs[at+i]
+			m.journal = append(m.journal, c)
+			m.pos[c] = pos[at+i]
+			m.seqs[c][s/64] |= 1 << (s % 64)
+			m.used++
+			if c <= m.maxCell[s] && s != exempt {
+				broken.add(s)
+			}
+			m.maxCell[s] = max(m.maxCell[s], c)
+		}
+		m.head = int(cells[len(cells)-1]) + 1
+	}
+	return cells, true
+}
+
+// remove mirrors llama_memory_seq_rm(seq, -1, -1): seq leaves every cell,
+// and a cell it leaves empty is freed.
+func (m *cellMap) remove(seq int) {
+	if m.maxCell[seq] < 0 {
+		return
+	}
+	newHead := len(m.pos)
+	for i := 0; i <= int(m.maxCell[seq]); i++ {
+		if !m.has(i, seq) {
+			continue
+		}
+		m.seqs[i][seq/64] &^= 1 << (seq % 64)
+		if m.seqs[i] == ([MaxSequenceIDs / 64]uint64{}) {
+			m.pos[i] = -1
+			m.used--
+			newHead = min(newHead, i)
+		}
+	}
+	m.maxCell[seq] = -1
+	if newHead < m.head {
+		m.head = newHead
+	}
+}
+
+// copyPrefix mirrors llama_memory_seq_cp(src, dst, 0, n): dst joins the
+// cells of src with positions below n.
+func (m *cellMap) copyPrefix(src, dst, n int) {
+	for i := 0; i <= int(m.maxCell[src]); i++ {
+		if m.has(i, src) && int(m.pos[i]) < n {
+			m.seqs[i][dst/64] |= 1 << (dst % 64)
+			m.maxCell[dst] = max(m.maxCell[dst], int32(i))
+		}
+	}
+}
+
+// ordered returns the positions of seq's cells in cell order: what flash
+// attention visits.
+func (m *cellMap) ordered(seq int) []int32 {
+	var out []int32
+	for i := 0; i <= int(m.maxCell[seq]); i++ {
+		if m.has(i, seq) {
+			out = append(out, m.pos[i])
+		}
+	}
+	return out
+}
