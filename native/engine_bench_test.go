@@ -148,6 +148,7 @@ func benchEngine(b *testing.B, onStep func(tokens, sequences int)) (*Engine, *al
 	m := benchModel(b)
 	e, err := NewEngine(m, EngineConfig{
 		Cells: benchCells, Batch: benchBatch, MaxSequences: benchMaxSeqs, Threads: benchThreads(b), OnStep: onStep,
+		Deterministic: os.Getenv("KVGATE_BENCH_DETERMINISTIC") == "1",
 	})
 	if err != nil {
 		b.Fatal(err)
@@ -233,6 +234,10 @@ func BenchmarkEngineDecode(b *testing.B) {
 				tokens += runRound(b, e, a, prompts, benchOutput)
 			}
 			b.ReportMetric(float64(tokens)/b.Elapsed().Seconds(), "out-tok/s")
+			if st := e.Stats(); st.Relocated+st.Held > 0 {
+				b.ReportMetric(float64(st.Relocated), "relocations")
+				b.ReportMetric(float64(st.Held), "holds")
+			}
 			st.mu.Lock()
 			defer st.mu.Unlock()
 			if st.decodeSteps > 0 {
