@@ -24,8 +24,12 @@ func TestCellMapMatchesLlama(t *testing.T) {
 		b := NewBatch(48)
 		next := make([]int, seqs) // next position of each sequence
 		var bs, bp, cells []int32
+		inOrder := make([]bool, seqs) // each sequence's cells ascend in position (a copy inherits its source's order)
+		var broken seqSet
 		ops := map[string]int{}
 		for op := range 300 {
+			broken = seqSet{} // only a decode breaks order
+			decoded := false
 			switch k := r.IntN(10); {
 			case k < 5: // decode tokens of a few sequences, interleaved
 				b.Reset()
@@ -40,7 +44,7 @@ func TestCellMapMatchesLlama(t *testing.T) {
 				}
 				cm.mark()
 				var fits bool
-				var broken seqSet
+				broken = seqSet{}
 				cells, fits = cm.place(bs, bp, cells[:0], -1, &broken)
 				err := c.Decode(b)
 				switch {
@@ -48,9 +52,11 @@ func TestCellMapMatchesLlama(t *testing.T) {
 					for s := range next {
 						next[s] += take[s]
 					}
+					decoded = true
 					ops["decode"]++
 				case errors.Is(err, ErrNoKVSlot) && !fits:
 					cm.rollback()
+					broken = seqSet{}
 					ops["no slot"]++
 				default:
 					t.Fatalf("seed %d op %d: llama.cpp says %v, the cell map says fits=%v", seed, op, err, fits)
@@ -80,6 +86,7 @@ func TestCellMapMatchesLlama(t *testing.T) {
 					if c.SeqPosMax(s) >= 0 {
 						t.Fatalf("seed %d op %d: seq %d has cells in llama.cpp, none in the map", seed, op, s)
 					}
+					inOrder[s] = true
 					continue
 				}
 				got, err := c.cellOrder(s)
@@ -89,12 +96,21 @@ func TestCellMapMatchesLlama(t *testing.T) {
 				if !slices.Equal(got, want) {
 					t.Fatalf("seed %d op %d: seq %d positions in cell order: llama.cpp %v, map %v", seed, op, s, got, want)
 				}
+				// place flags exactly the sequences a batch puts out of order.
+				ascending := slices.IsSorted(got)
+				if decoded && inOrder[s] && ascending == broken.has(s) {
+					t.Fatalf("seed %d op %d: seq %d: in order %v, but place flagged it broken: %v", seed, op, s, ascending, broken.has(s))
+				}
+				inOrder[s] = ascending
+				if !ascending {
+					ops["out of order"]++
+				}
 			}
 		}
 		b.Free()
 		c.Close()
 		t.Logf("seed %d: %v", seed, ops)
-		if ops["no slot"] == 0 || ops["copy"] == 0 {
+		if ops["no slot"] == 0 || ops["copy"] == 0 || ops["out of order"] == 0 {
 			t.Errorf("seed %d: the run never hit a full cache or a prefix copy: %v", seed, ops)
 		}
 	}

@@ -191,6 +191,9 @@ func preemptionStress(t *testing.T, deterministic bool, flags ...string) {
 		"--admission", "optimistic", "--watermark", "8", "--max-queue", "64"}, flags...)...)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
+	if info, err := s.Generate().GetModelInfo(ctx, &kvgatev1.GetModelInfoRequest{}); err != nil || info.GetDeterministic() != deterministic {
+		t.Fatalf("GetModelInfo: deterministic %v, want %v (%v)", info.GetDeterministic(), deterministic, err)
+	}
 	r := rand.New(rand.NewPCG(3, 4))
 	const n = 10
 	reqs := make([]*kvgatev1.GenerateRequest, n)
