@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -178,13 +179,15 @@ type EngineConfig struct {
 	//     batch width;
 	//   - every sequence's cells stay in position order, which is the order
 	//     flash attention sums them in: the worker mirrors llama.cpp's cell
-	//     placement, holds a sequence back for a step when its next token
-	//     would land below its earlier ones, and recomputes it from scratch
-	//     when it has waited HoldLimit steps.
-	// It costs the padding token where a step has a single token, held
-	// steps and recomputation. Sequence ids must be below PadSequence, and
-	// prefix sharing (Ledger.Prefix) is not allowed, because a shared prefix
-	// pins a sequence's lowest cells where others put them.
+	//     placement, keeps the cells of ended sequences (RetiredSequence)
+	//     until a batch needs the room, holds a sequence back for a step
+	//     when its next token would land below its earlier ones, and
+	//     recomputes it from scratch when it has waited HoldLimit steps.
+	// It costs the padding token where a step has a single token, and held
+	// steps and recomputation when cells run short. Sequence ids must be
+	// below RetiredSequence, and prefix sharing (Ledger.Prefix) is not
+	// allowed, because a shared prefix pins a sequence's lowest cells where
+	// others put them.
 	Deterministic bool
 }
 
@@ -192,9 +195,22 @@ type EngineConfig struct {
 // engine (EngineConfig.Deterministic).
 const PadSequence = MaxSequenceIDs - 1
 
+// RetiredSequence is the sequence id under which a deterministic engine
+// keeps the cells of sequences that ended, were preempted or are being
+// recomputed, instead of freeing them at once: freed cells below running
+// sequences would take their next tokens out of order. The cells are freed
+// together when a batch needs the room, or when nothing runs.
+const RetiredSequence = MaxSequenceIDs - 2
+
 // HoldLimit is how many steps in a row a deterministic engine holds a
 // sequence back before it recomputes it in cells that keep its order.
 const HoldLimit = 4
+
+// MoveLimit is how many times a deterministic engine recomputes a sequence
+// to keep its cells in order without the sequence producing a token in
+// between. Past it the sequence runs out of order (EngineStats.Disordered),
+// so that no sequence is recomputed forever.
+const MoveLimit = 3
 
 // EngineStats counts the worker's work since start.
 type EngineStats struct {
@@ -252,6 +268,7 @@ type Engine struct {
 	placed     []int32
 	outputs    int
 	padIdx     int
+	retired    bool // RetiredSequence holds cells
 }
 
 type seqState int
@@ -281,6 +298,7 @@ type sequence struct {
 	held      int  // steps in a row a deterministic engine held s back
 	skip      bool // held back this step
 	force     bool // may break its cell order this step, to make progress
+	moves     int  // times recomputed to keep order since its last token
 	resumed   <-chan struct{}
 	cancelled atomic.Bool
 	stopWatch func() bool
@@ -293,8 +311,8 @@ func NewEngine(m *Model, cfg EngineConfig) (*Engine, error) {
 	if cfg.MaxSequences <= 0 || cfg.MaxSequences > MaxSequenceIDs {
 		return nil, fmt.Errorf("engine: max sequences %d outside [1, %d]", cfg.MaxSequences, MaxSequenceIDs)
 	}
-	if cfg.Deterministic && cfg.MaxSequences >= PadSequence {
-		return nil, fmt.Errorf("engine: deterministic: max sequences %d leaves no id for padding (want < %d)", cfg.MaxSequences, PadSequence)
+	if cfg.Deterministic && cfg.MaxSequences >= RetiredSequence {
+		return nil, fmt.Errorf("engine: deterministic: max sequences %d leaves no ids for padding and retired cells (want < %d)", cfg.MaxSequences, RetiredSequence)
 	}
 	if cfg.Batch < cfg.MaxSequences {
 		cfg.Batch = cfg.MaxSequences
@@ -385,6 +403,31 @@ func (e *Engine) seqRemove(seq int) {
 	}
 }
 
+// release takes seq's tokens out of the cache when the sequence is done
+// with them. A deterministic engine moves the cells to RetiredSequence
+// instead (seq_cp then seq_rm frees nothing and leaves llama.cpp's head
+// alone), so that no hole opens below a running sequence.
+func (e *Engine) release(seq int) {
+	if e.cmap == nil {
+		e.seqRemove(seq)
+		return
+	}
+	if e.cmap.maxCell[seq] >= 0 {
+		e.ctx.SeqCopy(seq, RetiredSequence, -1, -1)
+		e.cmap.copyPrefix(seq, RetiredSequence, math.MaxInt32)
+		e.retired = true
+	}
+	e.seqRemove(seq)
+}
+
+// freeRetired frees the cells of RetiredSequence.
+func (e *Engine) freeRetired() {
+	if e.retired {
+		e.seqRemove(RetiredSequence)
+		e.retired = false
+	}
+}
+
 // Start hands an admitted sequence to the worker. The engine finishes the
 // sequence's Ledger when the sequence ends, also when Start fails.
 func (e *Engine) Start(req Request) (*Stream, error) {
@@ -399,8 +442,8 @@ func (e *Engine) Start(req Request) (*Stream, error) {
 		return fail(fmt.Errorf("%w: ledger and context are required", ErrBadRequest))
 	case req.SeqID < 0 || req.SeqID >= MaxSequenceIDs:
 		return fail(fmt.Errorf("%w: sequence id %d outside [0, %d)", ErrBadRequest, req.SeqID, MaxSequenceIDs))
-	case e.cfg.Deterministic && req.SeqID == PadSequence:
-		return fail(fmt.Errorf("%w: sequence id %d is the deterministic engine's padding", ErrBadRequest, req.SeqID))
+	case e.cfg.Deterministic && req.SeqID >= RetiredSequence:
+		return fail(fmt.Errorf("%w: sequence id %d is reserved by the deterministic engine", ErrBadRequest, req.SeqID))
 	case len(req.Prompt) == 0:
 		return fail(fmt.Errorf("%w: empty prompt", ErrBadRequest))
 	case req.MaxTokens <= 0:
@@ -474,6 +517,7 @@ func (e *Engine) run(ready chan<- error) {
 	for {
 		incoming = incoming[:0]
 		if len(e.active) == 0 && len(e.paused) == 0 {
+			e.freeRetired() // nothing runs that a hole could disorder
 			select {
 			case s := <-e.submit:
 				incoming = append(incoming, s)
@@ -676,7 +720,7 @@ func (e *Engine) preempt(s *sequence) {
 		return
 	}
 	if !keep {
-		e.seqRemove(s.seq)
+		e.release(s.seq)
 	}
 	e.preempted.Add(1)
 	s.stream.result.Preempted++
@@ -794,7 +838,7 @@ func (e *Engine) fillOrdered(budget int) {
 func (e *Engine) plan(budget int) bool {
 	for _, s := range e.active {
 		s.skip, s.force = false, false
-		if s.held >= HoldLimit && e.cmap.maxCell[s.seq] >= 0 {
+		if s.held >= HoldLimit && e.cmap.maxCell[s.seq] >= 0 && s.moves < MoveLimit {
 			e.relocate(s)
 		}
 	}
@@ -813,7 +857,7 @@ func (e *Engine) plan(budget int) bool {
 				return false
 			}
 			v.skip = false
-			if e.cmap.maxCell[v.seq] >= 0 {
+			if e.cmap.maxCell[v.seq] >= 0 && v.moves < MoveLimit {
 				e.relocate(v)
 			} else {
 				v.force = true
@@ -825,14 +869,26 @@ func (e *Engine) plan(budget int) bool {
 		var broken seqSet
 		var fits bool
 		e.placed, fits = e.cmap.place(e.bseq, e.bpos, e.placed[:0], PadSequence, &broken)
+		if !fits && e.retired {
+			// The allocator counts retired cells as free: free them now.
+			e.cmap.rollback()
+			e.freeRetired()
+			continue
+		}
 		if !fits {
 			break // llama.cpp will say so too; step rolls back and shrinks
 		}
 		held := false
 		for _, s := range e.active {
-			if !s.skip && !s.force && broken.has(s.seq) {
-				s.skip, held = true, true
+			if s.skip || s.force || !broken.has(s.seq) {
+				continue
 			}
+			if s.moves >= MoveLimit && s.held >= HoldLimit {
+				s.force = true // recomputed often enough: go on out of order
+				e.disordered.Add(1)
+				continue
+			}
+			s.skip, held = true, true
 		}
 		if !held {
 			break
@@ -856,8 +912,11 @@ func (e *Engine) plan(budget int) bool {
 // in whatever cells are free, which keeps them in order. Its ledger keeps
 // its cells counted; it does not commit its tokens again.
 func (e *Engine) relocate(s *sequence) {
+	// Freed, not retired: s's own recompute, which goes first in the
+	// batch, is what fills these cells.
 	e.seqRemove(s.seq)
 	s.nPast, s.state, s.held = 0, statePrefill, 0
+	s.moves++
 	e.relocated.Add(1)
 }
 
@@ -996,6 +1055,7 @@ func (e *Engine) advance(s *sequence, step uint64) bool {
 // accept streams a sampled token and decides whether s goes on.
 func (e *Engine) accept(s *sequence, tok int32, step uint64) bool {
 	s.generated++
+	s.moves = 0
 	e.generated.Add(1)
 	if s.generated == 1 {
 		s.stream.result.FirstToken = time.Now()
@@ -1061,7 +1121,7 @@ func (e *Engine) finish(s *sequence, reason FinishReason, stop string, err error
 		s.stream.failed.Store(true)
 	}
 	if keep := s.req.Ledger.Finish(); !keep && s.inCache {
-		e.seqRemove(s.seq)
+		e.release(s.seq)
 	}
 	s.inCache = false
 	if s.sampler != nil {

@@ -121,8 +121,8 @@ func (c *serveConfig) check() error {
 		return fmt.Errorf("--max-connection-age %v, --max-connection-age-grace %v: must be >= 0", c.maxConnAge, c.maxConnAgeGrace)
 	case c.deterministic && c.prefixCache:
 		return errors.New("--deterministic needs --prefix-cache=false: a shared prefix pins a sequence's first cells where another put them")
-	case c.deterministic && c.maxSeqs >= native.PadSequence:
-		return fmt.Errorf("--max-seqs %d: --deterministic needs one sequence id for padding (at most %d)", c.maxSeqs, native.PadSequence-1)
+	case c.deterministic && c.maxSeqs >= native.RetiredSequence:
+		return fmt.Errorf("--max-seqs %d: --deterministic keeps two sequence ids for itself (at most %d)", c.maxSeqs, native.RetiredSequence-1)
 	case c.pprof && c.metricsListen == "":
 		return errors.New("--pprof needs --metrics-listen")
 	case (c.tlsCert == "") != (c.tlsKey == ""):

@@ -15,8 +15,8 @@ func TestServeCheck(t *testing.T) {
 		{nil, ""},
 		{[]string{"--deterministic", "--prefix-cache=false"}, ""},
 		{[]string{"--deterministic"}, "--deterministic needs --prefix-cache=false"},
-		{[]string{"--deterministic", "--prefix-cache=false", "--max-seqs", "255"}, "one sequence id for padding"},
-		{[]string{"--deterministic", "--prefix-cache=false", "--max-seqs", "254"}, ""},
+		{[]string{"--deterministic", "--prefix-cache=false", "--max-seqs", "254"}, "two sequence ids for itself"},
+		{[]string{"--deterministic", "--prefix-cache=false", "--max-seqs", "253"}, ""},
 		{[]string{"--pprof"}, "--pprof needs --metrics-listen"},
 		{[]string{"--ctx", "0"}, "--ctx 0"},
 	}
