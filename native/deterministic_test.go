@@ -25,18 +25,26 @@ func TestEngineDeterministic(t *testing.T) {
 		deterministic bool
 		kvType        string
 		policy        allocator.Policy
+		threads       int
 	}{
-		{"deterministic, f16 cells", true, "", allocator.PolicyOptimistic},
-		{"deterministic, f32 cells", true, "f32", allocator.PolicyOptimistic},
+		{"deterministic, f16 cells", true, "", allocator.PolicyOptimistic, 1},
+		{"deterministic, f32 cells", true, "f32", allocator.PolicyOptimistic, 1},
 		// Reserve admission never preempts, but finished sequences leave
 		// holes below running ones.
-		{"deterministic, reserve admission", true, "", allocator.PolicyReserve},
-		{"default", false, "f32", allocator.PolicyOptimistic},
+		{"deterministic, reserve admission", true, "", allocator.PolicyReserve, 1},
+		// ggml splits a step's work between threads by whole output
+		// elements and rows, so the thread count must not matter either.
+		{"deterministic, 2 threads", true, "", allocator.PolicyOptimistic, 2},
+		{"default", false, "f32", allocator.PolicyOptimistic, 1},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			e := newEngine(t, EngineConfig{Cells: 256, Batch: 64, MaxSequences: 8, Threads: 1, KVType: tc.kvType,
+			e, err := NewEngine(m, EngineConfig{Cells: 256, Batch: 64, MaxSequences: 8, Threads: tc.threads, KVType: tc.kvType,
 				Deterministic: tc.deterministic})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(e.Close)
 			a, err := allocator.New(allocator.Config{Cells: e.Cells(), MaxSequences: 8, MaxQueue: 32,
 				Policy: tc.policy, Watermark: 8})
 			if err != nil {
