@@ -11,11 +11,12 @@ import (
 	"github.com/kvgate/kvgate/allocator"
 )
 
-// TestEngineDeterministic runs greedy streams on an optimistic pool far too
-// small for them, on engines with and without EngineConfig.Deterministic,
-// and compares every stream with its solo run on the same engine. The
-// deterministic engine must reproduce every solo run token for token, with
-// preemptions happening and no sequence let out of order. The default
+// TestEngineDeterministic runs greedy streams on a pool far too small for
+// them, on engines with and without EngineConfig.Deterministic, and compares
+// every stream with its solo run on the same engine. The deterministic
+// engine must reproduce every solo run token for token, with preemptions
+// happening under optimistic admission (and finished sequences leaving
+// holes under reserve admission), and no sequence let out of order. The default
 // engine is run for contrast and only logged: there, some streams part
 // from their solo run at near-ties (see TestLogitDrift).
 func TestEngineDeterministic(t *testing.T) {
