@@ -13,8 +13,8 @@ package native
 // cells are in position order is therefore computed exactly as if it were
 // alone; maxCell tells whether a new token keeps that order.
 type cellMap struct {
-	pos     []int32 // position held by each cell; -1 when empty
-	seqs    [][MaxSequenceIDs / 64]uint64
+	pos     []int32  // position held by each cell; -1 when empty
+	seqs    []seqSet // sequences in each cell
 	head    int
 	used    int
 	ubatch  int
@@ -31,7 +31,7 @@ type cellMap struct {
 func newCellMap(cells, ubatch int) *cellMap {
 	m := &cellMap{
 		pos:     make([]int32, cells),
-		seqs:    make([][MaxSequenceIDs / 64]uint64, cells),
+		seqs:    make([]seqSet, cells),
 		ubatch:  ubatch,
 		journal: make([]int32, 0, ubatch*4),
 	}
@@ -43,8 +43,6 @@ func newCellMap(cells, ubatch int) *cellMap {
 	}
 	return m
 }
-
-func (m *cellMap) has(cell, seq int) bool { return m.seqs[cell][seq/64]&(1<<(seq%64)) != 0 }
 
 // findSlot returns the cells find_slot would choose for a ubatch of n
 // tokens, appended to dst, or false when there is no room.
@@ -90,7 +88,7 @@ func (m *cellMap) mark() {
 func (m *cellMap) rollback() {
 	for _, c := range m.journal {
 		m.pos[c] = -1
-		m.seqs[c] = [MaxSequenceIDs / 64]uint64{}
+		m.seqs[c] = seqSet{}
 	}
 	m.journal = m.journal[:0]
 	m.head, m.used, m.maxCell = m.savedHead, m.savedUsed, m.savedMaxes
@@ -100,8 +98,8 @@ func (m *cellMap) rollback() {
 type seqSet [MaxSequenceIDs / 64]uint64
 
 func (s *seqSet) add(seq int32)    { s[seq/64] |= 1 << (seq % 64) }
+func (s *seqSet) del(seq int)      { s[seq/64] &^= 1 << (seq % 64) }
 func (s *seqSet) has(seq int) bool { return s[seq/64]&(1<<(seq%64)) != 0 }
-func (s *seqSet) empty() bool      { return *s == seqSet{} }
 
 // place puts a batch (token i of sequence seqs[i] at position pos[i]) into
 // the map the way llama_decode does, one ubatch of at most m.ubatch tokens
@@ -121,7 +119,7 @@ func (m *cellMap) place(seqs, pos []int32, cells []int32, exempt int32, broken *
 			s := seqs[at+i]
 			m.journal = append(m.journal, c)
 			m.pos[c] = pos[at+i]
-			m.seqs[c][s/64] |= 1 << (s % 64)
+			m.seqs[c].add(s)
 			m.used++
 			if c <= m.maxCell[s] && s != exempt {
 				broken.add(s)
@@ -141,11 +139,11 @@ func (m *cellMap) remove(seq int) {
 	}
 	newHead := len(m.pos)
 	for i := 0; i <= int(m.maxCell[seq]); i++ {
-		if !m.has(i, seq) {
+		if !m.seqs[i].has(seq) {
 			continue
 		}
-		m.seqs[i][seq/64] &^= 1 << (seq % 64)
-		if m.seqs[i] == ([MaxSequenceIDs / 64]uint64{}) {
+		m.seqs[i].del(seq)
+		if m.seqs[i] == (seqSet{}) {
 			m.pos[i] = -1
 			m.used--
 			newHead = min(newHead, i)
@@ -161,21 +159,9 @@ func (m *cellMap) remove(seq int) {
 // cells of src with positions below n.
 func (m *cellMap) copyPrefix(src, dst, n int) {
 	for i := 0; i <= int(m.maxCell[src]); i++ {
-		if m.has(i, src) && int(m.pos[i]) < n {
-			m.seqs[i][dst/64] |= 1 << (dst % 64)
+		if m.seqs[i].has(src) && int(m.pos[i]) < n {
+			m.seqs[i].add(int32(dst))
 			m.maxCell[dst] = max(m.maxCell[dst], int32(i))
 		}
 	}
-}
-
-// ordered returns the positions of seq's cells in cell order: what flash
-// attention visits.
-func (m *cellMap) ordered(seq int) []int32 {
-	var out []int32
-	for i := 0; i <= int(m.maxCell[seq]); i++ {
-		if m.has(i, seq) {
-			out = append(out, m.pos[i])
-		}
-	}
-	return out
 }

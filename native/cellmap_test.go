@@ -130,3 +130,15 @@ func TestCellMapMatchesLlama(t *testing.T) {
 		}
 	}
 }
+
+// ordered returns the positions of seq's cells in cell order: what flash
+// attention visits.
+func (m *cellMap) ordered(seq int) []int32 {
+	var out []int32
+	for i := 0; i <= int(m.maxCell[seq]); i++ {
+		if m.seqs[i].has(seq) {
+			out = append(out, m.pos[i])
+		}
+	}
+	return out
+}

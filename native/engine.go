@@ -268,7 +268,6 @@ type Engine struct {
 	placed     []int32
 	outputs    int
 	padIdx     int
-	retired    bool // RetiredSequence holds cells
 }
 
 type seqState int
@@ -382,9 +381,8 @@ func (e *Engine) Evict(seq int) {
 	e.evictMu.Unlock()
 }
 
-// removeEvicted carries out pending evictions and reports whether there
-// were any. It runs on the worker.
-func (e *Engine) removeEvicted() bool {
+// removeEvicted carries out pending evictions. It runs on the worker.
+func (e *Engine) removeEvicted() {
 	e.evictMu.Lock()
 	e.drained, e.evicts = e.evicts, e.drained[:0]
 	e.evictMu.Unlock()
@@ -392,7 +390,6 @@ func (e *Engine) removeEvicted() bool {
 		e.seqRemove(seq)
 		e.evicted.Add(1)
 	}
-	return len(e.drained) > 0
 }
 
 // seqRemove removes seq's tokens from the cache (and from the mirror).
@@ -415,16 +412,17 @@ func (e *Engine) release(seq int) {
 	if e.cmap.maxCell[seq] >= 0 {
 		e.ctx.SeqCopy(seq, RetiredSequence, -1, -1)
 		e.cmap.copyPrefix(seq, RetiredSequence, math.MaxInt32)
-		e.retired = true
 	}
 	e.seqRemove(seq)
 }
 
+// retired reports whether RetiredSequence holds cells.
+func (e *Engine) retired() bool { return e.cmap != nil && e.cmap.maxCell[RetiredSequence] >= 0 }
+
 // freeRetired frees the cells of RetiredSequence.
 func (e *Engine) freeRetired() {
-	if e.retired {
+	if e.retired() {
 		e.seqRemove(RetiredSequence)
-		e.retired = false
 	}
 }
 
@@ -869,7 +867,7 @@ func (e *Engine) plan(budget int) bool {
 		var broken seqSet
 		var fits bool
 		e.placed, fits = e.cmap.place(e.bseq, e.bpos, e.placed[:0], PadSequence, &broken)
-		if !fits && e.retired {
+		if !fits && e.retired() {
 			// The allocator counts retired cells as free: free them now.
 			e.cmap.rollback()
 			e.freeRetired()
