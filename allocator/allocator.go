@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"slices"
 	"sync"
 	"time"
 )
@@ -60,6 +59,21 @@ type Config struct {
 	MinRetryDelay time.Duration
 	// MaxRetryDelay is the upper clamp of RetryAfter estimates; 0 means 30s.
 	MaxRetryDelay time.Duration
+	// Tenants returns the limits of a tenant by name; nil means
+	// DefaultTenantLimits for every tenant. It is called with the
+	// Allocator's lock held and must not block or call back into the
+	// Allocator. Invalid limits it returns are replaced by the defaults.
+	Tenants func(name string) TenantLimits
+	// StepRate returns the decode worker's measured steps per second while
+	// busy (0 when unknown). nil means unknown. Called with the lock held;
+	// must not block. With StepRate set, wait estimates under
+	// PolicyReserve are taken from a simulation of the schedule instead of
+	// the drain rate; see the package documentation.
+	StepRate func() float64
+	// Batch is the decode worker's token budget of one step (n_batch);
+	// wait estimates count ceil(prompt tokens / Batch) steps to prefill a
+	// prompt. 0 counts every prefill as one step. It must not be negative.
+	Batch int
 	// Now is the clock for lease times, the drain rate and wait estimates;
 	// nil means time.Now. It is called with the Allocator's lock held and
 	// must not call back into the Allocator. Estimates are compared with
@@ -103,9 +117,17 @@ type Request struct {
 	// MaxTokens is the most tokens the sequence may generate; it must be at
 	// least 1.
 	MaxTokens int
-	// Priority orders the queue: higher first, equal priorities in arrival
-	// order.
+	// Priority orders the queue of the request's tenant: higher first,
+	// equal priorities in arrival order. It does not order requests of
+	// different tenants.
 	Priority int32
+	// Tenant names the tenant the request belongs to; "" is the default
+	// tenant.
+	Tenant string
+	// CacheSalt partitions the prefix cache within a tenant: a request
+	// shares cached cells only with requests of the same Tenant and
+	// CacheSalt.
+	CacheSalt string
 	// QueueTimeout bounds the time spent queued; 0 means as long as the
 	// context allows.
 	QueueTimeout time.Duration
@@ -115,7 +137,9 @@ type Request struct {
 type Stats struct {
 	// CellsTotal is Config.Cells.
 	CellsTotal int
-	// CellsUsed is the number of cells holding tokens (charged).
+	// CellsUsed is the number of cells holding tokens: the cells charged
+	// by running sequences and the cells of the prefix cache (CellsCached),
+	// each cell counted once however many sequences share it.
 	CellsUsed int
 	// CellsReserved is the number of cells reserved but not yet charged.
 	CellsReserved int
@@ -123,7 +147,8 @@ type Stats struct {
 	CellsFree int
 	// Running is the number of leases held.
 	Running int
-	// Queued is the number of requests waiting.
+	// Queued is the number of requests waiting, preempted sequences
+	// waiting to resume included.
 	Queued int
 	// Admitted counts the Admit calls that returned a lease.
 	Admitted uint64
@@ -153,6 +178,9 @@ type Stats struct {
 	Preemptions uint64
 	// CellsQueued is the cells the queued requests need at admission.
 	CellsQueued int
+	// Tenants holds, for every tenant with running leases or queued
+	// requests, its part of the snapshot. It is a fresh copy on each call.
+	Tenants map[string]TenantStats
 }
 
 // Allocator owns every cell of a KV cache pool and admits sequences under
@@ -169,7 +197,9 @@ type Allocator struct {
 	reserved int
 	running  int
 	seqUsed  [MaxSequencesLimit / 64]uint64
-	queue    []*waiter // priority descending, then arrival
+	resumes  []*waiter               // preempted sequences, in arrival order
+	tenants  map[string]*tenantState // tenants running or queued
+	queued   int                     // waiters: resumes and tenant queues
 	arrivals uint64
 	draining bool
 	admitted uint64
@@ -184,6 +214,9 @@ type Allocator struct {
 	prompts     uint64
 	evictions   uint64
 	preemptions uint64
+	// usedFrac is the moving average of the fraction of MaxTokens that
+	// finished leases generated; it starts at 1.
+	usedFrac float64
 }
 
 // waiter is a queued request. All fields after ready are guarded by the
@@ -192,13 +225,16 @@ type waiter struct {
 	need     int // an upper bound of the cells to admit it
 	prompt   []int32
 	tokens   int // prompt tokens
-	maxTok   int
+	maxTok   int // tokens it may still generate
 	noCache  bool
+	tenant   string
+	salt     string
 	resume   *Lease // a preempted lease waiting to run again
 	priority int32
 	arrival  uint64
 	enqueued time.Time
 	timeout  time.Duration
+	expires  time.Time     // when the caller stops waiting; zero for never
 	ready    chan struct{} // closed when resolved by the Allocator
 
 	resolved bool   // granted, drained, or abandoned
@@ -223,6 +259,8 @@ func New(cfg Config) (*Allocator, error) {
 		return nil, fmt.Errorf("%w: watermark %d must be in 0..%d", ErrInvalidConfig, cfg.Watermark, cfg.Cells-1)
 	case cfg.Policy != PolicyReserve && cfg.Policy != PolicyOptimistic:
 		return nil, fmt.Errorf("%w: unknown policy %d", ErrInvalidConfig, cfg.Policy)
+	case cfg.Batch < 0:
+		return nil, fmt.Errorf("%w: batch %d must not be negative", ErrInvalidConfig, cfg.Batch)
 	case cfg.MinRetryDelay < 0 || cfg.MaxRetryDelay < 0:
 		return nil, fmt.Errorf("%w: retry delays %v, %v must not be negative", ErrInvalidConfig, cfg.MinRetryDelay, cfg.MaxRetryDelay)
 	}
@@ -249,7 +287,9 @@ func New(cfg Config) (*Allocator, error) {
 		limit:    min(cfg.Cells, cfg.MaxSequenceTokens),
 		now:      cfg.Now,
 		rejected: make(map[string]uint64, len(reasons)),
+		tenants:  make(map[string]*tenantState),
 		entries:  make(map[int]*entry),
+		usedFrac: 1,
 	}
 	a.start = a.now()
 	for id := range cfg.MaxSequences {
@@ -268,9 +308,10 @@ func New(cfg Config) (*Allocator, error) {
 //
 // Refusals are checked in this order: DRAINING, NEVER_FITS, an already
 // ended ctx, then, if the request cannot be admitted at once, QUEUE_FULL
-// and KV_CELLS_EXHAUSTED. A request that gives up while queued never holds
-// a lease: if it was granted one at the same moment, the grant is undone
-// and the cells go to the next waiter.
+// (Config.MaxQueue, then the tenant's MaxQueued) and KV_CELLS_EXHAUSTED. A
+// request that gives up while queued never holds a lease: if it was
+// granted one at the same moment, the grant is undone and the cells go to
+// the next waiter.
 func (a *Allocator) Admit(ctx context.Context, req Request) (*Lease, error) {
 	l, w, err := a.begin(ctx, req)
 	if w == nil {
@@ -297,50 +338,67 @@ func (a *Allocator) begin(ctx context.Context, req Request) (*Lease, *waiter, er
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.draining {
-		return nil, nil, a.refuseLocked(ReasonDraining, total, len(a.queue), 0, ErrDraining)
+		return nil, nil, a.refuseLocked(ReasonDraining, total, a.queued, 0, ErrDraining)
 	}
 	if total > a.limit {
-		err := a.refuseLocked(ReasonNeverFits, total, len(a.queue), 0, ErrNeverFits)
+		err := a.refuseLocked(ReasonNeverFits, total, a.queued, 0, ErrNeverFits)
 		err.Limit = a.limit
 		return nil, nil, err
 	}
 	if ctx.Err() != nil {
 		reason, causes := contextRefusal(ctx)
-		return nil, nil, a.refuseLocked(reason, total, len(a.queue), 0, causes...)
+		return nil, nil, a.refuseLocked(reason, total, a.queued, 0, causes...)
 	}
 	now := a.now()
-	w := &waiter{
+	w := a.newWaiter(ctx, req, total, now)
+	if a.wouldPickLocked(w) {
+		if l := a.tryGrantLocked(w, now); l != nil {
+			// Its tenant's load grew: another tenant's head may now be
+			// the pick, and fit.
+			a.pumpLocked()
+			return l, nil, nil
+		}
+	}
+	full := a.queued >= a.cfg.MaxQueue
+	if lim := a.limitsLocked(req.Tenant); lim.MaxQueued > 0 {
+		if t := a.tenants[req.Tenant]; t != nil && len(t.queue) >= lim.MaxQueued {
+			full = true
+		}
+	}
+	left, bounded := waitBudget(ctx, req.QueueTimeout, now)
+	if full || bounded {
+		est := a.estimateLocked(w, now)
+		if full {
+			return nil, nil, a.refuseLocked(ReasonQueueFull, w.need, a.queued, a.retryAfter(est), ErrQueueFull)
+		}
+		if est.confident && est.wait > left {
+			return nil, nil, a.refuseLocked(ReasonKVCellsExhausted, w.need, a.queued, a.retryAfter(est), ErrKVCellsExhausted)
+		}
+	}
+	w.ready = make(chan struct{})
+	a.enqueueLocked(w)
+	// Going ahead of its tenant's head, w may have handed a tie in load to
+	// another tenant whose head fits.
+	a.pumpLocked()
+	return nil, w, nil
+}
+
+// newWaiter returns the waiter for a valid req of total tokens (prompt +
+// max tokens) arriving at now; it is not queued.
+func (a *Allocator) newWaiter(ctx context.Context, req Request, total int, now time.Time) *waiter {
+	return &waiter{
 		need:     a.upperNeed(req.PromptTokens, total),
 		prompt:   req.Prompt,
 		tokens:   req.PromptTokens,
 		maxTok:   req.MaxTokens,
 		noCache:  req.NoCache,
+		tenant:   req.Tenant,
+		salt:     req.CacheSalt,
 		priority: req.Priority,
 		enqueued: now,
 		timeout:  req.QueueTimeout,
+		expires:  deadlineOf(ctx, req.QueueTimeout, now),
 	}
-	need := w.need
-	idx := a.insertIndexLocked(req.Priority)
-	if idx == 0 {
-		if l := a.tryGrantLocked(w, now); l != nil {
-			return l, nil, nil
-		}
-	}
-	mustDrain := need + a.cellsAheadLocked(idx) - a.availLocked()
-	est, known := a.estimateLocked(mustDrain, now)
-	if len(a.queue) >= a.cfg.MaxQueue {
-		return nil, nil, a.refuseLocked(ReasonQueueFull, need, len(a.queue), a.retryAfter(est, known), ErrQueueFull)
-	}
-	if known && mustDrain > 0 {
-		if left, ok := waitBudget(ctx, req.QueueTimeout, now); ok && est > left {
-			return nil, nil, a.refuseLocked(ReasonKVCellsExhausted, need, len(a.queue), a.retryAfter(est, known), ErrKVCellsExhausted)
-		}
-	}
-	w.arrival = a.arrivals
-	w.ready = make(chan struct{})
-	a.arrivals++
-	a.queue = slices.Insert(a.queue, idx, w)
-	return nil, w, nil
 }
 
 // upperNeed returns the most cells a request of prompt tokens and total
@@ -390,15 +448,13 @@ func (a *Allocator) abandon(w *waiter, reason string, causes ...error) (*Lease, 
 		a.admitted--
 		w.lease = nil
 	} else {
-		i := slices.Index(a.queue, w)
-		a.queue = slices.Delete(a.queue, i, i+1)
+		a.dequeueLocked(w)
 	}
 	var retry time.Duration
 	if reason == ReasonQueueTimeout {
-		mustDrain := w.need + a.cellsAheadLocked(a.insertIndexLocked(w.priority)) - a.freeLocked()
-		retry = a.retryAfter(a.estimateLocked(mustDrain, a.now()))
+		retry = a.retryAfter(a.estimateLocked(w, a.now()))
 	}
-	err := a.refuseLocked(reason, w.need, len(a.queue), retry, causes...)
+	err := a.refuseLocked(reason, w.need, a.queued, retry, causes...)
 	w.resolved, w.err = true, err
 	a.pumpLocked()
 	a.notifyIdleLocked()
@@ -412,17 +468,17 @@ func (a *Allocator) Drain() {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.draining = true
-	q := a.queue
-	a.queue = nil
-	for _, w := range q {
-		if w.resume != nil {
-			// A preempted sequence is a running stream: it stays queued.
-			a.queue = append(a.queue, w)
-			continue
+	// Preempted sequences are running streams: they stay queued.
+	depth := a.queued - 1
+	for _, t := range a.tenants {
+		for _, w := range t.queue {
+			w.resolved = true
+			w.err = a.refuseLocked(ReasonDraining, w.need, depth, 0, ErrDraining)
+			close(w.ready)
+			a.queued--
 		}
-		w.resolved = true
-		w.err = a.refuseLocked(ReasonDraining, w.need, len(q)-1, 0, ErrDraining)
-		close(w.ready)
+		t.queue = nil
+		a.tidyTenantLocked(t.name)
 	}
 	a.notifyIdleLocked()
 }
@@ -450,7 +506,7 @@ func (a *Allocator) FlushCache() int {
 func (a *Allocator) Idle() <-chan struct{} {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.running == 0 && len(a.queue) == 0 {
+	if a.running == 0 && a.queued == 0 {
 		c := make(chan struct{})
 		close(c)
 		return c
@@ -470,6 +526,15 @@ func (a *Allocator) Stats() Stats {
 		rej[k] = v
 	}
 	cached, shared := a.tree.stats()
+	tenants := make(map[string]TenantStats, len(a.tenants))
+	for name, t := range a.tenants {
+		tenants[name] = TenantStats{Running: t.running, CellsHeld: t.held, Queued: len(t.queue)}
+	}
+	for _, w := range a.resumes {
+		ts := tenants[w.tenant]
+		ts.Queued++
+		tenants[w.tenant] = ts
+	}
 	return Stats{
 		CellsCached:         cached,
 		CellsEvictable:      a.tree.evictable,
@@ -479,16 +544,17 @@ func (a *Allocator) Stats() Stats {
 		PromptTokens:        a.prompts,
 		Evictions:           a.evictions,
 		Preemptions:         a.preemptions,
-		CellsQueued:         a.cellsAheadLocked(len(a.queue)),
+		CellsQueued:         a.cellsQueuedLocked(),
 		CellsTotal:          a.cfg.Cells,
 		CellsUsed:           a.used,
 		CellsReserved:       a.reserved,
 		CellsFree:           a.freeLocked(),
 		Running:             a.running,
-		Queued:              len(a.queue),
+		Queued:              a.queued,
 		Admitted:            a.admitted,
 		Rejected:            rej,
 		DrainCellsPerSecond: a.drained.rate(a.start, a.now()),
+		Tenants:             tenants,
 	}
 }
 
@@ -496,65 +562,6 @@ func (a *Allocator) freeLocked() int { return a.cfg.Cells - a.used - a.reserved 
 
 // availLocked returns the cells free now or after evicting the cache.
 func (a *Allocator) availLocked() int { return a.freeLocked() + a.tree.evictable }
-
-// insertIndexLocked returns where a request of priority p goes in the queue:
-// after every waiter of priority >= p.
-func (a *Allocator) insertIndexLocked(p int32) int {
-	lo, hi := 0, len(a.queue)
-	for lo < hi {
-		m := int(uint(lo+hi) >> 1)
-		if a.queue[m].priority >= p {
-			lo = m + 1
-		} else {
-			hi = m
-		}
-	}
-	return lo
-}
-
-// cellsAheadLocked returns the cells needed by the first n waiters.
-func (a *Allocator) cellsAheadLocked(n int) int {
-	sum := 0
-	for _, w := range a.queue[:n] {
-		sum += w.need
-	}
-	return sum
-}
-
-// estimateLocked returns how long it should take for mustDrain cells to be
-// released at the current drain rate, and whether the rate is known.
-func (a *Allocator) estimateLocked(mustDrain int, now time.Time) (time.Duration, bool) {
-	r := a.drained.rate(a.start, now)
-	if r <= 0 {
-		return 0, false
-	}
-	if mustDrain <= 0 {
-		return 0, true
-	}
-	return secondsToDuration(float64(mustDrain) / r), true
-}
-
-// retryAfter clamps an estimate to [MinRetryDelay, MaxRetryDelay]; an
-// unknown estimate counts as one second.
-func (a *Allocator) retryAfter(est time.Duration, known bool) time.Duration {
-	if !known {
-		est = unknownRateRetry
-	}
-	return min(max(est, a.cfg.MinRetryDelay), a.cfg.MaxRetryDelay)
-}
-
-// waitBudget returns how long the caller is prepared to wait from now: the
-// time left until ctx's deadline or queueTimeout, whichever is shorter. ok
-// is false when neither bounds the wait.
-func waitBudget(ctx context.Context, queueTimeout time.Duration, now time.Time) (left time.Duration, ok bool) {
-	if d, has := ctx.Deadline(); has {
-		left, ok = d.Sub(now), true
-	}
-	if queueTimeout > 0 && (!ok || queueTimeout < left) {
-		left, ok = queueTimeout, true
-	}
-	return left, ok
-}
 
 // contextRefusal maps an ended context to a reason and the errors to wrap.
 func contextRefusal(ctx context.Context) (string, []error) {
@@ -584,32 +591,9 @@ func (a *Allocator) refuseLocked(reason string, need, depth int, retry time.Dura
 	}
 }
 
-// pumpLocked admits waiters from the head of the queue while the head fits.
-func (a *Allocator) pumpLocked() {
-	n := 0
-	var now time.Time
-	for n < len(a.queue) {
-		w := a.queue[n]
-		if n == 0 {
-			now = a.now()
-		}
-		l := a.tryGrantLocked(w, now)
-		if l == nil {
-			break
-		}
-		w.lease = l
-		w.resolved = true
-		close(w.ready)
-		n++
-	}
-	if n > 0 {
-		a.queue = slices.Delete(a.queue, 0, n)
-	}
-}
-
 // notifyIdleLocked closes the Idle channel if nothing is held or queued.
 func (a *Allocator) notifyIdleLocked() {
-	if a.idle != nil && a.running == 0 && len(a.queue) == 0 {
+	if a.idle != nil && a.running == 0 && a.queued == 0 {
 		close(a.idle)
 		a.idle = nil
 	}

@@ -165,6 +165,18 @@ func TestImmediateRefusals(t *testing.T) {
 			want: want{ReasonNeverFits, ErrNeverFits, 100, 0, 100, 0},
 		},
 		{
+			name: "never fits before a tenant's full queue",
+			cfg: Config{Cells: 100, MaxSequences: 4, MaxQueue: 4, Tenants: func(string) TenantLimits {
+				return TenantLimits{MaxQueued: 1, MaxShare: 0.1}
+			}},
+			setup: func(t *testing.T, a *Allocator) {
+				mustAdmit(t, a, tenantReq("acme", 100))
+				enqueue(t, a, tenantReq("acme", 10))
+			},
+			req:  Request{PromptTokens: 90, MaxTokens: 11, Tenant: "acme"},
+			want: want{ReasonNeverFits, ErrNeverFits, 0, 1, 100, 0},
+		},
+		{
 			name: "never fits without overflow",
 			cfg:  Config{Cells: 100, MaxSequences: 4, MaxQueue: 4},
 			req:  Request{PromptTokens: math.MaxInt, MaxTokens: math.MaxInt},

@@ -4,16 +4,20 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"testing"
 	"time"
 )
 
 // Fuzz input layout: four header bytes, then three bytes per operation.
 //
-//	header: cells = 4 + b0%29; sequences = 1 + b1%4; queue = b2%5;
+//	header: cells = 4 + b0%29; sequences = 1 + b1%4; queue = (b2&127)%5;
+//	        b2 bit 7: Config.StepRate reports the model's step rate
+//	        (initially 0, unknown);
 //	        b3 odd: MaxSequenceTokens = 1 + (b3>>1)%(cells+4), else 0.
-//	op byte % 8, then x, y:
+//	op byte % 8, then x, y; t = (op byte>>3)%4:
 //	  0, 1 admit:   prompt 1+x%8, max 1+y%8, priority (x>>3)%3;
+//	                tenant fuzzTenants[t];
 //	                x bit 5: QueueTimeout (1+x>>6)*200ms;
 //	                (y>>3)%4: 1 deadline now+(y>>5)*100ms, 2 cancelled ctx.
 //	  2 charge:     lease x%n, n = y%(reserved+2) (over-charges included).
@@ -21,7 +25,8 @@ import (
 //	  4 cancel:     waiter x%n leaves with CANCELLED (may race a grant).
 //	  5 timeout:    waiter x%n leaves with QUEUE_TIMEOUT (may race a grant).
 //	  6 collect:    every resolved waiter returns its lease or error.
-//	  7 clock:      y%16 == 0: Drain; else advance x*10ms.
+//	  7 clock:      y%16 == 0: Drain; else t == 0: advance x*10ms;
+//	                else the step rate becomes x*t steps/s.
 const (
 	opAdmit   = 0
 	opCharge  = 2
@@ -31,6 +36,22 @@ const (
 	opCollect = 6
 	opClock   = 7
 )
+
+// fuzzTenants are the tenants of fuzzed requests; fuzzLimits gives their
+// limits, "c" with invalid values that must act as the defaults.
+var fuzzTenants = [4]string{"", "a", "b", "c"}
+
+func fuzzLimits(name string) TenantLimits {
+	switch name {
+	case "a":
+		return TenantLimits{Weight: 2}
+	case "b":
+		return TenantLimits{Weight: 1, MaxShare: 0.5, MaxQueued: 2}
+	case "c":
+		return TenantLimits{Weight: math.NaN(), MaxShare: -1, MaxQueued: -3}
+	}
+	return TenantLimits{}
+}
 
 // FuzzAllocator interprets the input as a sequence of operations on a small
 // pool, driven single-threaded through the same internal steps Admit uses
@@ -101,6 +122,21 @@ func FuzzAllocator(f *testing.F) {
 	f.Add(seq([]byte{8, 1, 2, 31},
 		admit(7, 7, 0, false, 0), admit(6, 6, 0, false, 0), admit(6, 6, 0, false, 0)))
 
+	// Tenants: a holds the pool, b and c queue; b is capped at half the
+	// pool and may queue two; releases go to the least loaded tenant.
+	tenant := func(o []byte, t byte) []byte { o[0] |= t << 3; return o }
+	f.Add(seq(hdr,
+		tenant(admit(8, 8, 0, false, 0), 1), tenant(admit(4, 4, 0, false, 0), 1),
+		tenant(admit(3, 3, 0, false, 0), 2), tenant(admit(2, 2, 2, false, 0), 2), tenant(admit(1, 1, 0, false, 0), 2),
+		tenant(admit(2, 2, 1, false, 0), 3), op(opRelease, 0, 0), op(opCollect, 0, 0),
+		op(opRelease, 0, 0), op(opCollect, 0, 0), op(opRelease, 0, 0), op(opCollect, 0, 0)))
+	// Step-rate mode: unknown rate queues, a known rate refuses a wait past
+	// the deadline, and the pool drains in fair order.
+	f.Add(seq([]byte{12, 3, 132, 0},
+		admit(8, 8, 0, false, 0), tenant(admit(4, 4, 0, false, 1), 1),
+		op(opClock|1<<3, 20, 1), tenant(admit(4, 4, 0, false, 1), 2), admit(4, 4, 1, true, 0),
+		op(opRelease, 0, 0), op(opCollect, 0, 0), op(opClock, 30, 1), op(opCollect, 0, 0)))
+
 	f.Fuzz(runOps)
 }
 
@@ -117,6 +153,9 @@ type fuzzModel struct {
 	// queued holds the waiters that were unresolved after the last
 	// operation, to check that grants follow the queue order.
 	queued []*waiter
+	// stepRate is what Config.StepRate reports when scheduled is set.
+	stepRate  float64
+	scheduled bool
 }
 
 func runOps(t *testing.T, data []byte) {
@@ -127,20 +166,25 @@ func runOps(t *testing.T, data []byte) {
 	cfg := Config{
 		Cells:        4 + int(data[0]%29),
 		MaxSequences: 1 + int(data[1]%4),
-		MaxQueue:     int(data[2] % 5),
+		MaxQueue:     int(data[2]&127) % 5,
 		Now:          clk.Now,
+		Tenants:      fuzzLimits,
 	}
 	if data[3]%2 == 1 {
 		cfg.MaxSequenceTokens = 1 + int(data[3]>>1)%(cfg.Cells+4)
 	}
-	m := &fuzzModel{t: t, a: mustNew(t, cfg), clk: clk, limit: cfg.Cells}
+	m := &fuzzModel{t: t, clk: clk, limit: cfg.Cells, scheduled: data[2]&128 != 0}
+	if m.scheduled {
+		cfg.StepRate = func() float64 { return m.stepRate }
+	}
+	m.a = mustNew(t, cfg)
 	if cfg.MaxSequenceTokens > 0 {
 		m.limit = min(m.limit, cfg.MaxSequenceTokens)
 	}
 	ops := data[4:]
 	for i := 0; i+3 <= len(ops); i += 3 {
 		kind, x, y := ops[i]%8, ops[i+1], ops[i+2]
-		what := m.step(kind, x, y)
+		what := m.step(kind, (ops[i]>>3)%4, x, y)
 		if err := m.verify(); err != nil {
 			t.Fatalf("op %d (%s): %v", i/3, what, err)
 		}
@@ -171,10 +215,10 @@ func runOps(t *testing.T, data []byte) {
 	}
 }
 
-func (m *fuzzModel) step(kind, x, y byte) string {
+func (m *fuzzModel) step(kind, ten, x, y byte) string {
 	switch kind {
 	case 0, 1:
-		return m.admit(x, y)
+		return m.admit(fuzzTenants[ten], x, y)
 	case opCharge:
 		if len(m.live) == 0 {
 			return "charge: no lease"
@@ -238,17 +282,22 @@ func (m *fuzzModel) step(kind, x, y byte) string {
 			m.draining = true
 			return "drain"
 		}
+		if ten != 0 {
+			m.stepRate = float64(x) * float64(ten)
+			return fmt.Sprintf("step rate %v", m.stepRate)
+		}
 		m.clk.Advance(time.Duration(x) * 10 * time.Millisecond)
 		return "advance"
 	}
 	return "nop"
 }
 
-func (m *fuzzModel) admit(x, y byte) string {
+func (m *fuzzModel) admit(tenant string, x, y byte) string {
 	req := Request{
 		PromptTokens: 1 + int(x%8),
 		MaxTokens:    1 + int(y%8),
 		Priority:     int32((x >> 3) % 3),
+		Tenant:       tenant,
 	}
 	if x&(1<<5) != 0 {
 		req.QueueTimeout = time.Duration(1+x>>6) * 200 * time.Millisecond
@@ -264,9 +313,27 @@ func (m *fuzzModel) admit(x, y byte) string {
 	}
 	need := req.PromptTokens + req.MaxTokens
 	before := m.a.Stats()
-	behind := false // a queued waiter goes first
+	// behind: a queued waiter goes first, one of the same tenant and no
+	// lower priority, or another tenant's pumping could pick: below its
+	// cap with a load no higher than that of the request's tenant.
+	behind := false
 	for _, w := range m.queued {
-		behind = behind || w.priority >= req.Priority
+		behind = behind || w.tenant == tenant && w.priority >= req.Priority
+	}
+	load := func(name string) float64 {
+		return float64(before.Tenants[name].CellsHeld) / fuzzLimits(name).normalized().Weight
+	}
+	capped := func(name string) bool {
+		lim := fuzzLimits(name).normalized()
+		return !lim.belowCap(before.Tenants[name].CellsHeld, m.a.cfg.Cells, before.Tenants[name].Running, m.a.cfg.MaxRunning)
+	}
+	for name, ts := range before.Tenants {
+		behind = behind || name != tenant && ts.Queued > 0 && !capped(name) && load(name) <= load(tenant)
+	}
+	behind = behind || capped(tenant)
+	tenantFull := false
+	if lim := fuzzLimits(tenant).normalized(); lim.MaxQueued > 0 {
+		tenantFull = before.Tenants[tenant].Queued >= lim.MaxQueued
 	}
 	m.calls++
 	l, w, err := m.a.begin(ctx, req)
@@ -284,7 +351,7 @@ func (m *fuzzModel) admit(x, y byte) string {
 		}
 		m.live = append(m.live, l)
 	case w != nil:
-		if m.draining || need > m.limit || before.Queued >= m.a.cfg.MaxQueue {
+		if m.draining || need > m.limit || before.Queued >= m.a.cfg.MaxQueue || tenantFull {
 			m.t.Fatalf("%s queued (draining %v, limit %d, before %+v)", what, m.draining, m.limit, before)
 		}
 		m.waiters = append(m.waiters, w)
@@ -317,8 +384,14 @@ func (m *fuzzModel) admit(x, y byte) string {
 			if re.Reason == ReasonQueueFull && before.Queued < m.a.cfg.MaxQueue && before.Running < m.a.cfg.MaxSequences && before.CellsFree >= need && before.Queued == 0 {
 				m.t.Fatalf("%s: QUEUE_FULL though it fit", what)
 			}
-			if re.Reason == ReasonKVCellsExhausted && before.DrainCellsPerSecond <= 0 {
+			if re.Reason == ReasonKVCellsExhausted && !m.scheduled && before.DrainCellsPerSecond <= 0 {
 				m.t.Fatalf("%s: KV_CELLS_EXHAUSTED with unknown drain rate", what)
+			}
+			if re.Reason == ReasonKVCellsExhausted && m.scheduled && m.stepRate <= 0 {
+				m.t.Fatalf("%s: KV_CELLS_EXHAUSTED with unknown step rate", what)
+			}
+			if re.Reason == ReasonQueueFull && before.Queued < m.a.cfg.MaxQueue && !tenantFull {
+				m.t.Fatalf("%s: QUEUE_FULL with room in the queue and the tenant's share of it", what)
 			}
 		}
 		what += " -> " + re.Reason
@@ -430,8 +503,10 @@ func (m *fuzzModel) verify() error {
 		return fmt.Errorf("admitted %d + rejected %d + queued %d != %d calls", s.Admitted, sumRejected(s), queued, m.calls)
 	}
 
-	// Grants follow the queue order: no waiter still queued was ahead of
-	// one granted by this operation.
+	// Grants follow each tenant's queue order: no waiter still queued was
+	// ahead of one of its tenant granted by this operation. (The order
+	// across tenants is checked by checkLocked: the next waiter in the
+	// fair order never fits while it waits.)
 	var still []*waiter
 	for _, w := range m.waiters {
 		if !w.resolved {
@@ -443,7 +518,7 @@ func (m *fuzzModel) verify() error {
 			continue
 		}
 		for _, u := range still {
-			if u.priority > g.priority || u.priority == g.priority && u.arrival < g.arrival {
+			if u.tenant == g.tenant && (u.priority > g.priority || u.priority == g.priority && u.arrival < g.arrival) {
 				return fmt.Errorf("waiter (priority %d, #%d) granted ahead of queued (priority %d, #%d)", g.priority, g.arrival, u.priority, u.arrival)
 			}
 		}

@@ -17,12 +17,13 @@ type plan struct {
 	reserve int // cells reserved by the lease
 }
 
-// planLocked matches w's prompt against the prefix cache. At least the last
-// prompt token is always recomputed, so that it yields logits.
+// planLocked matches w's prompt against its partition of the prefix cache.
+// At least the last prompt token is always recomputed, so that it yields
+// logits.
 func (a *Allocator) planLocked(w *waiter) plan {
 	var p plan
 	if a.cfg.PrefixCache && !w.noCache && len(w.prompt) > 1 {
-		full, partial, k, depth := a.tree.match(w.prompt[:len(w.prompt)-1])
+		full, partial, k, depth := a.tree.match(w.partition(), w.prompt[:len(w.prompt)-1])
 		if depth > 0 {
 			deepest := partial
 			if deepest == nil {
@@ -47,6 +48,9 @@ func (a *Allocator) planLocked(w *waiter) plan {
 	}
 	return p
 }
+
+// partition returns the part of the prefix cache w may share.
+func (w *waiter) partition() partition { return partition{tenant: w.tenant, salt: w.salt} }
 
 // sourceLocked returns the entry to copy a prefix ending in node n from:
 // of the entries whose path includes n, the one that pinning would keep
@@ -100,7 +104,8 @@ func (a *Allocator) tryGrantLocked(w *waiter, now time.Time) *Lease {
 }
 
 // grantLocked carries out plan p for w: it takes a sequence id, records
-// the new entry's shared prefix in the tree and reserves its cells.
+// the new entry's shared prefix in the tree, reserves its cells and
+// charges them to w's tenant.
 func (a *Allocator) grantLocked(w *waiter, p plan, now time.Time) *Lease {
 	seq := a.takeIDLocked()
 	path := append([]*node(nil), p.full...)
@@ -111,19 +116,24 @@ func (a *Allocator) grantLocked(w *waiter, p plan, now time.Time) *Lease {
 		}
 		path = append(path, upper)
 	}
-	e := &entry{seq: seq, path: path, depth: p.prefix}
+	e := &entry{seq: seq, part: w.partition(), path: path, depth: p.prefix}
 	a.tree.addUser(path, true, true)
 	a.entries[seq] = e
 
 	l := w.resume
 	if l == nil {
-		l = &Lease{a: a, admitted: now, waited: max(now.Sub(w.enqueued), 0), noCache: w.noCache, priority: w.priority}
+		l = &Lease{a: a, admitted: now, waited: max(now.Sub(w.enqueued), 0), noCache: w.noCache, priority: w.priority,
+			tenant: w.tenant, salt: w.salt, maxTok: w.maxTok, prompt: w.tokens}
 		a.admitted++
 		a.prompts += uint64(w.tokens)
 	} else {
 		l.waiter = nil
 	}
 	l.seq, l.entry, l.cells, l.charged = seq, e, p.reserve, 0
+	l.fresh = w.tokens - p.prefix
+	t := a.tenantLocked(w.tenant)
+	t.held += p.reserve
+	t.running++
 	l.src, l.prefix, l.copied = p.src, p.prefix, p.src == nil
 	e.lease = l
 	a.touchLocked(p.src)
@@ -182,7 +192,7 @@ func (a *Allocator) evictOneLocked() {
 func (a *Allocator) evictLocked(e *entry) {
 	a.lru.Remove(e.lru)
 	e.lru = nil
-	freed := a.tree.removeUser(e.path, false, false)
+	freed := a.tree.removeUser(e.part, e.path, false, false)
 	a.used = a.tree.cells
 	delete(a.entries, e.seq)
 	a.freeIDLocked(e.seq)
@@ -246,6 +256,11 @@ func (a *Allocator) endLocked(l *Lease, keep, countDrain bool) bool {
 	unreserved := l.cells - l.charged
 	a.reserved -= unreserved
 	a.running--
+	if t := a.tenants[l.tenant]; t != nil {
+		t.held -= l.cells
+		t.running--
+		a.tidyTenantLocked(l.tenant)
+	}
 	keep = (keep && a.cfg.PrefixCache && !l.noCache && e.depth > 0) || e.pins > 0
 	freed := 0
 	if keep {
@@ -258,7 +273,7 @@ func (a *Allocator) endLocked(l *Lease, keep, countDrain bool) bool {
 		e.lease = nil
 		e.lru = a.lru.PushFront(e)
 	} else {
-		freed = a.tree.removeUser(e.path, true, true)
+		freed = a.tree.removeUser(e.part, e.path, true, true)
 		delete(a.entries, e.seq)
 		a.freeIDLocked(e.seq)
 	}

@@ -83,6 +83,23 @@ func checkStats(s Stats, cfg Config) error {
 	case len(s.Rejected) != len(reasons):
 		return fmt.Errorf("Rejected has %d keys, want %d", len(s.Rejected), len(reasons))
 	}
+	var running, queued, held int
+	for name, ts := range s.Tenants {
+		if ts.Running < 0 || ts.Queued < 0 || ts.CellsHeld < 0 || ts.Running == 0 && ts.Queued == 0 {
+			return fmt.Errorf("tenant %q: %+v", name, ts)
+		}
+		running += ts.Running
+		queued += ts.Queued
+		held += ts.CellsHeld
+	}
+	switch {
+	case running != s.Running || queued != s.Queued:
+		return fmt.Errorf("tenants run %d and queue %d, stats say %d and %d", running, queued, s.Running, s.Queued)
+	case held > s.CellsUsed+s.CellsReserved:
+		return fmt.Errorf("tenants hold %d cells, more than used %d + reserved %d", held, s.CellsUsed, s.CellsReserved)
+	case s.CellsCached == 0 && s.CellsShared == 0 && held != s.CellsUsed+s.CellsReserved:
+		return fmt.Errorf("without cache tenants hold %d cells, used %d + reserved %d", held, s.CellsUsed, s.CellsReserved)
+	}
 	return nil
 }
 
@@ -164,6 +181,10 @@ func pending(t testing.TB, c <-chan result) {
 
 // checkLocked verifies the Allocator's invariants; tests call it.
 func (a *Allocator) checkLocked() error {
+	queuedNormal := 0
+	for _, t := range a.tenants {
+		queuedNormal += len(t.queue)
+	}
 	switch {
 	case a.used < 0 || a.reserved < 0:
 		return fmt.Errorf("negative ledger: used %d reserved %d", a.used, a.reserved)
@@ -171,12 +192,16 @@ func (a *Allocator) checkLocked() error {
 		return fmt.Errorf("overcommitted: used %d + reserved %d > %d", a.used, a.reserved, a.cfg.Cells)
 	case a.running < 0 || a.running > a.cfg.MaxSequences:
 		return fmt.Errorf("running %d outside 0..%d", a.running, a.cfg.MaxSequences)
-	case len(a.queue) > a.cfg.MaxQueue:
-		return fmt.Errorf("queued %d > max %d", len(a.queue), a.cfg.MaxQueue)
-	case a.draining && len(a.queue) > 0:
-		return fmt.Errorf("draining with %d queued", len(a.queue))
-	case a.idle != nil && a.running == 0 && len(a.queue) == 0:
+	case a.queued != queuedNormal+len(a.resumes):
+		return fmt.Errorf("queued %d, tenant queues hold %d and resumes %d", a.queued, queuedNormal, len(a.resumes))
+	case a.queued > a.cfg.MaxQueue:
+		return fmt.Errorf("queued %d > max %d", a.queued, a.cfg.MaxQueue)
+	case a.draining && queuedNormal > 0:
+		return fmt.Errorf("draining with %d queued", queuedNormal)
+	case a.idle != nil && a.running == 0 && a.queued == 0:
 		return errors.New("idle but Idle channel open")
+	case !(a.usedFrac >= 0 && a.usedFrac <= 1):
+		return fmt.Errorf("used fraction %v outside [0, 1]", a.usedFrac)
 	}
 	held := 0
 	for i := range a.seqUsed {
@@ -191,25 +216,110 @@ func (a *Allocator) checkLocked() error {
 	if a.used != a.tree.cells {
 		return fmt.Errorf("used %d, tree holds %d cells", a.used, a.tree.cells)
 	}
-	for i, w := range a.queue {
-		if w.resolved {
-			return fmt.Errorf("resolved waiter %d still queued", i)
+
+	// Tenants: their counts match the running leases, and no state lingers.
+	type tally struct{ held, running int }
+	want := map[string]tally{}
+	for _, e := range a.entries {
+		if l := e.lease; l != nil {
+			t := want[l.tenant]
+			t.held += l.cells
+			t.running++
+			want[l.tenant] = t
 		}
-		if i > 0 {
-			p := a.queue[i-1]
-			if p.priority < w.priority || (p.priority == w.priority && p.arrival >= w.arrival) {
-				return fmt.Errorf("queue out of order at %d: (%d,#%d) before (%d,#%d)", i, p.priority, p.arrival, w.priority, w.arrival)
+	}
+	for name, t := range a.tenants {
+		w := want[name]
+		switch {
+		case t.name != name:
+			return fmt.Errorf("tenant %q filed under %q", t.name, name)
+		case t.held != w.held || t.running != w.running:
+			return fmt.Errorf("tenant %q: held %d running %d, leases hold %d running %d", name, t.held, t.running, w.held, w.running)
+		case t.running == 0 && len(t.queue) == 0:
+			return fmt.Errorf("tenant %q has neither leases nor waiters but lingers", name)
+		}
+		delete(want, name)
+		for i, w := range t.queue {
+			if w.resolved || w.resume != nil || w.tenant != name {
+				return fmt.Errorf("tenant %q: waiter %d resolved %v resume %v tenant %q", name, i, w.resolved, w.resume != nil, w.tenant)
+			}
+			if i > 0 {
+				p := t.queue[i-1]
+				if p.priority < w.priority || (p.priority == w.priority && p.arrival >= w.arrival) {
+					return fmt.Errorf("tenant %q: queue out of order at %d: (%d,#%d) before (%d,#%d)", name, i, p.priority, p.arrival, w.priority, w.arrival)
+				}
 			}
 		}
 	}
-	if len(a.queue) > 0 && a.fitsLocked(a.queue[0].need) {
-		return fmt.Errorf("head of queue needs %d cells and fits (%d free, %d running) but waits", a.queue[0].need, a.freeLocked(), a.running)
+	for name := range want {
+		return fmt.Errorf("tenant %q has running leases but no state", name)
+	}
+	for i, w := range a.resumes {
+		if w.resolved || w.resume == nil {
+			return fmt.Errorf("resume %d: resolved %v, lease %v", i, w.resolved, w.resume)
+		}
+		if i > 0 && a.resumes[i-1].arrival >= w.arrival {
+			return fmt.Errorf("resumes out of order at %d", i)
+		}
+	}
+
+	// Pumping has run to its end: the waiter it would admit next does not
+	// fit. The next waiter is picked here independently of pickLocked.
+	if next := a.nextWaiterForTest(); next != nil && a.fitsLocked(next.need) {
+		return fmt.Errorf("next waiter (tenant %q) needs %d cells and fits (%d free, %d running) but waits", next.tenant, next.need, a.freeLocked(), a.running)
 	}
 	return nil
 }
 
+// nextWaiterForTest returns the waiter pumping admits next, computed
+// independently of nextLocked: of the tenants below their cap (cells and
+// running sequences) that have a preempted sequence or a queued request,
+// the least loaded; ties to a preempted sequence, then to the earliest
+// head. Within the tenant, its first preempted sequence, else its queue's
+// head. nil if none.
+func (a *Allocator) nextWaiterForTest() *waiter {
+	heads := map[string]*waiter{}
+	for _, w := range a.resumes {
+		if heads[w.tenant] == nil {
+			heads[w.tenant] = w
+		}
+	}
+	for name, t := range a.tenants {
+		if heads[name] == nil && len(t.queue) > 0 {
+			heads[name] = t.queue[0]
+		}
+	}
+	var best *waiter
+	bestLoad := 0.0
+	for name, w := range heads {
+		lim := a.limitsLocked(name)
+		held, running := 0, 0
+		if t := a.tenants[name]; t != nil {
+			held, running = t.held, t.running
+		}
+		if lim.MaxShare < 1 && (float64(held) >= lim.MaxShare*float64(a.cfg.Cells) || float64(running) >= lim.MaxShare*float64(a.cfg.MaxRunning)) {
+			continue
+		}
+		load := float64(held) / lim.Weight
+		switch {
+		case best == nil, load < bestLoad:
+		case load > bestLoad:
+			continue
+		case (w.resume != nil) != (best.resume != nil):
+			if w.resume == nil {
+				continue
+			}
+		case w.arrival > best.arrival:
+			continue
+		}
+		best, bestLoad = w, load
+	}
+	return best
+}
+
 // fitsLocked reports whether need cells and a sequence id could be had now,
-// evicting cache if necessary: the queue's head must not wait if it does.
+// evicting cache if necessary: the queue's next waiter must not wait if it
+// does.
 func (a *Allocator) fitsLocked(need int) bool {
 	return need <= a.availLocked() && a.running < a.cfg.MaxRunning && a.idAvailableLocked()
 }

@@ -23,6 +23,10 @@ type Lease struct {
 	waited   time.Duration
 	noCache  bool
 	priority int32
+	tenant   string
+	salt     string
+	maxTok   int // Request.MaxTokens
+	prompt   int // Request.PromptTokens
 
 	// Guarded by a.mu.
 	seq      int
@@ -34,6 +38,8 @@ type Lease struct {
 	prefix   int
 	copied   bool
 	waiter   *waiter // set while requeued
+	fresh    int     // prompt tokens of this run not shared from the cache
+	genBase  int     // tokens generated before the last preemption
 }
 
 // SeqID returns the sequence id held by the lease. It changes when a
@@ -73,6 +79,8 @@ func (l *Lease) Copied() {
 	if !l.copied {
 		l.copied = true
 		a.unpinLocked(l.src)
+		// The source may have become evictable: a waiter may fit now.
+		a.pumpLocked()
 	}
 }
 
@@ -170,7 +178,10 @@ func (l *Lease) commitLocked(tokens []int32) {
 // Grow reserves n more cells for tokens about to enter the cache. Under
 // PolicyReserve the admission reserved them already, and Grow only checks
 // that. Under PolicyOptimistic it takes free cells, evicting cache if
-// needed, and returns ErrNoCells when there are none.
+// needed, and returns ErrNoCells when there are none, or when the next
+// waiter to be admitted belongs to a less loaded tenant and would no
+// longer fit: the engine then preempts a sequence of the most loaded
+// tenant, so that growth cannot keep a fairer tenant out.
 func (l *Lease) Grow(n int) error {
 	if n < 0 {
 		return fmt.Errorf("%w: grow by %d cells", ErrInvalidRequest, n)
@@ -189,12 +200,13 @@ func (l *Lease) Grow(n int) error {
 		return fmt.Errorf("%w: grow by %d cells with %d of %d left", ErrOverCharge, n, left, l.cells)
 	}
 	more := n - left
-	if more > a.availLocked() {
+	if more > a.availLocked() || a.yieldLocked(l.tenant, more) {
 		return ErrNoCells
 	}
 	a.makeRoomLocked(more)
 	l.cells += more
 	a.reserved += more
+	a.tenants[l.tenant].held += more
 	return nil
 }
 
@@ -223,13 +235,13 @@ func (l *Lease) end(keep bool) bool {
 	}
 	l.released = true
 	if l.waiter != nil { // requeued: it holds nothing but its queue place
-		i := slices.Index(a.queue, l.waiter)
-		a.queue = slices.Delete(a.queue, i, i+1)
+		a.dequeueLocked(l.waiter)
 		l.waiter = nil
 		a.pumpLocked()
 		a.notifyIdleLocked()
 		return false
 	}
+	a.noteUsedLocked(l)
 	kept := a.endLocked(l, keep, true)
 	a.pumpLocked()
 	a.notifyIdleLocked()
@@ -238,11 +250,13 @@ func (l *Lease) end(keep bool) bool {
 
 // Requeue preempts the running sequence to free its cells: its reservation
 // is returned and its cells become cache (or are freed without a cache),
-// and it waits at the front of the queue to run again with tokens — its
-// prompt and the tokens generated so far — as its new prompt. It returns
-// whether its cells stay in the KV cache, as Finish does, and a channel
-// that is closed when the sequence may run again, with a new sequence id
-// and prefix (SeqID, Prefix).
+// and it waits at the front of the queue, ahead of every tenant's queue and
+// behind the sequences preempted before it, to run again with tokens — its
+// prompt and the tokens generated so far — as its new prompt. It keeps its
+// tenant and prefix-cache partition. It returns whether its cells stay in
+// the KV cache, as Finish does, and a channel that is closed when the
+// sequence may run again, with a new sequence id and prefix (SeqID,
+// Prefix).
 func (l *Lease) Requeue(tokens []int32) (keep bool, resumed <-chan struct{}, err error) {
 	a := l.a
 	a.mu.Lock()
@@ -256,19 +270,21 @@ func (l *Lease) Requeue(tokens []int32) (keep bool, resumed <-chan struct{}, err
 	a.preemptions++
 	keep = a.endLocked(l, true, true)
 	now := a.now()
+	l.genBase = max(len(tokens)-l.prompt, 0)
 	w := &waiter{
 		need:     min(len(tokens)+a.cfg.Watermark, a.cfg.Cells),
 		prompt:   slices.Clone(tokens),
 		tokens:   len(tokens),
+		maxTok:   max(l.maxTok-l.genBase, 0),
 		noCache:  l.noCache,
+		tenant:   l.tenant,
+		salt:     l.salt,
 		priority: math.MaxInt32,
-		arrival:  a.arrivals,
 		enqueued: now,
 		ready:    make(chan struct{}),
 		resume:   l,
 	}
-	a.arrivals++
-	a.queue = slices.Insert(a.queue, a.insertIndexLocked(math.MaxInt32), w)
+	a.enqueueLocked(w)
 	l.waiter = w
 	a.pumpLocked()
 	return keep, w.ready, nil
@@ -276,6 +292,18 @@ func (l *Lease) Requeue(tokens []int32) (keep bool, resumed <-chan struct{}, err
 
 // Priority returns the request's priority.
 func (l *Lease) Priority() int32 { return l.priority }
+
+// Tenant returns the lease's tenant.
+func (l *Lease) Tenant() string { return l.tenant }
+
+// Load returns the lease's tenant's cells held by running leases divided by
+// its weight, so that the engine, when it must preempt, can pick the
+// sequence of the most loaded tenant.
+func (l *Lease) Load() float64 {
+	l.a.mu.Lock()
+	defer l.a.mu.Unlock()
+	return l.a.loadLocked(l.tenant)
+}
 
 // Admitted returns when the lease was granted, by Config.Now.
 func (l *Lease) Admitted() time.Time { return l.admitted }

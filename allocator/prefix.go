@@ -24,11 +24,20 @@ type node struct {
 	running int
 }
 
+// partition names the part of the prefix cache a request may share: one
+// per (Request.Tenant, Request.CacheSalt). Entries of different partitions
+// never share a node, so a request can only ever hit on prefixes that
+// requests of its own partition left behind.
+type partition struct {
+	tenant, salt string
+}
+
 // entry is one llama.cpp sequence id's content: a running sequence, or a
 // finished one kept as cache.
 type entry struct {
 	seq   int
-	path  []*node // root's children first; the entry covers each node fully
+	part  partition
+	path  []*node // the partition root's children first; the entry covers each node fully
 	depth int     // tokens on the path
 	lease *Lease  // nil once cached
 	pins  int     // new sequences that will copy from this entry
@@ -36,10 +45,12 @@ type entry struct {
 }
 
 // tree is the prefix index over every entry's tokens and the owner of the
-// count of used cells.
+// count of used cells. It has one root per partition, created when the
+// partition's first node is added and dropped when its last node goes, so
+// that a match never leaves its partition.
 type tree struct {
-	root  node
-	cells int // cells in all nodes: the used cells
+	roots map[partition]*node
+	cells int // cells in all nodes, of every partition: the used cells
 	// evictable is the number of cells in nodes with hold 0.
 	evictable int
 }
@@ -54,11 +65,12 @@ func commonPrefix(a, b []int32) int {
 	return n
 }
 
-// match returns the deepest point of the tree that prompt follows: the
-// nodes fully matched and, in the next node, how many tokens match.
-func (t *tree) match(prompt []int32) (path []*node, partial *node, k int, depth int) {
-	n := &t.root
-	for depth < len(prompt) {
+// match returns the deepest point of partition part's tree that prompt
+// follows: the nodes fully matched and, in the next node, how many tokens
+// match.
+func (t *tree) match(part partition, prompt []int32) (path []*node, partial *node, k int, depth int) {
+	n := t.roots[part]
+	for n != nil && depth < len(prompt) {
 		var best *node
 		bestK := 0
 		for _, c := range n.children {
@@ -142,9 +154,10 @@ func (t *tree) holdPath(path []*node, d int) {
 	}
 }
 
-// removeUser drops an entry's use of path and frees the nodes nobody uses
-// any more. It returns the cells freed.
-func (t *tree) removeUser(path []*node, held, running bool) int {
+// removeUser drops the use of path by an entry of partition part and frees
+// the nodes nobody uses any more, and the partition's root once it is
+// empty. It returns the cells freed.
+func (t *tree) removeUser(part partition, path []*node, held, running bool) int {
 	freed := 0
 	for i := len(path) - 1; i >= 0; i-- {
 		n := path[i]
@@ -170,6 +183,9 @@ func (t *tree) removeUser(path []*node, held, running bool) int {
 			}
 		}
 	}
+	if r := t.roots[part]; r != nil && len(r.children) == 0 {
+		delete(t.roots, part)
+	}
 	return freed
 }
 
@@ -186,9 +202,9 @@ func (t *tree) appendTokens(e *entry, tokens []int32) {
 	if last != nil && last.users == 1 && len(last.children) == 0 {
 		last.tokens = append(last.tokens, tokens...)
 	} else {
-		parent := &t.root
-		if last != nil {
-			parent = last
+		parent := last
+		if parent == nil {
+			parent = t.rootFor(e.part)
 		}
 		n := &node{parent: parent, tokens: append(make([]int32, 0, max(len(tokens), 16)), tokens...), users: 1, hold: 1, running: 1}
 		parent.children = append(parent.children, n)
@@ -198,8 +214,21 @@ func (t *tree) appendTokens(e *entry, tokens []int32) {
 	e.depth += len(tokens)
 }
 
-// stats walks the tree and returns the cells held only by cached entries and
-// the cells shared by two or more entries.
+// rootFor returns partition part's root, creating it if need be.
+func (t *tree) rootFor(part partition) *node {
+	r := t.roots[part]
+	if r == nil {
+		if t.roots == nil {
+			t.roots = make(map[partition]*node)
+		}
+		r = &node{}
+		t.roots[part] = r
+	}
+	return r
+}
+
+// stats walks every partition's tree and returns the cells held only by
+// cached entries and the cells shared by two or more entries.
 func (t *tree) stats() (cached, shared int) {
 	var walk func(n *node)
 	walk = func(n *node) {
@@ -213,6 +242,8 @@ func (t *tree) stats() (cached, shared int) {
 			walk(c)
 		}
 	}
-	walk(&t.root)
+	for _, r := range t.roots {
+		walk(r)
+	}
 	return cached, shared
 }

@@ -21,7 +21,10 @@ func (a *Allocator) checkTreeLocked() error {
 			return fmt.Errorf("entry %d filed under %d", e.seq, seq)
 		}
 		depth := 0
-		parent := &a.tree.root
+		parent := a.tree.roots[e.part]
+		if len(e.path) > 0 && parent == nil {
+			return fmt.Errorf("entry %d: partition %+v has no root", seq, e.part)
+		}
 		for _, n := range e.path {
 			if n.parent != parent {
 				return fmt.Errorf("entry %d: path is not a chain", seq)
@@ -70,8 +73,16 @@ func (a *Allocator) checkTreeLocked() error {
 		}
 		return nil
 	}
-	if err := walk(&a.tree.root); err != nil {
-		return err
+	for part, r := range a.tree.roots {
+		if len(r.children) == 0 {
+			return fmt.Errorf("empty root of partition %+v lingers", part)
+		}
+		if r.parent != nil || len(r.tokens) != 0 {
+			return fmt.Errorf("root of partition %+v is not a root", part)
+		}
+		if err := walk(r); err != nil {
+			return err
+		}
 	}
 	switch {
 	case cells != a.tree.cells || cells != a.used:
@@ -356,8 +367,9 @@ func TestOptimisticGrowAndRequeue(t *testing.T) {
 }
 
 // TestPrefixProperty drives random requests over a small alphabet (so that
-// prompts share prefixes) through the allocator the way the engine does,
-// under both policies, and checks the tree, the ledger and every copy.
+// prompts share prefixes), of a few tenants and cache salts, through the
+// allocator the way the engine does, under both policies, and checks the
+// tree, the ledger, every copy, and that no copy crosses a partition.
 func TestPrefixProperty(t *testing.T) {
 	for _, policy := range []Policy{PolicyReserve, PolicyOptimistic} {
 		for seed := range uint64(6) {
@@ -383,6 +395,11 @@ func prefixScenario(t *testing.T, r *rand.Rand, policy Policy, ops int) {
 	}
 	var running []*live
 	ctx := context.Background()
+	// Partitions are drawn from their own source, so that the other draws
+	// stay as they were before there were partitions. parts records the
+	// partition of the request each sequence id last ran.
+	pr := rand.New(rand.NewPCG(r.Uint64(), 3))
+	parts := map[int]partition{}
 	for range ops {
 		switch op := r.IntN(10); {
 		case op < 4: // admit
@@ -391,10 +408,16 @@ func prefixScenario(t *testing.T, r *rand.Rand, policy Policy, ops int) {
 			for i := range prompt {
 				prompt[i] = int32(r.IntN(3))
 			}
-			l, err := a.Admit(ctx, Request{Prompt: prompt, MaxTokens: 1 + r.IntN(10), NoCache: r.IntN(8) == 0})
+			part := partition{tenant: []string{"", "t1", "t2"}[pr.IntN(3)], salt: []string{"", "s"}[pr.IntN(2)]}
+			l, err := a.Admit(ctx, Request{Prompt: prompt, MaxTokens: 1 + r.IntN(10), NoCache: r.IntN(8) == 0,
+				Tenant: part.tenant, CacheSalt: part.salt})
 			if err != nil {
 				continue // QUEUE_FULL: nothing waits here
 			}
+			if src, n := l.Prefix(); n > 0 && parts[src] != part {
+				t.Fatalf("request of %+v shares %d tokens from sequence %d of %+v", part, n, src, parts[src])
+			}
+			parts[l.SeqID()] = part
 			kv.start(t, l, prompt)
 			_, pre := l.Prefix()
 			running = append(running, &live{l: l, prompt: prompt, toks: slices.Clone(prompt[:pre]), left: len(prompt) - pre})

@@ -12,8 +12,9 @@ import (
 )
 
 // TestPropertyConcurrent drives one Allocator from many goroutines with
-// random admits (various sizes and priorities, some never fitting, some with
-// deadlines, cancellations or queue timeouts), charges and releases, and
+// random admits (various sizes, priorities and tenants, some never fitting,
+// some with deadlines, cancellations or queue timeouts), charges and
+// releases, and
 // checks the invariants after every step. It runs in a synctest bubble, so
 // timeouts use the bubble's fake clock, and a lost wake-up shows up as a
 // deadlock that fails the test.
@@ -39,6 +40,12 @@ func runProperty(t *testing.T, seed uint64) {
 		Cells:        16 + r.IntN(113),
 		MaxSequences: 1 + r.IntN(8),
 		MaxQueue:     r.IntN(13),
+		Tenants:      propLimits,
+	}
+	if seed%2 == 1 {
+		// Schedule-based estimates, with a step rate the clock could
+		// plausibly keep.
+		cfg.StepRate = func() float64 { return 200 }
 	}
 	if r.IntN(2) == 0 {
 		cfg.MaxSequenceTokens = cfg.Cells/2 + r.IntN(cfg.Cells)
@@ -80,6 +87,21 @@ func runProperty(t *testing.T, seed uint64) {
 	t.Logf("cfg %+v: %d calls, %d admitted, rejected %v", cfg, tally.calls, s.Admitted, s.Rejected)
 }
 
+// propTenants are the tenants of the property test's requests.
+var propTenants = [...]string{"", "light", "heavy", "capped"}
+
+func propLimits(name string) TenantLimits {
+	switch name {
+	case "light":
+		return TenantLimits{Weight: 3}
+	case "heavy":
+		return TenantLimits{Weight: 0.5, MaxQueued: 3}
+	case "capped":
+		return TenantLimits{MaxShare: 0.25, MaxQueued: 2}
+	}
+	return TenantLimits{}
+}
+
 func propWorker(t *testing.T, a *Allocator, cfg Config, r *rand.Rand, ops int, tally *propTally) {
 	step := func(what string) {
 		if err := invariants(a); err != nil {
@@ -92,6 +114,7 @@ func propWorker(t *testing.T, a *Allocator, cfg Config, r *rand.Rand, ops int, t
 			PromptTokens: 1 + r.IntN(max(1, limit/3)),
 			MaxTokens:    1 + r.IntN(max(1, limit/3)),
 			Priority:     int32(r.IntN(4)),
+			Tenant:       propTenants[r.IntN(len(propTenants))],
 		}
 		if r.IntN(20) == 0 {
 			req.MaxTokens = limit // never fits
@@ -132,6 +155,12 @@ func propWorker(t *testing.T, a *Allocator, cfg Config, r *rand.Rand, ops int, t
 			}
 		} else {
 			tally.admitted++
+			if l.Tenant() != req.Tenant {
+				t.Errorf("lease of tenant %q for a request of %q", l.Tenant(), req.Tenant)
+			}
+			if load := l.Load(); !(load > 0) {
+				t.Errorf("running lease's tenant has load %v", load)
+			}
 			if other, ok := tally.seqs[l.SeqID()]; ok {
 				t.Errorf("sequence %d held by two live leases (%p, %p)", l.SeqID(), other, l)
 			}

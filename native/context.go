@@ -10,6 +10,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"runtime"
 	"unsafe"
 )
@@ -87,6 +88,11 @@ type Context struct {
 	// cand is the candidate buffer for sampling: one llama_token_data per
 	// vocabulary entry, allocated once in C memory.
 	cand *C.llama_token_data
+	// outputs[i] tells whether token i of the last successful Decode asked
+	// for logits; it has that decode's token count. llama_get_logits_ith
+	// aborts the process (GGML_ABORT: libllama is built without NDEBUG)
+	// for any other index, so Logits and Sampler.Sample check it first.
+	outputs []bool
 }
 
 // NewContext creates a context for m with kv_unified = true: one pool of
@@ -131,6 +137,15 @@ func NewContext(m *Model, p ContextParams) (*Context, error) {
 		cells: int(C.llama_n_ctx(ptr)),
 		batch: int(C.llama_n_batch(ptr)),
 	}
+	if c.mem == nil {
+		// Encoders (BERT and the like) have no KV memory: llama_decode
+		// routes them to encode(), which asserts n_ubatch >= n_tokens, and
+		// every memory call is a no-op.
+		C.llama_free(ptr)
+		return nil, fmt.Errorf("%w: %s (%s): the model keeps no KV memory (an encoder); it cannot generate",
+			ErrModelUnsupported, m.path, m.info.Architecture)
+	}
+	c.outputs = make([]bool, 0, c.batch)
 	c.cand = (*C.llama_token_data)(C.malloc(C.size_t(m.info.VocabSize) * C.size_t(unsafe.Sizeof(C.llama_token_data{}))))
 	if c.cand == nil {
 		C.llama_free(ptr)
@@ -157,17 +172,39 @@ func (c *Context) Close() {
 	}
 }
 
-// Decode runs the model on b. See the Err* variables for its failures.
+// Decode runs the model on b. See the Err* variables for its failures. A
+// batch with more tokens than BatchSize, or one that Batch.Add marked
+// invalid, fails with ErrInvalidBatch before llama.cpp sees it (llama_decode
+// asserts n_tokens <= n_batch). An empty batch is a no-op that leaves the
+// last decode's outputs as they are.
 func (c *Context) Decode(b *Batch) error {
-	if b.b.n_tokens == 0 {
+	n := int(b.b.n_tokens)
+	if n == 0 {
 		return nil
 	}
-	return decodeError(int(C.llama_decode(c.ptr, b.b)))
+	c.outputs = c.outputs[:0]
+	if b.bad || n > c.batch || n > b.cap {
+		return &DecodeError{Code: -1, kind: ErrInvalidBatch}
+	}
+	if err := decodeError(int(C.llama_decode(c.ptr, b.b))); err != nil {
+		return err
+	}
+	for _, l := range unsafe.Slice((*int8)(unsafe.Pointer(b.b.logits)), n) {
+		c.outputs = append(c.outputs, l != 0)
+	}
+	return nil
 }
 
-// Logits returns the logits of output i of the last Decode. The slice
-// points into llama.cpp's memory and is valid until the next Decode.
+// hasOutput reports whether output i of the last Decode has logits.
+func (c *Context) hasOutput(i int) bool { return i >= 0 && i < len(c.outputs) && c.outputs[i] }
+
+// Logits returns the logits of output i of the last Decode, or nil when the
+// last Decode computed none for i. The slice points into llama.cpp's memory
+// and is valid until the next Decode.
 func (c *Context) Logits(i int) []float32 {
+	if !c.hasOutput(i) {
+		return nil
+	}
 	p := C.llama_get_logits_ith(c.ptr, C.int32_t(i))
 	if p == nil {
 		return nil
@@ -175,29 +212,70 @@ func (c *Context) Logits(i int) []float32 {
 	return unsafe.Slice((*float32)(unsafe.Pointer(p)), c.model.info.VocabSize)
 }
 
+// validSeq reports whether seq is a sequence id llama.cpp's memory calls
+// accept: they GGML_ASSERT 0 <= seq < LLAMA_MAX_SEQ.
+func validSeq(seq int) bool { return seq >= 0 && seq < MaxSequenceIDs }
+
+// clampPos converts a position bound for llama.cpp: negative stays -1
+// (open, as llama.cpp reads it), and a bound past int32 becomes MaxInt32,
+// above every position Batch.Add lets in.
+func clampPos(p int) C.llama_pos {
+	switch {
+	case p < 0:
+		return -1
+	case p > math.MaxInt32:
+		return math.MaxInt32
+	}
+	return C.llama_pos(p)
+}
+
 // SeqRemove removes sequence seq's tokens with positions in [p0, p1); a
-// negative bound is open. It returns false when a partial removal is
-// impossible. A cell is freed only when its last sequence leaves it.
+// negative bound is open, and seq -1 means every sequence. It returns false
+// when a partial removal is impossible, or when seq is outside [-1,
+// MaxSequenceIDs), which it leaves alone. A cell is freed only when its last
+// sequence leaves it.
 func (c *Context) SeqRemove(seq, p0, p1 int) bool {
-	return bool(C.llama_memory_seq_rm(c.mem, C.llama_seq_id(seq), C.llama_pos(p0), C.llama_pos(p1)))
+	if seq != -1 && !validSeq(seq) {
+		return false
+	}
+	return bool(C.llama_memory_seq_rm(c.mem, C.llama_seq_id(seq), clampPos(p0), clampPos(p1)))
 }
 
 // SeqCopy adds sequence dst to the cells of src with positions in [p0, p1).
-// In a unified cache nothing is copied: the cells are shared.
+// In a unified cache nothing is copied: the cells are shared. Ids outside
+// [0, MaxSequenceIDs) make it a no-op. No cell in the range may hold dst
+// already: llama.cpp asserts that (assert(!seq[i].test(seq_id)) in
+// llama_kv_cells::seq_add); a dst that holds no cells is always safe.
 func (c *Context) SeqCopy(src, dst, p0, p1 int) {
-	C.llama_memory_seq_cp(c.mem, C.llama_seq_id(src), C.llama_seq_id(dst), C.llama_pos(p0), C.llama_pos(p1))
+	if !validSeq(src) || !validSeq(dst) {
+		return
+	}
+	C.llama_memory_seq_cp(c.mem, C.llama_seq_id(src), C.llama_seq_id(dst), clampPos(p0), clampPos(p1))
 }
 
-// SeqKeep removes every sequence but seq.
-func (c *Context) SeqKeep(seq int) { C.llama_memory_seq_keep(c.mem, C.llama_seq_id(seq)) }
+// SeqKeep removes every sequence but seq. An id outside [0,
+// MaxSequenceIDs) makes it a no-op.
+func (c *Context) SeqKeep(seq int) {
+	if validSeq(seq) {
+		C.llama_memory_seq_keep(c.mem, C.llama_seq_id(seq))
+	}
+}
 
-// SeqPosMin returns the smallest position of seq in the cache, or -1.
+// SeqPosMin returns the smallest position of seq in the cache, or -1 (also
+// for an id outside [0, MaxSequenceIDs)).
 func (c *Context) SeqPosMin(seq int) int {
+	if !validSeq(seq) {
+		return -1
+	}
 	return int(C.llama_memory_seq_pos_min(c.mem, C.llama_seq_id(seq)))
 }
 
-// SeqPosMax returns the largest position of seq in the cache, or -1.
+// SeqPosMax returns the largest position of seq in the cache, or -1 (also
+// for an id outside [0, MaxSequenceIDs)).
 func (c *Context) SeqPosMax(seq int) int {
+	if !validSeq(seq) {
+		return -1
+	}
 	return int(C.llama_memory_seq_pos_max(c.mem, C.llama_seq_id(seq)))
 }
 
@@ -208,6 +286,9 @@ func (c *Context) Clear() { C.llama_memory_clear(c.mem, C.bool(false)) }
 type Batch struct {
 	b   C.struct_llama_batch
 	cap int
+	// bad is set by an Add that llama.cpp would not survive, until Reset;
+	// Decode then refuses the batch.
+	bad bool
 }
 
 // NewBatch allocates a batch for up to capacity tokens, one sequence id each.
@@ -223,15 +304,22 @@ func (b *Batch) Len() int { return int(b.b.n_tokens) }
 func (b *Batch) Cap() int { return b.cap }
 
 // Reset empties the batch.
-func (b *Batch) Reset() { b.b.n_tokens = 0 }
+func (b *Batch) Reset() { b.b.n_tokens, b.bad = 0, false }
 
 // Add appends a token of sequence seq at position pos. When logits is true,
 // its logits are computed; Add returns the token's index in the batch, which
-// is the output index to sample from.
+// is the output index to sample from. A position outside [0, MaxInt32) or a
+// sequence id outside [0, MaxSequenceIDs) makes the batch invalid: Decode
+// refuses it. (llama.cpp checks token and sequence ids itself, but not
+// negative positions, which break its cell bookkeeping's asserts.) Add
+// panics when the batch is full: the caller owns the batch's capacity.
 func (b *Batch) Add(tok int32, pos, seq int, logits bool) int {
 	i := int(b.b.n_tokens)
 	if i >= b.cap {
 		panic("native: batch overflow")
+	}
+	if pos < 0 || pos >= math.MaxInt32 || !validSeq(seq) {
+		b.bad = true
 	}
 	var l C.int8_t
 	if logits {
@@ -256,6 +344,9 @@ func (b *Batch) Free() {
 // position and the sequence ids for every cell, in cell order, before the
 // tensors). It copies the sequence's K and V too, so it is for tests.
 func (c *Context) cellOrder(seq int) ([]int32, error) {
+	if !validSeq(seq) {
+		return nil, fmt.Errorf("cell order: sequence id %d outside [0, %d)", seq, MaxSequenceIDs)
+	}
 	n := C.llama_state_seq_get_size(c.ptr, C.llama_seq_id(seq))
 	buf := make([]byte, int(n))
 	if n == 0 {

@@ -138,6 +138,7 @@ func TestEngineDeterministic(t *testing.T) {
 
 // growLease is an optimistic lease as the engine sees it (service/ has the
 // same adapter): Grow reports an empty pool as ok false, not as an error.
+// Load is the lease's own (its tenant's cells held over its weight).
 type growLease struct{ *allocator.Lease }
 
 func (l growLease) Grow(n int) (bool, error) {

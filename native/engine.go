@@ -52,11 +52,19 @@ type PrefixLedger interface {
 // that none are left (ok false). Requeue gives a preempted sequence's cells
 // back and queues it to run again with tokens as its prompt; resumed is
 // closed when it may, and SeqID then names its new sequence id.
+//
+// Load reports how far the sequence's tenant is over its fair share: the
+// cells its tenant holds divided by the tenant's weight. The engine preempts
+// from the tenant with the highest Load first (see Engine.victim), so all
+// of one tenant's sequences must report the same value at a given moment.
+// The engine calls it only when cells have run out; a NaN counts as the
+// highest load.
 type GrowLedger interface {
 	Ledger
 	Grow(n int) (ok bool, err error)
 	Requeue(tokens []int32) (keep bool, resumed <-chan struct{}, err error)
 	SeqID() int
+	Load() float64
 }
 
 // FinishReason says why a sequence ended normally.
@@ -90,8 +98,9 @@ type Request struct {
 	// SeqID is the llama.cpp sequence id the allocator assigned, in
 	// [0, MaxSequenceIDs).
 	SeqID int
-	// Priority orders preemption: the lowest priority, most recently
-	// started sequence goes first.
+	// Priority orders preemption within a tenant: among the sequences of
+	// the most loaded tenant (GrowLedger.Load), the lowest priority, most
+	// recently started one goes first.
 	Priority int32
 	// Prompt holds the prompt's token ids, all in the vocabulary.
 	Prompt []int32
@@ -249,6 +258,10 @@ type Engine struct {
 	preempted, evicted                                 atomic.Uint64
 	held, relocated, padded, disordered                atomic.Uint64
 	running                                            atomic.Int64
+	// stepNanos is math.Float64bits of the moving average of a step's
+	// duration in nanoseconds (0 before the first step), for StepRate; the
+	// worker alone writes it.
+	stepNanos atomic.Uint64
 
 	evictMu sync.Mutex
 	evicts  []int // sequences to remove from the cache, in order
@@ -337,6 +350,34 @@ func NewEngine(m *Model, cfg EngineConfig) (*Engine, error) {
 	return e, nil
 }
 
+// StepRateWeight is the weight of the newest step in the moving average
+// behind Engine.StepRate.
+const StepRateWeight = 0.1
+
+// StepRate returns the decode steps per second the worker manages while it
+// is busy: the inverse of an exponentially weighted moving average (weight
+// StepRateWeight) of the wall time of its steps, each from the start of its
+// planning to the end of its sampling and streaming. Idle time between steps
+// does not count. It is 0 before the first step. It is safe to call from
+// any goroutine and does not allocate.
+func (e *Engine) StepRate() float64 {
+	ns := math.Float64frombits(e.stepNanos.Load())
+	if ns <= 0 {
+		return 0
+	}
+	return 1e9 / ns
+}
+
+// recordStep folds one step's duration into the average behind StepRate.
+// It runs on the worker.
+func (e *Engine) recordStep(d time.Duration) {
+	ns := float64(max(d, 1)) // a step of 0 ns would make an infinite rate
+	if old := math.Float64frombits(e.stepNanos.Load()); old > 0 {
+		ns = old + StepRateWeight*(ns-old)
+	}
+	e.stepNanos.Store(math.Float64bits(ns))
+}
+
 // Cells returns the KV cells sequences may use: the pool after llama.cpp's
 // padding, less the padding token's cell in deterministic mode.
 func (e *Engine) Cells() int { return e.cells }
@@ -374,8 +415,12 @@ func (e *Engine) Close() {
 
 // Evict removes a cached sequence's cells from the KV cache before the
 // next decode and before any sequence started after the call. It does not
-// block; the allocator calls it when it evicts a prefix cache entry.
+// block; the allocator calls it when it evicts a prefix cache entry. An id
+// outside [0, MaxSequenceIDs) is ignored.
 func (e *Engine) Evict(seq int) {
+	if !validSeq(seq) {
+		return
+	}
 	e.evictMu.Lock()
 	e.evicts = append(e.evicts, seq)
 	e.evictMu.Unlock()
@@ -583,24 +628,36 @@ var errDeterministicPrefix = errors.New("engine: a deterministic engine cannot s
 func (e *Engine) copyPrefix(s *sequence) int {
 	s.nPast = 0
 	pl, ok := s.req.Ledger.(PrefixLedger)
-	if !ok {
-		return 0
+	src, n := -1, 0
+	if ok {
+		src, n = pl.Prefix()
 	}
-	src, n := pl.Prefix()
-	if n > 0 && src >= 0 && e.cmap != nil {
+	if n <= 0 || src < 0 {
+		src, n = -1, 0
+	}
+	if n > 0 && e.cmap != nil {
 		// A shared prefix pins the sequence's first cells wherever its
 		// owner put them; the caller was told not to offer one.
 		pl.Copied()
 		return -1
 	}
-	if n > 0 && src >= 0 {
+	// A fresh sequence owns no cells but its prefix. Stale ones under its
+	// id (an eviction the allocator did not send) would break the copy
+	// below (llama.cpp asserts that no cell holds dst already) and make its
+	// first decode fail for the whole batch.
+	switch {
+	case src == s.seq:
+		e.ctx.SeqRemove(s.seq, n, -1) // its own cells are the prefix
+	case e.ctx.SeqPosMax(s.seq) >= 0:
+		e.seqRemove(s.seq)
+	}
+	if n > 0 {
 		e.ctx.SeqCopy(src, s.seq, 0, n)
-		if e.cmap != nil {
-			e.cmap.copyPrefix(src, s.seq, n)
-		}
 		s.nPast = n
 	}
-	pl.Copied()
+	if ok {
+		pl.Copied()
+	}
 	return s.nPast
 }
 
@@ -638,6 +695,11 @@ func (e *Engine) resume() {
 		e.paused = append(e.paused[:i], e.paused[i+1:]...)
 		s.resumed = nil
 		s.seq = s.req.Ledger.(GrowLedger).SeqID()
+		if !validSeq(s.seq) || (e.cmap != nil && s.seq >= RetiredSequence) {
+			// One bad id in a batch would fail the whole decode step.
+			e.finish(s, FinishNone, "", fmt.Errorf("%w: resumed with sequence id %d", ErrBadRequest, s.seq))
+			continue
+		}
 		s.inCache = true
 		n := e.copyPrefix(s)
 		s.state = statePrefill
@@ -694,13 +756,30 @@ func position(list []*sequence, s *sequence) int {
 	return -1
 }
 
-// victim picks the sequence to preempt: the lowest priority, and among
-// those the most recently started.
+// victim picks the sequence to preempt among those with a GrowLedger (the
+// only ones that can be requeued; grow calls victim for one of them, so
+// there is one): those of the most loaded tenant (the highest
+// GrowLedger.Load), among them the lowest priority, and among those the
+// most recently started. One tenant's requests therefore cannot preempt
+// another tenant's while that one is within its share, and priority orders
+// only within a tenant. It does not allocate.
 func (e *Engine) victim() *sequence {
-	v := e.active[len(e.active)-1]
+	var v *sequence
+	var vLoad float64
+	// From the newest: later ones replace v only when strictly better, so
+	// ties go to the most recently started.
 	for i := len(e.active) - 1; i >= 0; i-- {
-		if s := e.active[i]; s.req.Priority < v.req.Priority {
-			v = s
+		s := e.active[i]
+		gl, ok := s.req.Ledger.(GrowLedger)
+		if !ok {
+			continue
+		}
+		load := gl.Load()
+		if math.IsNaN(load) {
+			load = math.Inf(1)
+		}
+		if v == nil || load > vLoad || (load == vLoad && s.req.Priority < v.req.Priority) {
+			v, vLoad = s, load
 		}
 	}
 	return v
@@ -929,10 +1008,12 @@ func (e *Engine) decoding() int {
 }
 
 func (e *Engine) step() {
+	start := time.Now()
 	e.grow()
 	if len(e.active) == 0 {
 		return
 	}
+	defer func() { e.recordStep(time.Since(start)) }()
 	budget := e.batch
 	for {
 		if e.cmap != nil {
@@ -1042,9 +1123,11 @@ func (e *Engine) advance(s *sequence, step uint64) bool {
 	default:
 		return true // waiting for room in the batch
 	}
-	tok := s.sampler.Sample(e.ctx, s.out)
-	if tok < 0 {
-		e.finish(s, FinishNone, "", errors.New("sampler selected no token"))
+	tok, err := s.sampler.Sample(e.ctx, s.out)
+	if err != nil {
+		// Only this sequence ends (ErrNoValidToken for parameters that left
+		// nothing to draw); the others go on.
+		e.finish(s, FinishNone, "", fmt.Errorf("sample after %d tokens: %w", s.generated, err))
 		return false
 	}
 	return e.accept(s, tok, step)

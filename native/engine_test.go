@@ -325,6 +325,9 @@ func (l *growLedger) Requeue(tokens []int32) (bool, <-chan struct{}, error) {
 
 func (l *growLedger) SeqID() int { return 0 }
 
+// Load reports one tenant, within its share.
+func (l *growLedger) Load() float64 { return 0 }
+
 // TestEnginePreemptResume preempts a greedy sequence in the middle of its
 // generation and checks that, recomputed, it continues exactly as the
 // reference decode does.

@@ -28,6 +28,7 @@ import (
 	"io"
 	"os"
 	"runtime/cgo"
+	"strconv"
 	"strings"
 	"sync"
 	"unicode/utf8"
@@ -209,11 +210,64 @@ func (m *Model) checkSupported() error {
 		why = "sliding-window attention caches do not hold one cell per token"
 	case m.info.VocabSize <= 0:
 		why = "the model has no vocabulary"
+	default:
+		why = m.checkVocab()
 	}
 	if why != "" {
 		return fmt.Errorf("%w: %s (%s): %s", ErrModelUnsupported, m.path, m.info.Architecture, why)
 	}
 	return nil
+}
+
+// Vocabulary types, as in llama.h's enum llama_vocab_type.
+const (
+	vocabNone = 0
+	vocabSPM  = 1
+	vocabWPM  = 3
+)
+
+// checkVocab returns why the tokenizer could abort the process on some
+// input text, or "". llama.cpp's tokenizer asserts or throws (and a C++
+// exception through the C API aborts) where the vocabulary lacks what it
+// assumes:
+//   - every type but RWKV asserts BOS (and EOS) exist when the vocabulary
+//     asks for them to be added; WordPiece adds BOS and SEP always;
+//   - the SentencePiece tokenizer spells text it has no token for as byte
+//     tokens (llm_tokenizer_spm_session::resegment), and byte_to_token
+//     throws std::out_of_range when one of the 256 is missing.
+func (m *Model) checkVocab() string {
+	v := m.vocab
+	typ := int(C.llama_vocab_type(v))
+	bos, eos, sep := C.llama_vocab_bos(v), C.llama_vocab_eos(v), C.llama_vocab_sep(v)
+	switch {
+	case typ == vocabNone:
+		return "the model has no tokenizer"
+	case bool(C.llama_vocab_get_add_bos(v)) && bos < 0:
+		return "the vocabulary asks for a BOS token but has none"
+	case bool(C.llama_vocab_get_add_eos(v)) && eos < 0:
+		return "the vocabulary asks for an EOS token but has none"
+	case typ == vocabWPM && (bos < 0 || sep < 0):
+		return "the WordPiece vocabulary lacks the BOS or SEP token it always adds"
+	case typ == vocabSPM:
+		var have [256]bool
+		for id := range C.llama_vocab_n_tokens(v) {
+			t := C.GoString(C.llama_vocab_get_text(v, id))
+			switch {
+			case len(t) == 6 && strings.HasPrefix(t, "<0x") && t[5] == '>':
+				if b, err := strconv.ParseUint(t[3:5], 16, 8); err == nil && strings.ToUpper(t[3:5]) == t[3:5] {
+					have[b] = true
+				}
+			case len(t) == 1:
+				have[t[0]] = true
+			}
+		}
+		for b, ok := range have {
+			if !ok {
+				return fmt.Sprintf("the SentencePiece vocabulary has no byte token for 0x%02X, which llama.cpp's tokenizer needs for text outside the vocabulary", b)
+			}
+		}
+	}
+	return ""
 }
 
 func (m *Model) metaString(key string) string {
@@ -278,12 +332,20 @@ func (m *Model) ValidTokens(ids []int32) int {
 	return -1
 }
 
+// MaxTokenizeBytes is the longest text Tokenize accepts. llama.cpp's
+// tokenizer holds about 30 bytes of temporary memory per byte of text
+// (copies of the text, its code points, its fragments), and a failed
+// allocation in there throws std::bad_alloc through the C API, which aborts
+// the process: 16 MiB of text costs about half a gigabyte.
+const MaxTokenizeBytes = 16 << 20
+
 // Tokenize returns the token ids of text. addSpecial adds a
 // beginning-of-sequence token when the model uses one; parseSpecial parses
-// special-token markers written in the text.
+// special-token markers written in the text. Text longer than
+// MaxTokenizeBytes is refused.
 func (m *Model) Tokenize(text string, addSpecial, parseSpecial bool) ([]int32, error) {
-	if len(text) > 1<<30 {
-		return nil, fmt.Errorf("tokenize: text of %d bytes is too long", len(text))
+	if len(text) > MaxTokenizeBytes {
+		return nil, fmt.Errorf("tokenize: text of %d bytes is longer than %d", len(text), MaxTokenizeBytes)
 	}
 	ctext := C.CString(text)
 	defer C.free(unsafe.Pointer(ctext))
@@ -307,10 +369,14 @@ func (m *Model) Tokenize(text string, addSpecial, parseSpecial bool) ([]int32, e
 	return nil, errors.New("tokenize: token count changed between calls")
 }
 
-// AppendPiece appends the text of one token to dst, without special-token
-// rendering and without stripping a leading space. The caller must have
-// checked that tok is in the vocabulary.
+// AppendPiece appends the text of one token to dst, rendering special
+// tokens when renderSpecial is set and stripping a leading space when lstrip
+// is. A token outside the vocabulary appends nothing (llama.cpp would throw
+// std::out_of_range, which aborts the process).
 func (m *Model) AppendPiece(dst []byte, tok int32, renderSpecial bool, lstrip bool) []byte {
+	if tok < 0 || int(tok) >= m.info.VocabSize {
+		return dst
+	}
 	var strip C.int32_t
 	if lstrip {
 		strip = 1

@@ -150,6 +150,11 @@ bool llama_vocab_is_eog(const struct llama_vocab * vocab, llama_token token);
 llama_token llama_vocab_bos(const struct llama_vocab * vocab);
 llama_token llama_vocab_eos(const struct llama_vocab * vocab);
 bool llama_vocab_get_add_bos(const struct llama_vocab * vocab);
+bool llama_vocab_get_add_eos(const struct llama_vocab * vocab);
+bool llama_vocab_get_add_sep(const struct llama_vocab * vocab);
+llama_token llama_vocab_sep(const struct llama_vocab * vocab);
+const char * llama_vocab_get_text(const struct llama_vocab * vocab, llama_token token);
+int32_t llama_vocab_get_attr(const struct llama_vocab * vocab, llama_token token); // enum llama_token_attr
 
 int32_t llama_tokenize(const struct llama_vocab * vocab, const char * text, int32_t text_len,
                        llama_token * tokens, int32_t n_tokens_max, bool add_special, bool parse_special);
@@ -187,6 +192,10 @@ struct llama_sampler * llama_sampler_init_penalties(int32_t penalty_last_n, floa
 void llama_sampler_accept(struct llama_sampler * smpl, llama_token token);
 void llama_sampler_apply(struct llama_sampler * smpl, llama_token_data_array * cur_p);
 void llama_sampler_free(struct llama_sampler * smpl);
+// llama_sampler_sample is llama.cpp's own apply-select-accept of a chain. kvgate
+// does not use it to serve (it aborts when nothing is selected); the tests
+// compare kv_sample with it.
+llama_token llama_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx);
 
 // kvgate's own helpers, defined in shim.c.
 void kv_log_install(int min_level);
@@ -194,8 +203,17 @@ void kv_log_set_level(int min_level);
 int  kv_log_last_error(char * buf, int len);
 void kv_log_clear_error(void);
 void kv_model_params_set_progress(struct llama_model_params * p, uintptr_t handle);
-llama_token kv_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx,
-                      llama_token_data * buf, int32_t n_vocab);
+
+// kv_sample's failures; a token id (>= 0) is success.
+enum {
+    KV_SAMPLE_NO_LOGITS    = -1, // llama_get_logits_ith returned NULL
+    KV_SAMPLE_NO_FINITE    = -2, // no candidate with a finite logit was left
+    KV_SAMPLE_NO_SELECTION = -3, // the last sampler selected no candidate
+};
+llama_token kv_sample(struct llama_sampler * const * stages, int32_t n_stages, struct llama_context * ctx,
+                      int32_t idx, llama_token_data * buf, int32_t n_vocab);
+void kv_sampler_accept(struct llama_sampler * const * stages, int32_t n_stages, llama_token tok);
+size_t kv_sanitize_candidates(llama_token_data_array * cur);
 void kv_batch_set(struct llama_batch * b, int32_t i, llama_token tok, llama_pos pos,
                   llama_seq_id seq, int8_t logits);
 

@@ -70,14 +70,69 @@ void kv_model_params_set_progress(struct llama_model_params * p, uintptr_t handl
 }
 
 // ---- sampling -----------------------------------------------------------------
-// kv_sample is llama_sampler_sample without its per-call allocation: the
-// candidate array lives in a buffer the decode worker owns.
+// kv_sample runs kvgate's samplers one by one on a candidate array the decode
+// worker owns, where llama.cpp's chain (llama_sampler_chain_apply) would run
+// them back to back and llama_sampler_sample would allocate the array. After
+// the logits are read and after every sampler, kv_sanitize_candidates makes
+// the array safe for the next one, because llama.cpp's samplers assume what
+// extreme sampling parameters break:
+//   - llama_sampler_dist_apply asserts (assert(found), live: libllama is
+//     built without NDEBUG) that its running sum reaches its target, which
+//     fails when any probability is NaN: a NaN logit, or +inf - +inf and
+//     -inf - -inf when the largest logit is infinite;
+//   - it and llama_sampler_softmax_impl take data[0] as the largest logit
+//     when the array says it is sorted;
+//   - std::sort and std::partial_sort need a strict weak order, which NaN
+//     breaks.
+// For finite logits sanitizing changes nothing, so ordinary parameters
+// sample exactly as the chain did (sampler_test.go checks this against
+// llama_sampler_sample).
 
-llama_token kv_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx,
-                      llama_token_data * buf, int32_t n_vocab) {
+#include <float.h>
+#include <math.h>
+
+// kv_sanitize_candidates replaces every NaN logit with -INFINITY (no
+// probability) and +INFINITY with FLT_MAX (the largest finite float, so that
+// logit - max is 0 for it, not NaN), clears cur->sorted when the logits are
+// not in fact in descending order, and returns how many candidates have a
+// finite logit.
+size_t kv_sanitize_candidates(llama_token_data_array * cur) {
+    size_t finite = 0;
+    for (size_t i = 0; i < cur->size; i++) {
+        float l = cur->data[i].logit;
+        if (isnan(l)) {
+            l = -INFINITY;
+        } else if (l == INFINITY) {
+            l = FLT_MAX;
+        }
+        cur->data[i].logit = l;
+        if (l != -INFINITY) {
+            finite++;
+        }
+    }
+    if (cur->sorted) {
+        for (size_t i = 1; i < cur->size; i++) {
+            if (cur->data[i].logit > cur->data[i - 1].logit) {
+                cur->sorted = false;
+                break;
+            }
+        }
+    }
+    return finite;
+}
+
+// kv_sample draws a token from output idx of the last decode: it applies
+// stages[0..n_stages) in order, the last of which (dist or greedy) selects,
+// and accepts the token on every stage, as llama_sampler_sample does with a
+// chain. It returns the token id, or a KV_SAMPLE_* code (< 0), in which case
+// nothing was accepted. When no candidate has a finite logit it returns
+// KV_SAMPLE_NO_FINITE without running the remaining samplers: no sampler
+// turns -inf into a finite logit, and the draw would assert.
+llama_token kv_sample(struct llama_sampler * const * stages, int32_t n_stages, struct llama_context * ctx,
+                      int32_t idx, llama_token_data * buf, int32_t n_vocab) {
     const float * logits = llama_get_logits_ith(ctx, idx);
-    if (logits == NULL) {
-        return -1;
+    if (logits == NULL || n_stages <= 0 || n_vocab <= 0) {
+        return KV_SAMPLE_NO_LOGITS;
     }
     for (int32_t t = 0; t < n_vocab; t++) {
         buf[t].id = t;
@@ -85,13 +140,29 @@ llama_token kv_sample(struct llama_sampler * smpl, struct llama_context * ctx, i
         buf[t].p = 0.0f;
     }
     llama_token_data_array cur = { buf, (size_t) n_vocab, -1, false };
-    llama_sampler_apply(smpl, &cur);
+    for (int32_t i = 0; i < n_stages; i++) {
+        if (kv_sanitize_candidates(&cur) == 0) {
+            return KV_SAMPLE_NO_FINITE;
+        }
+        llama_sampler_apply(stages[i], &cur);
+    }
     if (cur.selected < 0 || cur.selected >= (int64_t) cur.size) {
-        return -1;
+        return KV_SAMPLE_NO_SELECTION;
     }
     llama_token tok = cur.data[cur.selected].id;
-    llama_sampler_accept(smpl, tok);
+    if (tok < 0 || tok >= n_vocab) {
+        return KV_SAMPLE_NO_SELECTION;
+    }
+    kv_sampler_accept(stages, n_stages, tok);
     return tok;
+}
+
+// kv_sampler_accept records tok in the history of every stage that keeps
+// one (the penalties; the others have no accept), as the chain's accept did.
+void kv_sampler_accept(struct llama_sampler * const * stages, int32_t n_stages, llama_token tok) {
+    for (int32_t i = 0; i < n_stages; i++) {
+        llama_sampler_accept(stages[i], tok);
+    }
 }
 
 // ---- batches ----------------------------------------------------------------

@@ -11,6 +11,16 @@ import (
 // test when the workplace's model folder is not there.
 func sharedModel(t testing.TB, name string) string {
 	t.Helper()
+	p := findSharedModel(name)
+	if p == "" {
+		t.Skipf("test model %s not found (set KVGATE_TEST_MODELS)", name)
+	}
+	return p
+}
+
+// findSharedModel returns the absolute path of a model in ../shared/models,
+// or "" when it is not there.
+func findSharedModel(name string) string {
 	for _, dir := range []string{os.Getenv("KVGATE_TEST_MODELS"), "../../shared/models", "../shared/models"} {
 		if dir == "" {
 			continue
@@ -21,7 +31,6 @@ func sharedModel(t testing.TB, name string) string {
 			return abs
 		}
 	}
-	t.Skipf("test model %s not found (set KVGATE_TEST_MODELS)", name)
 	return ""
 }
 

@@ -26,6 +26,70 @@ const ErrorDomain = "kvgate.v1"
 // client read too slowly.
 const ReasonSlowConsumer = "SLOW_CONSUMER"
 
+// ReasonPriorityNotAllowed is the ErrorInfo reason of a request whose
+// priority exceeds its tenant's limit.
+const ReasonPriorityNotAllowed = "PRIORITY_NOT_ALLOWED"
+
+// ReasonNoValidToken is the ErrorInfo reason of a stream whose sampling
+// parameters left no token with a finite probability.
+const ReasonNoValidToken = "NO_VALID_TOKEN"
+
+// ReasonWorkBudget is the ErrorInfo reason of a Tokenize or Detokenize
+// call refused because the server's tokenizer work budget was spent.
+const ReasonWorkBudget = "TOKENIZER_BUSY"
+
+// PriorityError refuses a request whose priority exceeds its tenant's
+// limit. Such a request is refused, not clamped, so that a client learns
+// of its mistake.
+type PriorityError struct {
+	Tenant   string
+	Priority int32
+	Max      int32
+}
+
+// Error describes the refusal.
+func (e *PriorityError) Error() string {
+	return fmt.Sprintf("priority %d exceeds the limit of %d of tenant %s", e.Priority, e.Max, e.Tenant)
+}
+
+// neverFitsError is a NEVER_FITS refusal with the request's fields, so
+// that its BadRequest names both fields that make it too long.
+type neverFitsError struct {
+	*allocator.RejectError
+	promptField  string
+	promptTokens int
+	maxTokens    int
+}
+
+func (e *neverFitsError) Unwrap() error { return e.RejectError }
+
+// errWorkBudget refuses tokenizer work when the budget is spent.
+var errWorkBudget = errors.New("the server's tokenizer work budget is spent")
+
+// workRetryDelay is the retry delay advised when the tokenizer budget is
+// spent: tokenizer calls take milliseconds.
+const workRetryDelay = 100 * time.Millisecond
+
+// endBeforeDeadline returns a context that ends a little before ctx's
+// deadline: a tenth of the time left, at least 20 ms and at most 200 ms.
+// Near its deadline a client resets the stream (RST_STREAM CANCEL), which
+// the server would see as a cancellation; ending first, the server sends
+// DEADLINE_EXCEEDED itself, so that client, log and metrics agree.
+func endBeforeDeadline(ctx context.Context) (context.Context, context.CancelFunc) {
+	d, ok := ctx.Deadline()
+	if !ok {
+		return context.WithCancel(ctx)
+	}
+	margin := min(max(time.Until(d)/10, 20*time.Millisecond), 200*time.Millisecond)
+	return context.WithDeadline(ctx, d.Add(-margin))
+}
+
+// deadlinePassed reports whether ctx's deadline has passed.
+func deadlinePassed(ctx context.Context) bool {
+	d, ok := ctx.Deadline()
+	return ok && !time.Now().Before(d)
+}
+
 // PushbackTrailer is the trailer through which gRPC's built-in retry reads
 // the server's pushback. A negative value tells the client not to retry.
 const PushbackTrailer = "grpc-retry-pushback-ms"
@@ -54,10 +118,37 @@ func toStatus(ctx context.Context, err error) error {
 	if _, ok := status.FromError(err); ok {
 		return err
 	}
-	var rej *allocator.RejectError
+	var (
+		rej  *allocator.RejectError
+		nf   *neverFitsError
+		prio *PriorityError
+	)
 	switch {
+	case errors.As(err, &nf):
+		return neverFitsStatus(ctx, nf)
 	case errors.As(err, &rej):
 		return rejectStatus(ctx, rej)
+	case errors.As(err, &prio):
+		setPushback(ctx, -1)
+		return withInfo(codes.PermissionDenied, prio.Error(), ReasonPriorityNotAllowed, map[string]string{
+			"tenant": prio.Tenant, "priority": strconv.Itoa(int(prio.Priority)), "max_priority": strconv.Itoa(int(prio.Max)),
+		})
+	case errors.Is(err, errWorkBudget):
+		setPushback(ctx, workRetryDelay)
+		return withInfo(codes.ResourceExhausted, err.Error()+"; retry shortly", ReasonWorkBudget,
+			map[string]string{"retry_after_ms": strconv.FormatInt(workRetryDelay.Milliseconds(), 10)},
+			&errdetails.RetryInfo{RetryDelay: durationpb.New(workRetryDelay)})
+	case errors.Is(err, native.ErrNoValidToken):
+		st := status.New(codes.InvalidArgument, "sampling failed: "+native.ErrNoValidToken.Error())
+		if ds, e := st.WithDetails(
+			&errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{violation("sampling", native.ErrNoValidToken.Error())}},
+			&errdetails.ErrorInfo{Reason: ReasonNoValidToken, Domain: ErrorDomain},
+		); e == nil {
+			st = ds
+		}
+		return st.Err()
+	case errors.Is(err, native.ErrBadRequest):
+		return errInvalid(err.Error(), violation("request", err.Error()))
 	case errors.Is(err, native.ErrSlowConsumer):
 		return withInfo(codes.ResourceExhausted, "stream closed: the client read too slowly and its buffer filled up",
 			ReasonSlowConsumer, nil)
@@ -67,6 +158,9 @@ func toStatus(ctx context.Context, err error) error {
 	case errors.Is(err, native.ErrEngineClosed):
 		setPushback(ctx, -1)
 		return status.Error(codes.Unavailable, "server is shutting down")
+	case errors.Is(err, context.Canceled) && deadlinePassed(ctx):
+		// The client reset the stream at its deadline.
+		return status.Error(codes.DeadlineExceeded, "deadline exceeded")
 	case errors.Is(err, context.Canceled):
 		return status.Error(codes.Canceled, "request cancelled by the client")
 	case errors.Is(err, context.DeadlineExceeded):
@@ -113,16 +207,39 @@ func rejectStatus(ctx context.Context, rej *allocator.RejectError) error {
 		// No pushback: a client whose retry policy covers UNAVAILABLE
 		// retries on another replica after its own backoff.
 		return withInfo(codes.Unavailable, "server is draining: send new requests to another replica", rej.Reason, nil)
+	case allocator.ReasonCancelled:
+		if deadlinePassed(ctx) {
+			return withInfo(codes.DeadlineExceeded, "deadline exceeded while waiting for KV cells", allocator.ReasonDeadlineExceeded, meta)
+		}
+		return withInfo(codes.Canceled, "request cancelled while waiting for KV cells", rej.Reason, meta)
 	case allocator.ReasonDeadlineExceeded:
 		return withInfo(codes.DeadlineExceeded, "deadline exceeded while waiting for KV cells", rej.Reason, meta)
-	case allocator.ReasonCancelled:
-		return withInfo(codes.Canceled, "request cancelled while waiting for KV cells", rej.Reason, meta)
 	case allocator.ReasonQueueTimeout:
 		setPushback(ctx, time.Second)
 		return withInfo(codes.ResourceExhausted, "queue_timeout_ms passed while waiting for KV cells", rej.Reason, meta,
 			&errdetails.RetryInfo{RetryDelay: durationpb.New(time.Second)})
 	}
 	return status.Error(codes.Internal, rej.Error())
+}
+
+// neverFitsStatus is INVALID_ARGUMENT for a request too long for any
+// sequence, naming both fields that make it so.
+func neverFitsStatus(ctx context.Context, nf *neverFitsError) error {
+	setPushback(ctx, -1)
+	rej := nf.RejectError
+	desc := fmt.Sprintf("%d prompt tokens + max_tokens %d = %d exceeds the server's max_sequence_tokens limit of %d tokens per sequence",
+		nf.promptTokens, nf.maxTokens, nf.promptTokens+nf.maxTokens, rej.Limit)
+	meta := map[string]string{"cells_needed": strconv.Itoa(rej.CellsNeeded), "limit": strconv.Itoa(rej.Limit)}
+	st := status.New(codes.InvalidArgument, desc)
+	if ds, err := st.WithDetails(
+		&errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{
+			violation(nf.promptField, desc), violation("max_tokens", desc),
+		}},
+		&errdetails.ErrorInfo{Reason: rej.Reason, Domain: ErrorDomain, Metadata: meta},
+	); err == nil {
+		st = ds
+	}
+	return st.Err()
 }
 
 func withInfo(code codes.Code, msg, reason string, meta map[string]string, extra ...*errdetails.RetryInfo) error {

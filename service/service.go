@@ -12,7 +12,9 @@ import (
 	"slices"
 	"strings"
 	"time"
+	"unicode/utf8"
 
+	"golang.org/x/sync/semaphore"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
 
@@ -37,7 +39,39 @@ type Engine interface {
 type Model interface {
 	tokenizer
 	Detokenize(ids []int32, opts native.DetokenizeOptions) (string, error)
+	// AppendPiece appends the text of one valid token to dst.
+	AppendPiece(dst []byte, tok int32, renderSpecial, lstrip bool) []byte
 }
+
+// Tenant is what the service needs to know of a caller's tenant.
+type Tenant struct {
+	// Name identifies the tenant; requests of different tenants never
+	// share prefix-cache cells, and the allocator shares the pool fairly
+	// between tenants.
+	Name string
+	// MaxPriority is the highest request priority the tenant may use.
+	MaxPriority int32
+}
+
+// DefaultTenant is the tenant of every call when Config.Tenant is nil.
+var DefaultTenant = Tenant{Name: "default", MaxPriority: DefaultMaxPriority}
+
+// DefaultMaxPriority is the default for the highest priority a tenant may
+// use.
+const DefaultMaxPriority = 10
+
+// Work limits of Tokenize and Detokenize.
+const (
+	// DefaultMaxTokenizeBytes bounds one Tokenize call's text.
+	DefaultMaxTokenizeBytes = 1 << 20
+	// DefaultMaxDetokenizeIDs bounds one Detokenize call's ids.
+	DefaultMaxDetokenizeIDs = 1 << 18
+	// DefaultWorkBudget bounds the tokenizer work in flight at once, in
+	// bytes of text (Tokenize, Generate prompts) or of the longest output
+	// the ids can spell (Detokenize). Tokenizing costs up to about 40
+	// bytes of memory per byte of text (ids, pieces, the response).
+	DefaultWorkBudget = 2 << 20
+)
 
 // Config holds the parts of the server's configuration that the API
 // reports.
@@ -61,6 +95,18 @@ type Config struct {
 	Deterministic bool
 	// Observer, when set, receives per-request latencies.
 	Observer Observer
+	// Tenant returns the caller's tenant; nil means DefaultTenant for all.
+	// It is called once per call and must not block.
+	Tenant func(ctx context.Context) Tenant
+	// MaxTokenizeBytes bounds a Tokenize call's text; 0 means
+	// DefaultMaxTokenizeBytes.
+	MaxTokenizeBytes int
+	// MaxDetokenizeIDs bounds a Detokenize call's ids; 0 means
+	// DefaultMaxDetokenizeIDs.
+	MaxDetokenizeIDs int
+	// WorkBudget bounds the tokenizer work in flight; 0 means
+	// DefaultWorkBudget. It must be at least MaxTokenizeBytes.
+	WorkBudget int
 }
 
 // Observer receives the latencies of Generate calls, for metrics. Its
@@ -89,18 +135,60 @@ type Service struct {
 	kvgatev1.UnimplementedGenerateServiceServer
 	kvgatev1.UnimplementedCacheServiceServer
 
-	cfg    Config
-	model  Model
-	alloc  Admitter
-	engine Engine
+	cfg      Config
+	model    Model
+	alloc    Admitter
+	engine   Engine
+	maxPiece int // bytes of the model's longest token text
+	work     *semaphore.Weighted
 }
 
 // New returns a Service over an allocator and an engine sharing one model.
+// It derives the limits that depend on the model's vocabulary.
 func New(cfg Config, m Model, a Admitter, e Engine) *Service {
 	if cfg.Observer == nil {
 		cfg.Observer = nopObserver{}
 	}
-	return &Service{cfg: cfg, model: m, alloc: a, engine: e}
+	if cfg.Tenant == nil {
+		cfg.Tenant = func(context.Context) Tenant { return DefaultTenant }
+	}
+	if cfg.MaxTokenizeBytes <= 0 {
+		cfg.MaxTokenizeBytes = DefaultMaxTokenizeBytes
+	}
+	if cfg.MaxDetokenizeIDs <= 0 {
+		cfg.MaxDetokenizeIDs = DefaultMaxDetokenizeIDs
+	}
+	if cfg.WorkBudget <= 0 {
+		cfg.WorkBudget = DefaultWorkBudget
+	}
+	cfg.WorkBudget = max(cfg.WorkBudget, cfg.MaxTokenizeBytes)
+	s := &Service{cfg: cfg, model: m, alloc: a, engine: e, work: semaphore.NewWeighted(int64(cfg.WorkBudget))}
+	s.maxPiece = longestPiece(m)
+	lim := &s.cfg.Limits
+	// Every byte of a text ends up in some token's text, so a text longer
+	// than max_prompt_tokens times the longest token text can never fit.
+	// Twice that, plus room for a BOS, keeps the bound safe.
+	prompt := effectiveLimit(lim.MaxPromptTokens, lim.MaxSequenceTokens-1)
+	if byTokens := 2*s.maxPiece*prompt + 64; lim.MaxPromptBytes <= 0 || byTokens < lim.MaxPromptBytes {
+		lim.MaxPromptBytes = byTokens
+	}
+	if lim.MaxPenaltyLastN <= 0 || lim.MaxPenaltyLastN > native.MaxPenaltyLastN {
+		lim.MaxPenaltyLastN = native.MaxPenaltyLastN
+	}
+	lim.MaxPenaltyLastN = max(min(lim.MaxPenaltyLastN, lim.MaxSequenceTokens), defaultPenaltyLastN)
+	return s
+}
+
+// longestPiece returns the length in bytes of the longest token text of
+// m's vocabulary, special tokens rendered.
+func longestPiece(m Model) int {
+	n := 1
+	var buf []byte
+	for id := range int32(m.Info().VocabSize) {
+		buf = m.AppendPiece(buf[:0], id, true, false)
+		n = max(n, len(buf))
+	}
+	return n
 }
 
 // Register registers both services on s.
@@ -120,6 +208,8 @@ func msSince(t time.Time, now time.Time) float64 {
 // per-call log line. An interceptor installs it with WithCallInfo; the
 // service fills it in.
 type CallInfo struct {
+	RequestID        string
+	Tenant           string
 	PromptTokens     int
 	CachedTokens     int
 	CompletionTokens int
@@ -153,11 +243,31 @@ func (s *Service) Generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 }
 
 func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStreamingServer[kvgatev1.GenerateResponse], ci *CallInfo) error {
-	ctx := stream.Context()
 	arrived := time.Now()
+	// The call ends itself just before its deadline, so that the client,
+	// the log and the metrics all see DEADLINE_EXCEEDED rather than the
+	// transport's cancellation.
+	ctx, cancel := endBeforeDeadline(stream.Context())
+	defer cancel()
+	tenant := s.cfg.Tenant(ctx)
+	ci.Tenant = tenant.Name
+	if n := len(req.GetRequestId()); n <= s.cfg.Limits.MaxRequestIDBytes && utf8.ValidString(req.GetRequestId()) {
+		ci.RequestID = req.GetRequestId()
+	}
+	if t := req.GetText(); t != "" {
+		// Tokenizing is work like Tokenize's: wait for its share.
+		w := int64(min(len(t), s.cfg.WorkBudget))
+		if err := s.work.Acquire(ctx, w); err != nil {
+			return toStatus(ctx, err)
+		}
+		defer s.work.Release(w)
+	}
 	r, err := validate(req, s.model, s.cfg.Limits)
 	if err != nil {
 		return err
+	}
+	if r.priority > tenant.MaxPriority {
+		return toStatus(ctx, &PriorityError{Tenant: tenant.Name, Priority: r.priority, Max: tenant.MaxPriority})
 	}
 	ci.PromptTokens = len(r.prompt)
 	lease, err := s.alloc.Admit(ctx, allocator.Request{
@@ -166,8 +276,14 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 		MaxTokens:    r.maxTokens,
 		Priority:     r.priority,
 		QueueTimeout: time.Duration(req.GetQueueTimeoutMs()) * time.Millisecond,
+		Tenant:       tenant.Name,
+		CacheSalt:    req.GetCacheSalt(),
 	})
 	if err != nil {
+		var rej *allocator.RejectError
+		if errors.As(err, &rej) && rej.Reason == allocator.ReasonNeverFits {
+			err = &neverFitsError{RejectError: rej, promptField: r.promptField, promptTokens: len(r.prompt), maxTokens: r.maxTokens}
+		}
 		return toStatus(ctx, err)
 	}
 	admitted := time.Now()
@@ -306,42 +422,63 @@ func finishReason(r native.FinishReason) kvgatev1.FinishReason {
 	return kvgatev1.FinishReason_FINISH_REASON_UNSPECIFIED
 }
 
-// maxTokenizeBytes bounds the text of one Tokenize call.
-const maxTokenizeBytes = 1 << 20
-
-// Tokenize returns the token ids and pieces of a text.
+// Tokenize returns the token ids and pieces of a text. Its work counts
+// against the server's work budget: when the budget is spent the call is
+// refused at once with RESOURCE_EXHAUSTED.
 func (s *Service) Tokenize(ctx context.Context, req *kvgatev1.TokenizeRequest) (*kvgatev1.TokenizeResponse, error) {
-	if len(req.GetText()) > maxTokenizeBytes {
-		return nil, errInvalid("text too long", violation("text", fmt.Sprintf("%d bytes exceed the limit of %d", len(req.GetText()), maxTokenizeBytes)))
+	text := req.GetText()
+	if len(text) > s.cfg.MaxTokenizeBytes {
+		return nil, errInvalid("text too long", violation("text", fmt.Sprintf("%d bytes exceed the server's max_tokenize_bytes limit of %d", len(text), s.cfg.MaxTokenizeBytes)))
 	}
-	ids, err := s.model.Tokenize(req.GetText(), req.GetAddSpecial(), req.GetParseSpecial())
+	w := int64(max(len(text), 1))
+	if !s.work.TryAcquire(w) {
+		return nil, toStatus(ctx, errWorkBudget)
+	}
+	defer s.work.Release(w)
+	ids, err := s.model.Tokenize(text, req.GetAddSpecial(), req.GetParseSpecial())
 	if err != nil {
 		return nil, toStatus(ctx, err)
 	}
-	pieces := make([]string, len(ids))
-	for i := range ids {
-		p, err := s.model.Detokenize(ids[i:i+1], native.DetokenizeOptions{RenderSpecial: true})
-		if err != nil {
-			return nil, toStatus(ctx, err)
+	// The pieces share one backing string: one allocation, not one per
+	// token. A piece that is not valid UTF-8 on its own (a byte token) is
+	// U+FFFD, as Detokenize renders it.
+	var buf []byte
+	ends := make([]int, len(ids))
+	for i, id := range ids {
+		start := len(buf)
+		buf = s.model.AppendPiece(buf, id, true, false)
+		if !utf8.Valid(buf[start:]) {
+			buf = append(buf[:start], "\uFFFD"...)
 		}
-		pieces[i] = p
+		ends[i] = len(buf)
+	}
+	all := string(buf)
+	pieces := make([]string, len(ids))
+	prev := 0
+	for i, end := range ends {
+		pieces[i] = all[prev:end]
+		prev = end
 	}
 	return &kvgatev1.TokenizeResponse{Ids: ids, Pieces: pieces}, nil
 }
 
-// maxDetokenizeIDs bounds the ids of one Detokenize call.
-const maxDetokenizeIDs = 1 << 20
-
 // Detokenize returns the text of token ids, exactly as Generate streams it.
+// Its work, the longest text the ids could spell, counts against the
+// server's work budget as Tokenize's does.
 func (s *Service) Detokenize(ctx context.Context, req *kvgatev1.DetokenizeRequest) (*kvgatev1.DetokenizeResponse, error) {
 	ids := req.GetIds()
-	if len(ids) > maxDetokenizeIDs {
-		return nil, errInvalid("too many ids", violation("ids", fmt.Sprintf("%d ids exceed the limit of %d", len(ids), maxDetokenizeIDs)))
+	if len(ids) > s.cfg.MaxDetokenizeIDs {
+		return nil, errInvalid("too many ids", violation("ids", fmt.Sprintf("%d ids exceed the server's max_detokenize_ids limit of %d", len(ids), s.cfg.MaxDetokenizeIDs)))
 	}
 	if i := s.model.ValidTokens(ids); i >= 0 {
 		return nil, errInvalid(fmt.Sprintf("ids[%d] = %d is outside the vocabulary", i, ids[i]),
 			violation(fmt.Sprintf("ids[%d]", i), fmt.Sprintf("token id %d is outside the vocabulary [0, %d)", ids[i], s.model.Info().VocabSize)))
 	}
+	w := int64(min(max(len(ids)*s.maxPiece, 1), s.cfg.WorkBudget))
+	if !s.work.TryAcquire(w) {
+		return nil, toStatus(ctx, errWorkBudget)
+	}
+	defer s.work.Release(w)
 	text, err := s.model.Detokenize(ids, native.DetokenizeOptions{
 		RenderSpecial: req.GetRenderSpecial(), StripLeadingSpace: req.GetStripLeadingSpace(),
 	})
@@ -354,6 +491,7 @@ func (s *Service) Detokenize(ctx context.Context, req *kvgatev1.DetokenizeReques
 // GetModelInfo describes the model and the server's limits.
 func (s *Service) GetModelInfo(ctx context.Context, _ *kvgatev1.GetModelInfoRequest) (*kvgatev1.GetModelInfoResponse, error) {
 	info := s.model.Info()
+	tenant := s.cfg.Tenant(ctx)
 	return &kvgatev1.GetModelInfoResponse{
 		Path:                info.Path,
 		Architecture:        info.Architecture,
@@ -375,6 +513,12 @@ func (s *Service) GetModelInfo(ctx context.Context, _ *kvgatev1.GetModelInfoRequ
 		AdmissionPolicy:     s.cfg.AdmissionPolicy,
 		PrefixCache:         s.cfg.PrefixCache,
 		Deterministic:       s.cfg.Deterministic,
+		MaxPromptBytes:      uint32(s.cfg.Limits.MaxPromptBytes),
+		MaxPenaltyLastN:     uint32(s.cfg.Limits.MaxPenaltyLastN),
+		MaxPriority:         tenant.MaxPriority,
+		Tenant:              tenant.Name,
+		MaxTokenizeBytes:    uint32(s.cfg.MaxTokenizeBytes),
+		MaxDetokenizeIds:    uint32(s.cfg.MaxDetokenizeIDs),
 	}, nil
 }
 

@@ -7,6 +7,7 @@ import (
 	"math"
 	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
@@ -58,6 +59,10 @@ func TestValidate(t *testing.T) {
 	lim := DefaultLimits()
 	lim.MaxSequenceTokens = 64
 	lim.MaxStopStrings = 2
+	lim.MaxCompletionTokens = 100
+	lim.MaxPromptTokens = 32
+	lim.MaxPromptBytes = 1000
+	lim.MaxPenaltyLastN = 48
 	nan := float32(math.NaN())
 	one, zero := float32(1), float32(0)
 	text := func(s string, n uint32) *kvgatev1.GenerateRequest {
@@ -79,8 +84,14 @@ func TestValidate(t *testing.T) {
 		{"no prompt", &kvgatev1.GenerateRequest{MaxTokens: 1}, []string{"prompt"}},
 		{"empty text", text("", 8), []string{"text"}},
 		{"zero max_tokens", text("a", 0), []string{"max_tokens"}},
-		{"max_tokens over the limit", text("a", 65), []string{"max_tokens"}},
-		{"prompt + max_tokens over the limit", text("a b c", 62), []string{"text"}},
+		// Too long for a sequence: left to the allocator (NEVER_FITS), so
+		// that the refusal is counted; see TestToStatus.
+		{"max_tokens over the sequence limit", text("a", 65), nil},
+		{"prompt + max_tokens over the sequence limit", text("a b c", 62), nil},
+		{"max_tokens over max_completion_tokens", text("a", 101), []string{"max_tokens"}},
+		{"text over max_prompt_bytes, not tokenized", text(strings.Repeat("a ", 600), 1), []string{"text"}},
+		{"prompt over max_prompt_tokens", text(strings.Repeat("a ", 40), 1), []string{"text"}},
+		{"cache_salt too long", with(text("a", 1), func(r *kvgatev1.GenerateRequest) { r.CacheSalt = strings.Repeat("s", 257) }), []string{"cache_salt"}},
 		{"bad token", with(text("a", 1), func(r *kvgatev1.GenerateRequest) {
 			r.Prompt = &kvgatev1.GenerateRequest_Tokens{Tokens: &kvgatev1.TokenList{Ids: []int32{1, 100}}}
 		}), []string{"tokens.ids[1]"}},
@@ -90,6 +101,25 @@ func TestValidate(t *testing.T) {
 		{"negative top_k, min_p above 1", with(text("a", 1), func(r *kvgatev1.GenerateRequest) {
 			r.Sampling = &kvgatev1.SamplingParams{TopK: -1, MinP: 2}
 		}), []string{"sampling.top_k", "sampling.min_p"}},
+		{"the four crashers", with(text("a", 1), func(r *kvgatev1.GenerateRequest) {
+			r.Sampling = &kvgatev1.SamplingParams{Temperature: 1e-40, RepetitionPenalty: 1e-45, FrequencyPenalty: -3.4e38, PresencePenalty: -3.4e38}
+		}), []string{"sampling.temperature", "sampling.repetition_penalty", "sampling.frequency_penalty", "sampling.presence_penalty"}},
+		{"edges of the ranges", with(text("a", 1), func(r *kvgatev1.GenerateRequest) {
+			r.Sampling = &kvgatev1.SamplingParams{Temperature: 100, RepetitionPenalty: 0.01, FrequencyPenalty: -2, PresencePenalty: 2, PenaltyLastN: 48}
+		}), nil},
+		{"just outside the ranges", with(text("a", 1), func(r *kvgatev1.GenerateRequest) {
+			r.Sampling = &kvgatev1.SamplingParams{Temperature: 100.5, RepetitionPenalty: 100.5, FrequencyPenalty: 2.01, PresencePenalty: -2.01, PenaltyLastN: 49}
+		}), []string{"sampling.temperature", "sampling.repetition_penalty", "sampling.frequency_penalty", "sampling.presence_penalty", "sampling.penalty_last_n"}},
+		{"infinities and tiny temperature", with(text("a", 1), func(r *kvgatev1.GenerateRequest) {
+			inf := float32(math.Inf(1))
+			r.Sampling = &kvgatev1.SamplingParams{Temperature: 0.0009, MinP: nan, TopP: &inf, RepetitionPenalty: -inf}
+		}), []string{"sampling.temperature", "sampling.top_p", "sampling.min_p", "sampling.repetition_penalty"}},
+		{"huge and negative penalty_last_n", with(text("a", 1), func(r *kvgatev1.GenerateRequest) {
+			r.Sampling = &kvgatev1.SamplingParams{PenaltyLastN: 300_000_000}
+		}), []string{"sampling.penalty_last_n"}},
+		{"negative penalty_last_n", with(text("a", 1), func(r *kvgatev1.GenerateRequest) {
+			r.Sampling = &kvgatev1.SamplingParams{PenaltyLastN: -1}
+		}), []string{"sampling.penalty_last_n"}},
 		{"too many stops", with(text("a", 1), func(r *kvgatev1.GenerateRequest) { r.Stop = []string{"x", "y", "z"} }), []string{"stop"}},
 		{"empty stop", with(text("a", 1), func(r *kvgatev1.GenerateRequest) { r.Stop = []string{""} }), []string{"stop[0]"}},
 	}
@@ -135,25 +165,46 @@ func TestToStatus(t *testing.T) {
 		}
 		return err
 	}
+	past, cancelPast := context.WithDeadline(context.Background(), time.Now().Add(-time.Second))
+	defer cancelPast()
+	var nf *allocator.RejectError
+	if !errors.As(rej(allocator.ReasonNeverFits), &nf) {
+		t.Fatal("no NEVER_FITS refusal")
+	}
 	tests := []struct {
 		name   string
+		ctx    context.Context // nil: background
 		err    error
 		code   codes.Code
 		reason string
+		fields []string // BadRequest violations, when checked
 	}{
-		{"queue full", rej(allocator.ReasonQueueFull), codes.ResourceExhausted, allocator.ReasonQueueFull},
-		{"never fits", rej(allocator.ReasonNeverFits), codes.InvalidArgument, allocator.ReasonNeverFits},
-		{"draining", rej(allocator.ReasonDraining), codes.Unavailable, allocator.ReasonDraining},
-		{"slow consumer", native.ErrSlowConsumer, codes.ResourceExhausted, ReasonSlowConsumer},
-		{"aborted", native.ErrSequenceAborted, codes.Aborted, "NO_KV_SLOT"},
-		{"engine closed", native.ErrEngineClosed, codes.Unavailable, ""},
-		{"cancelled", fmt.Errorf("x: %w", context.Canceled), codes.Canceled, ""},
-		{"deadline", context.DeadlineExceeded, codes.DeadlineExceeded, ""},
-		{"other", errors.New("boom"), codes.Internal, ""},
+		{name: "never fits, with both fields", err: &neverFitsError{RejectError: nf, promptField: "text", promptTokens: 5, maxTokens: 5},
+			code: codes.InvalidArgument, reason: allocator.ReasonNeverFits, fields: []string{"text", "max_tokens"}},
+		{name: "priority above the tenant's limit", err: &PriorityError{Tenant: "a", Priority: 11, Max: 10},
+			code: codes.PermissionDenied, reason: ReasonPriorityNotAllowed},
+		{name: "no valid token", err: fmt.Errorf("step: %w", native.ErrNoValidToken),
+			code: codes.InvalidArgument, reason: ReasonNoValidToken, fields: []string{"sampling"}},
+		{name: "tokenizer budget spent", err: errWorkBudget, code: codes.ResourceExhausted, reason: ReasonWorkBudget},
+		{name: "engine refuses the request", err: fmt.Errorf("%w: empty prompt", native.ErrBadRequest), code: codes.InvalidArgument},
+		{name: "cancelled at the deadline", ctx: past, err: fmt.Errorf("x: %w", context.Canceled), code: codes.DeadlineExceeded},
+		{"queue full", nil, rej(allocator.ReasonQueueFull), codes.ResourceExhausted, allocator.ReasonQueueFull, nil},
+		{"never fits", nil, rej(allocator.ReasonNeverFits), codes.InvalidArgument, allocator.ReasonNeverFits, nil},
+		{"draining", nil, rej(allocator.ReasonDraining), codes.Unavailable, allocator.ReasonDraining, nil},
+		{"slow consumer", nil, native.ErrSlowConsumer, codes.ResourceExhausted, ReasonSlowConsumer, nil},
+		{"aborted", nil, native.ErrSequenceAborted, codes.Aborted, "NO_KV_SLOT", nil},
+		{"engine closed", nil, native.ErrEngineClosed, codes.Unavailable, "", nil},
+		{"cancelled", nil, fmt.Errorf("x: %w", context.Canceled), codes.Canceled, "", nil},
+		{"deadline", nil, context.DeadlineExceeded, codes.DeadlineExceeded, "", nil},
+		{"other", nil, errors.New("boom"), codes.Internal, "", nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := toStatus(context.Background(), tt.err)
+			ctx := tt.ctx
+			if ctx == nil {
+				ctx = context.Background()
+			}
+			err := toStatus(ctx, tt.err)
 			st, _ := status.FromError(err)
 			if st.Code() != tt.code {
 				t.Fatalf("code %v, want %v (%v)", st.Code(), tt.code, err)
@@ -174,9 +225,43 @@ func TestToStatus(t *testing.T) {
 			if reason != tt.reason {
 				t.Errorf("ErrorInfo reason %q, want %q", reason, tt.reason)
 			}
-			if wantRetry := tt.reason == allocator.ReasonQueueFull; retry != wantRetry {
+			if wantRetry := tt.reason == allocator.ReasonQueueFull || tt.reason == ReasonWorkBudget; retry != wantRetry {
 				t.Errorf("RetryInfo present %v, want %v", retry, wantRetry)
 			}
+			if tt.fields != nil {
+				if got := fieldsOf(t, err); fmt.Sprint(got) != fmt.Sprint(tt.fields) {
+					t.Errorf("violations %v, want %v", got, tt.fields)
+				}
+			}
 		})
+	}
+}
+
+// TestEndBeforeDeadline checks the margin by which a call ends itself
+// before its deadline: a tenth of the time left, within [20 ms, 200 ms].
+func TestEndBeforeDeadline(t *testing.T) {
+	for _, tc := range []struct {
+		left, margin time.Duration
+	}{
+		{100 * time.Millisecond, 20 * time.Millisecond},
+		{time.Second, 100 * time.Millisecond},
+		{time.Minute, 200 * time.Millisecond},
+	} {
+		parent, cancel := context.WithTimeout(context.Background(), tc.left)
+		ctx, cancel2 := endBeforeDeadline(parent)
+		pd, _ := parent.Deadline()
+		d, ok := ctx.Deadline()
+		// Time passes between the two calls, so the margin may come out a
+		// little smaller, never larger.
+		if got := pd.Sub(d); !ok || got < tc.margin/2 || got > tc.margin {
+			t.Errorf("%v left: margin %v, want about %v", tc.left, got, tc.margin)
+		}
+		cancel2()
+		cancel()
+	}
+	ctx, cancel := endBeforeDeadline(context.Background())
+	defer cancel()
+	if _, ok := ctx.Deadline(); ok {
+		t.Error("a call without a deadline got one")
 	}
 }

@@ -2,7 +2,6 @@ package service
 
 import (
 	"fmt"
-	"math"
 	"unicode/utf8"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -30,6 +29,15 @@ type Limits struct {
 	MaxStopStringBytes int
 	// MaxRequestIDBytes bounds request_id.
 	MaxRequestIDBytes int
+	// MaxCacheSaltBytes bounds cache_salt.
+	MaxCacheSaltBytes int
+	// MaxPromptBytes bounds the prompt text in bytes, checked before the
+	// text is tokenized; 0 means no bound beyond the message size. New
+	// tightens it to what max_prompt_tokens tokens of the model can spell.
+	MaxPromptBytes int
+	// MaxPenaltyLastN bounds sampling.penalty_last_n; 0 means
+	// native.MaxPenaltyLastN. New tightens it to MaxSequenceTokens.
+	MaxPenaltyLastN int
 }
 
 // effectiveLimit returns the bound a limit sets in effect: limit, unless it
@@ -43,7 +51,7 @@ func effectiveLimit(limit, bound int) int {
 
 // DefaultLimits returns the limits used when a flag does not set them.
 func DefaultLimits() Limits {
-	return Limits{MaxStopStrings: 16, MaxStopStringBytes: 256, MaxRequestIDBytes: 128}
+	return Limits{MaxStopStrings: 16, MaxStopStringBytes: 256, MaxRequestIDBytes: 128, MaxCacheSaltBytes: 256}
 }
 
 // tokenizer is the part of the model that validation needs.
@@ -55,18 +63,31 @@ type tokenizer interface {
 
 // request is a validated GenerateRequest.
 type request struct {
-	prompt    []int32
-	maxTokens int
-	sampling  native.SamplingParams
-	stop      []string
-	priority  int32
-	ignoreEOS bool
+	prompt      []int32
+	promptField string // the field that holds the prompt, for violations
+	maxTokens   int
+	sampling    native.SamplingParams
+	stop        []string
+	priority    int32
+	ignoreEOS   bool
 }
 
-func finite(f float32) bool { return !math.IsNaN(float64(f)) && !math.IsInf(float64(f), 0) }
+// Sampling ranges: see SamplingParams in the .proto for why. They keep
+// every logit finite through llama.cpp's samplers.
+const (
+	minTemperature       = 1e-3
+	maxTemperature       = 100
+	minRepetitionPenalty = 0.01
+	maxRepetitionPenalty = 100
+	maxAbsPenalty        = 2 // frequency and presence penalties, as in OpenAI's API
+	defaultPenaltyLastN  = 64
+)
 
 // validate checks a GenerateRequest and tokenizes its prompt. Every problem
-// is reported at once, as BadRequest field violations.
+// is reported at once, as BadRequest field violations. A prompt text longer
+// than lim.MaxPromptBytes is refused before it is tokenized. Whether
+// prompt + max_tokens fits a sequence is left to the allocator, which
+// refuses it with NEVER_FITS.
 func validate(req *kvgatev1.GenerateRequest, m tokenizer, lim Limits) (*request, error) {
 	var vs []*errdetails.BadRequest_FieldViolation
 	bad := func(field, format string, args ...any) {
@@ -82,6 +103,9 @@ func validate(req *kvgatev1.GenerateRequest, m tokenizer, lim Limits) (*request,
 			bad("text", "the prompt text is empty")
 		} else if !utf8.ValidString(p.Text) {
 			bad("text", "the prompt text is not valid UTF-8")
+		} else if lim.MaxPromptBytes > 0 && len(p.Text) > lim.MaxPromptBytes {
+			bad("text", "%d bytes exceed the server's max_prompt_bytes limit of %d: the text cannot fit in max_prompt_tokens tokens",
+				len(p.Text), lim.MaxPromptBytes)
 		} else {
 			ids, err := m.Tokenize(p.Text, true, true)
 			if err != nil {
@@ -105,6 +129,7 @@ func validate(req *kvgatev1.GenerateRequest, m tokenizer, lim Limits) (*request,
 		bad("prompt", "set text or tokens")
 	}
 
+	out.promptField = promptField
 	if lim.MaxPromptTokens > 0 && len(out.prompt) > lim.MaxPromptTokens {
 		bad(promptField, "%d prompt tokens exceed the server's max_prompt_tokens limit of %d", len(out.prompt), lim.MaxPromptTokens)
 	}
@@ -113,55 +138,10 @@ func validate(req *kvgatev1.GenerateRequest, m tokenizer, lim Limits) (*request,
 		bad("max_tokens", "must be at least 1")
 	case lim.MaxCompletionTokens > 0 && out.maxTokens > lim.MaxCompletionTokens:
 		bad("max_tokens", "%d exceeds the server's max_completion_tokens limit of %d", out.maxTokens, lim.MaxCompletionTokens)
-	case out.maxTokens > lim.MaxSequenceTokens:
-		bad("max_tokens", "%d exceeds the server's max_sequence_tokens limit of %d tokens per sequence (prompt + max_tokens)",
-			out.maxTokens, lim.MaxSequenceTokens)
-	case len(out.prompt) > 0 && len(out.prompt)+out.maxTokens > lim.MaxSequenceTokens:
-		bad(promptField, "%d prompt tokens + max_tokens %d = %d exceeds the server's max_sequence_tokens limit of %d tokens per sequence",
-			len(out.prompt), out.maxTokens, len(out.prompt)+out.maxTokens, lim.MaxSequenceTokens)
 	}
 
 	if s := req.GetSampling(); s != nil {
-		sp := &out.sampling
-		switch t := s.GetTemperature(); {
-		case !finite(t) || t < 0:
-			bad("sampling.temperature", "must be a finite number >= 0, got %v", t)
-		default:
-			sp.Temperature = t
-		}
-		if s.GetTopK() < 0 {
-			bad("sampling.top_k", "must be >= 0, got %d", s.GetTopK())
-		}
-		sp.TopK = s.GetTopK()
-		if s.TopP != nil {
-			if p := s.GetTopP(); !finite(p) || p <= 0 || p > 1 {
-				bad("sampling.top_p", "must be in (0, 1], got %v", p)
-			}
-			sp.TopP = s.GetTopP()
-		}
-		if p := s.GetMinP(); !finite(p) || p < 0 || p > 1 {
-			bad("sampling.min_p", "must be in [0, 1], got %v", p)
-		}
-		sp.MinP = s.GetMinP()
-		if r := s.GetRepetitionPenalty(); !finite(r) || r < 0 {
-			bad("sampling.repetition_penalty", "must be a finite number >= 0, got %v", r)
-		}
-		sp.RepeatPenalty = s.GetRepetitionPenalty()
-		if f := s.GetFrequencyPenalty(); !finite(f) {
-			bad("sampling.frequency_penalty", "must be finite, got %v", f)
-		}
-		sp.FrequencyPenalty = s.GetFrequencyPenalty()
-		if f := s.GetPresencePenalty(); !finite(f) {
-			bad("sampling.presence_penalty", "must be finite, got %v", f)
-		}
-		sp.PresencePenalty = s.GetPresencePenalty()
-		if n := s.GetPenaltyLastN(); n < 0 {
-			bad("sampling.penalty_last_n", "must be >= 0, got %d", n)
-		}
-		sp.PenaltyLastN = s.GetPenaltyLastN()
-		if s.Seed != nil {
-			sp.Seed, sp.HasSeed = s.GetSeed(), true
-		}
+		out.sampling = validateSampling(s, lim, bad)
 	}
 
 	if n := len(req.GetStop()); n > lim.MaxStopStrings {
@@ -180,8 +160,59 @@ func validate(req *kvgatev1.GenerateRequest, m tokenizer, lim Limits) (*request,
 	if n := len(req.GetRequestId()); n > lim.MaxRequestIDBytes {
 		bad("request_id", "%d bytes exceed the limit of %d", n, lim.MaxRequestIDBytes)
 	}
+	if n := len(req.GetCacheSalt()); n > lim.MaxCacheSaltBytes {
+		bad("cache_salt", "%d bytes exceed the limit of %d", n, lim.MaxCacheSaltBytes)
+	}
 	if len(vs) > 0 {
 		return nil, errInvalid(fmt.Sprintf("invalid GenerateRequest: %s: %s", vs[0].Field, vs[0].Description), vs...)
 	}
 	return out, nil
+}
+
+// validateSampling checks SamplingParams against the documented ranges and
+// returns the engine's parameters, reporting each bad field through bad.
+func validateSampling(s *kvgatev1.SamplingParams, lim Limits, bad func(field, format string, args ...any)) native.SamplingParams {
+	var sp native.SamplingParams
+	if t := s.GetTemperature(); t != 0 && !(t >= minTemperature && t <= maxTemperature) {
+		bad("sampling.temperature", "must be 0 (greedy) or in [%v, %v], got %v", minTemperature, maxTemperature, t)
+	}
+	sp.Temperature = s.GetTemperature()
+	if s.GetTopK() < 0 {
+		bad("sampling.top_k", "must be >= 0, got %d", s.GetTopK())
+	}
+	sp.TopK = s.GetTopK()
+	if s.TopP != nil {
+		if p := s.GetTopP(); !(p > 0 && p <= 1) {
+			bad("sampling.top_p", "must be in (0, 1], got %v", p)
+		}
+		sp.TopP = s.GetTopP()
+	}
+	if p := s.GetMinP(); !(p >= 0 && p <= 1) {
+		bad("sampling.min_p", "must be in [0, 1], got %v", p)
+	}
+	sp.MinP = s.GetMinP()
+	if r := s.GetRepetitionPenalty(); r != 0 && !(r >= minRepetitionPenalty && r <= maxRepetitionPenalty) {
+		bad("sampling.repetition_penalty", "must be 0 (off) or in [%v, %v], got %v", minRepetitionPenalty, maxRepetitionPenalty, r)
+	}
+	sp.RepeatPenalty = s.GetRepetitionPenalty()
+	if f := s.GetFrequencyPenalty(); !(f >= -maxAbsPenalty && f <= maxAbsPenalty) {
+		bad("sampling.frequency_penalty", "must be in [-%d, %d], got %v", maxAbsPenalty, maxAbsPenalty, f)
+	}
+	sp.FrequencyPenalty = s.GetFrequencyPenalty()
+	if f := s.GetPresencePenalty(); !(f >= -maxAbsPenalty && f <= maxAbsPenalty) {
+		bad("sampling.presence_penalty", "must be in [-%d, %d], got %v", maxAbsPenalty, maxAbsPenalty, f)
+	}
+	sp.PresencePenalty = s.GetPresencePenalty()
+	maxLastN := lim.MaxPenaltyLastN
+	if maxLastN <= 0 {
+		maxLastN = native.MaxPenaltyLastN
+	}
+	if n := s.GetPenaltyLastN(); n < 0 || int(n) > maxLastN {
+		bad("sampling.penalty_last_n", "must be in [0, %d] (the server's max_penalty_last_n), got %d", maxLastN, n)
+	}
+	sp.PenaltyLastN = s.GetPenaltyLastN()
+	if s.Seed != nil {
+		sp.Seed, sp.HasSeed = s.GetSeed(), true
+	}
+	return sp
 }

@@ -25,6 +25,9 @@ func cacheStats(t testing.TB, s *server) *kvgatev1.GetCacheStatsResponse {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	if s.token != "" {
+		ctx = withToken(ctx, s.token)
+	}
 	st, err := s.Cache().GetCacheStats(ctx, &kvgatev1.GetCacheStatsRequest{})
 	if err != nil {
 		t.Fatal(err)

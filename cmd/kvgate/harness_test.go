@@ -68,6 +68,9 @@ type server struct {
 	cmd  *exec.Cmd
 	addr string
 	conn *grpc.ClientConn
+	// token, when set, is sent with the harness's own calls (cacheStats,
+	// waitQuiet) to a server with --auth-tokens.
+	token string
 
 	mu   sync.Mutex
 	logs []string

@@ -7,13 +7,16 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
@@ -60,7 +63,26 @@ type serveConfig struct {
 	clientCA        string
 	maxConnAge      time.Duration
 	maxConnAgeGrace time.Duration
+
+	// Hardening: bounds on what one client can hold.
+	maxStreamsPerConn int
+	maxConnections    int
+	handshakeTimeout  time.Duration
+	maxConnIdle       time.Duration
+	maxPromptBytes    int
+	maxTokenizeBytes  int
+	tokenizerBudget   int
+
+	// Tenants: server-wide defaults of the limits the token file may set.
+	maxPriority     int
+	tenantMaxShare  float64
+	tenantMaxQueued int
 }
+
+// Bounds of flags that size memory.
+const (
+	maxStreamBuffer = 1 << 16
+)
 
 func serveFlags(c *serveConfig) *flag.FlagSet {
 	fs := flag.NewFlagSet("kvgate serve", flag.ContinueOnError)
@@ -93,6 +115,16 @@ func serveFlags(c *serveConfig) *flag.FlagSet {
 	fs.StringVar(&c.clientCA, "client-ca", "", "PEM CA certificates: require client certificates signed by one of them (mutual TLS)")
 	fs.DurationVar(&c.maxConnAge, "max-connection-age", 0, "close connections after this age so clients re-resolve and rebalance (0: never)")
 	fs.DurationVar(&c.maxConnAgeGrace, "max-connection-age-grace", 0, "how long streams on an aged connection may finish (0: --drain-timeout); make it outlast the longest generation")
+	fs.IntVar(&c.maxStreamsPerConn, "max-streams-per-conn", 128, "most concurrent calls on one connection (HTTP/2 MAX_CONCURRENT_STREAMS); grpc-go clients queue beyond it")
+	fs.IntVar(&c.maxConnections, "max-connections", 512, "most open client connections; more are closed as soon as they are accepted")
+	fs.DurationVar(&c.handshakeTimeout, "handshake-timeout", 5*time.Second, "a connection that has not finished its TLS and HTTP/2 handshake by then is closed")
+	fs.DurationVar(&c.maxConnIdle, "max-connection-idle", 5*time.Minute, "close a connection that has had no call for this long (0: never)")
+	fs.IntVar(&c.maxPromptBytes, "max-prompt-bytes", 0, "longest prompt text in bytes, checked before tokenizing (0: as long as max_prompt_tokens tokens of the model can spell)")
+	fs.IntVar(&c.maxTokenizeBytes, "max-tokenize-bytes", service.DefaultMaxTokenizeBytes, "longest text of one Tokenize call")
+	fs.IntVar(&c.tokenizerBudget, "tokenizer-budget", service.DefaultWorkBudget, "tokenizer work in flight at once, in bytes of text, for Tokenize, Detokenize and Generate prompts; Tokenize and Detokenize past it get RESOURCE_EXHAUSTED")
+	fs.IntVar(&c.maxPriority, "max-priority", service.DefaultMaxPriority, "highest request priority a tenant may use unless its token-file line sets max-priority; higher ones get PERMISSION_DENIED")
+	fs.Float64Var(&c.tenantMaxShare, "tenant-max-share", 1, "fraction of the KV cells one tenant's running requests may hold unless its token-file line sets max-share")
+	fs.IntVar(&c.tenantMaxQueued, "tenant-max-queued", 0, "most queued requests of one tenant unless its token-file line sets max-queued (0: only --max-queue)")
 	return fs
 }
 
@@ -109,6 +141,30 @@ func (c *serveConfig) check() error {
 		return fmt.Errorf("--max-queue %d: must be >= 0", c.maxQueue)
 	case c.maxStop < 0:
 		return fmt.Errorf("--max-stop %d: must be >= 0", c.maxStop)
+	case c.threads < 0:
+		return fmt.Errorf("--threads %d: must be >= 0 (0: all CPUs)", c.threads)
+	case c.streamBuffer < 1 || c.streamBuffer > maxStreamBuffer:
+		return fmt.Errorf("--stream-buffer %d: must be in [1, %d]", c.streamBuffer, maxStreamBuffer)
+	case c.maxStreamsPerConn < 1:
+		return fmt.Errorf("--max-streams-per-conn %d: must be positive", c.maxStreamsPerConn)
+	case c.maxConnections < 1:
+		return fmt.Errorf("--max-connections %d: must be positive", c.maxConnections)
+	case c.handshakeTimeout <= 0:
+		return fmt.Errorf("--handshake-timeout %v: must be positive", c.handshakeTimeout)
+	case c.maxConnIdle < 0:
+		return fmt.Errorf("--max-connection-idle %v: must be >= 0", c.maxConnIdle)
+	case c.maxPromptBytes < 0:
+		return fmt.Errorf("--max-prompt-bytes %d: must be >= 0", c.maxPromptBytes)
+	case c.maxTokenizeBytes < 1:
+		return fmt.Errorf("--max-tokenize-bytes %d: must be positive", c.maxTokenizeBytes)
+	case c.tokenizerBudget < c.maxTokenizeBytes:
+		return fmt.Errorf("--tokenizer-budget %d: must be at least --max-tokenize-bytes %d", c.tokenizerBudget, c.maxTokenizeBytes)
+	case c.maxPriority < math.MinInt32 || c.maxPriority > math.MaxInt32:
+		return fmt.Errorf("--max-priority %d: must be a 32-bit integer", c.maxPriority)
+	case !(c.tenantMaxShare > 0 && c.tenantMaxShare <= 1):
+		return fmt.Errorf("--tenant-max-share %v: must be in (0, 1]", c.tenantMaxShare)
+	case c.tenantMaxQueued < 0:
+		return fmt.Errorf("--tenant-max-queued %d: must be >= 0", c.tenantMaxQueued)
 	case c.maxPromptTokens < 0:
 		return fmt.Errorf("--max-prompt-tokens %d: must be >= 0", c.maxPromptTokens)
 	case c.maxCompletionTokens < 0:
@@ -194,6 +250,11 @@ func serve(ctx context.Context, args []string) error {
 	if err := c.check(); err != nil {
 		return err
 	}
+	// A SIGHUP while the model loads must neither kill the process nor be
+	// lost: catch it now, act on it once serving.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	// Read the credentials before the slow part, so a typo fails fast.
 	sec, err := loadSecurity(&c)
 	if err != nil {
@@ -242,6 +303,8 @@ func serve(ctx context.Context, args []string) error {
 	limits.MaxSequenceTokens = min(engine.Cells(), info.TrainingContext)
 	limits.MaxPromptTokens = c.maxPromptTokens
 	limits.MaxCompletionTokens = c.maxCompletionTokens
+	limits.MaxPromptBytes = c.maxPromptBytes
+	tenants := tenantPolicy{tokens: sec.tokens, maxPriority: int32(c.maxPriority), maxShare: c.tenantMaxShare, maxQueued: c.tenantMaxQueued}
 	var policy allocator.Policy
 	switch c.admission {
 	case "reserve":
@@ -265,6 +328,8 @@ func serve(ctx context.Context, args []string) error {
 		OnEvict:           engine.Evict,
 		Policy:            policy,
 		Watermark:         min(c.watermark, engine.Cells()-1),
+		Tenants:           tenants.limits,
+		StepRate:          engine.StepRate,
 	})
 	if err != nil {
 		return err
@@ -272,6 +337,7 @@ func serve(ctx context.Context, args []string) error {
 	scfg := service.Config{
 		Limits: limits, Cells: engine.Cells(), MaxSequences: c.maxSeqs, MaxQueue: c.maxQueue,
 		AdmissionPolicy: policy.String(), PrefixCache: c.prefixCache, Deterministic: c.deterministic,
+		Tenant: tenants.of, MaxTokenizeBytes: c.maxTokenizeBytes, WorkBudget: c.tokenizerBudget,
 	}
 	if metrics != nil {
 		scfg.Observer = metrics
@@ -290,7 +356,7 @@ func serve(ctx context.Context, args []string) error {
 	defer stopBG()
 	load := obs.NewLoadReporter(snapshot)
 	wg.Go(func() { load.Run(bg) })
-	wg.Go(func() { reloadOnHangup(bg, log, sec) })
+	wg.Go(func() { reloadOnHangup(bg, log, sec, hup) })
 
 	// auxDone ends the health-watch, ORCA and reflection streams at the end
 	// of the drain, so that GracefulStop need not wait for those clients.
@@ -317,7 +383,7 @@ func serve(ctx context.Context, args []string) error {
 		go func() { metricsErr <- metricsSrv.Serve(mlis) }()
 	}
 
-	lis, err := net.Listen("tcp", c.listen)
+	tcp, err := net.Listen("tcp", c.listen)
 	if err != nil {
 		if metricsSrv != nil {
 			_ = metricsSrv.Close()
@@ -325,6 +391,7 @@ func serve(ctx context.Context, args []string) error {
 		}
 		return fmt.Errorf("listen: %w", err)
 	}
+	lis := newLimitListener(tcp, c.maxConnections, metrics)
 	log.Info("kvgate listening", "addr", lis.Addr().String(), "model", filepath.Base(path),
 		"arch", info.Architecture, "kv_cells", engine.Cells(), "max_seqs", c.maxSeqs, "batch", engine.Batch(),
 		"deterministic", c.deterministic, "tls", sec.certs != nil, "mtls", c.clientCA != "", "auth", sec.tokens != nil)

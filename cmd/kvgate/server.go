@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"os/signal"
-	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
@@ -68,12 +66,10 @@ func (s *security) reload(log *slog.Logger) {
 	}
 }
 
-// reloadOnHangup reloads the credentials on every SIGHUP until ctx is
-// done. Without credentials a SIGHUP is logged and otherwise ignored.
-func reloadOnHangup(ctx context.Context, log *slog.Logger, sec *security) {
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
+// reloadOnHangup reloads the credentials on every SIGHUP received on hup
+// until ctx is done. Without credentials a SIGHUP is logged and otherwise
+// ignored.
+func reloadOnHangup(ctx context.Context, log *slog.Logger, sec *security, hup <-chan os.Signal) {
 	for {
 		select {
 		case <-ctx.Done():
@@ -104,6 +100,11 @@ type serverDeps struct {
 func newGRPCServer(c *serveConfig, d serverDeps) (*grpc.Server, *health.Server, error) {
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(c.maxRecvMsgSize),
+		// Bounds on what one client holds: calls per connection (a
+		// grpc-go client queues beyond it, a raw HTTP/2 client is
+		// refused), and the time to finish the handshake.
+		grpc.MaxConcurrentStreams(uint32(c.maxStreamsPerConn)),
+		grpc.ConnectionTimeout(c.handshakeTimeout),
 		// Clients may ping every 10 s, also between calls; a client that
 		// pings more often is disconnected.
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
@@ -117,6 +118,8 @@ func newGRPCServer(c *serveConfig, d serverDeps) (*grpc.Server, *health.Server, 
 			// age of 0 means connections never age.
 			MaxConnectionAge:      c.maxConnAge,
 			MaxConnectionAgeGrace: c.connectionGrace(),
+			// A connection with no call for this long is closed.
+			MaxConnectionIdle: c.maxConnIdle,
 		}),
 	}
 	if d.security.certs != nil {
@@ -160,6 +163,8 @@ func annotateGenerate(ctx context.Context, fullMethod string) (context.Context, 
 	ctx, ci := service.WithCallInfo(ctx)
 	return ctx, func() obs.CallStats {
 		return obs.CallStats{
+			RequestID:        ci.RequestID,
+			Tenant:           ci.Tenant,
 			PromptTokens:     ci.PromptTokens,
 			CachedTokens:     ci.CachedTokens,
 			CompletionTokens: ci.CompletionTokens,

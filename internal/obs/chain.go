@@ -44,6 +44,10 @@ type CallStats struct {
 	CompletionTokens int
 	// QueueWait is the time the call waited for admission.
 	QueueWait time.Duration
+	// RequestID is the request_id the client sent, if any.
+	RequestID string
+	// Tenant is the caller's tenant.
+	Tenant string
 }
 
 // Annotator installs per-call state in a call's context before the rest of
@@ -77,9 +81,10 @@ type ChainOptions struct {
 }
 
 // ServerOptions returns the grpc.ServerOptions that install the
-// interceptor chain. From the outside in: ORCA per-call reporting,
-// annotation, Prometheus, logging, auxiliary-stream shutdown, auth, the
-// per-call load recorder, and recovery, which sits next to the handler so
+// interceptor chain and the codec that reports unparsable requests as
+// INVALID_ARGUMENT. From the outside in: ORCA per-call reporting,
+// annotation, Prometheus, logging, auxiliary-stream shutdown, the check
+// for unparsable requests, auth, the per-call load recorder, and recovery, which sits next to the handler so
 // that every other interceptor sees a panic as an INTERNAL status.
 func ServerOptions(o ChainOptions) []grpc.ServerOption {
 	var (
@@ -111,6 +116,10 @@ func ServerOptions(o ChainOptions) []grpc.ServerOption {
 	if o.Shutdown != nil {
 		stream = append(stream, shutdownAux(o.Shutdown))
 	}
+	// Before auth: a unary request is decoded before any interceptor runs,
+	// so its parse error must be collected even if auth refuses the call.
+	unary = append(unary, checkParsedUnary)
+	stream = append(stream, checkParsedStream)
 	if o.Tokens != nil {
 		protected := selector.MatchFunc(func(_ context.Context, c interceptors.CallMeta) bool { return !openServices[c.Service] })
 		unary = append(unary, selector.UnaryServerInterceptor(auth.UnaryServerInterceptor(o.Tokens.Authenticate), protected))
@@ -123,6 +132,7 @@ func ServerOptions(o ChainOptions) []grpc.ServerOption {
 	ropt := recovery.WithRecoveryHandlerContext(recoverer(o.Logger, o.Metrics))
 	unary = append(unary, recovery.UnaryServerInterceptor(ropt))
 	stream = append(stream, recovery.StreamServerInterceptor(ropt))
+	opts = append(opts, grpc.ForceServerCodecV2(newClientCodec()))
 	return append(opts, grpc.ChainUnaryInterceptor(unary...), grpc.ChainStreamInterceptor(stream...))
 }
 
@@ -170,8 +180,8 @@ func callStats(ctx context.Context) func() CallStats {
 	return f
 }
 
-// callFields gives the log line of an annotated call its token counts and
-// queue wait. The logging interceptor calls it again when the call ends,
+// callFields gives the log line of an annotated call its request id,
+// tenant, token counts and queue wait. The logging interceptor calls it again when the call ends,
 // and those values win.
 func callFields(ctx context.Context) logging.Fields {
 	f := callStats(ctx)
@@ -179,12 +189,19 @@ func callFields(ctx context.Context) logging.Fields {
 		return nil
 	}
 	s := f()
-	return logging.Fields{
+	fields := logging.Fields{}
+	if s.RequestID != "" {
+		fields = append(fields, "request_id", s.RequestID)
+	}
+	if s.Tenant != "" {
+		fields = append(fields, "tenant", s.Tenant)
+	}
+	return append(fields,
 		"prompt_tokens", s.PromptTokens,
 		"cached_tokens", s.CachedTokens,
 		"completion_tokens", s.CompletionTokens,
-		"queue_wait_ms", float64(s.QueueWait.Microseconds()) / 1000,
-	}
+		"queue_wait_ms", float64(s.QueueWait.Microseconds())/1000,
+	)
 }
 
 func annotateUnary(a Annotator) grpc.UnaryServerInterceptor {

@@ -40,6 +40,8 @@ type Metrics struct {
 	batchSequences   prometheus.Histogram
 	panics           prometheus.Counter
 	drainingGauge    prometheus.GaugeFunc
+	connsOpen        prometheus.Gauge
+	connsRefused     prometheus.Counter
 }
 
 // latencyBuckets span a token of a tiny model to a long queue, in seconds.
@@ -90,6 +92,14 @@ func NewMetrics() *Metrics {
 			Help:    "Sequences in each decode step's batch.",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 9),
 		}),
+		connsOpen: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "kvgate_connections_open",
+			Help: "Client connections open on the gRPC listener.",
+		}),
+		connsRefused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kvgate_connections_refused_total",
+			Help: "Client connections closed on accept because --max-connections were open.",
+		}),
 		panics: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "kvgate_handler_panics_total",
 			Help: "Panics recovered in gRPC handlers (each answered INTERNAL).",
@@ -108,10 +118,20 @@ func NewMetrics() *Metrics {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.grpc, m.requests, m.promptTokens, m.completionTokens, m.queueWait, m.ttft, m.interToken,
-		m.batchTokens, m.batchSequences, m.panics, m.drainingGauge,
+		m.batchTokens, m.batchSequences, m.panics, m.drainingGauge, m.connsOpen, m.connsRefused,
 	)
 	return m
 }
+
+// ConnectionOpened counts a client connection accepted.
+func (m *Metrics) ConnectionOpened() { m.connsOpen.Inc() }
+
+// ConnectionClosed counts a client connection closed.
+func (m *Metrics) ConnectionClosed() { m.connsOpen.Dec() }
+
+// ConnectionRefused counts a client connection closed on accept because
+// the limit of open connections was reached.
+func (m *Metrics) ConnectionRefused() { m.connsRefused.Inc() }
 
 // Registry returns the registry behind the metrics handler.
 func (m *Metrics) Registry() *prometheus.Registry { return m.reg }

@@ -13,7 +13,14 @@
 //     grpc-retry-pushback-ms when cells or the wait queue are exhausted;
 //   - UNAVAILABLE while the server drains;
 //   - INVALID_ARGUMENT with google.rpc.BadRequest for a request that can
-//     never be served.
+//     never be served;
+//   - PERMISSION_DENIED with google.rpc.ErrorInfo for a priority above the
+//     caller's tenant's limit;
+//   - UNAUTHENTICATED without a valid bearer token, where the server
+//     requires one.
+//
+// Every field a client sets is bounded: the bounds are documented on the
+// field and, where they depend on the server, reported by GetModelInfo.
 //
 // Admission is decided before the first response message or header is sent,
 // so those calls end Trailers-Only and gRPC's built-in retry policy can act on
@@ -113,11 +120,16 @@ type GenerateRequest struct {
 	// stop string is not streamed. At most GetModelInfoResponse.max_stop_strings
 	// strings, each non-empty and at most max_stop_string_bytes bytes.
 	Stop []string `protobuf:"bytes,5,rep,name=stop,proto3" json:"stop,omitempty"`
-	// Admission priority: when cells are short, higher priorities are admitted
-	// first; equal priorities are admitted in arrival order.
+	// Admission priority within the caller's tenant: when cells are short, a
+	// tenant's higher priorities are admitted (and, under optimistic
+	// admission, kept from preemption) first; equal priorities in arrival
+	// order. Tenants are served by weighted fair share whatever their
+	// priorities. At most GetModelInfoResponse.max_priority (the caller's
+	// tenant's limit): a higher value is refused with PERMISSION_DENIED
+	// (ErrorInfo reason PRIORITY_NOT_ALLOWED), never clamped.
 	Priority int32 `protobuf:"varint,6,opt,name=priority,proto3" json:"priority,omitempty"`
-	// An optional identifier chosen by the client. It is echoed in the Started
-	// event and in the server's logs.
+	// An optional identifier chosen by the client, at most 128 bytes. It is
+	// echoed in the Started event and logged with the call.
 	RequestId string `protobuf:"bytes,7,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// When true, the end-of-generation token does not stop generation, so
 	// exactly max_tokens tokens are produced unless a stop string matches.
@@ -129,8 +141,14 @@ type GenerateRequest struct {
 	// When true, the request neither reuses cached prompt prefixes nor leaves
 	// its own cells behind for later requests.
 	SkipPrefixCache bool `protobuf:"varint,10,opt,name=skip_prefix_cache,json=skipPrefixCache,proto3" json:"skip_prefix_cache,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Partitions the prefix cache, at most 256 bytes. Requests share cached
+	// prompt cells only when they come from the same tenant with the same
+	// cache_salt, so a secret salt keeps even callers of one tenant from
+	// learning (through cached_prompt_tokens or time to first token) whether
+	// someone sent the same prompt before. Empty is a salt like any other.
+	CacheSalt     string `protobuf:"bytes,11,opt,name=cache_salt,json=cacheSalt,proto3" json:"cache_salt,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GenerateRequest) Reset() {
@@ -244,6 +262,13 @@ func (x *GenerateRequest) GetSkipPrefixCache() bool {
 	return false
 }
 
+func (x *GenerateRequest) GetCacheSalt() string {
+	if x != nil {
+		return x.CacheSalt
+	}
+	return ""
+}
+
 type isGenerateRequest_Prompt interface {
 	isGenerateRequest_Prompt()
 }
@@ -252,7 +277,9 @@ type GenerateRequest_Text struct {
 	// The prompt as text. It is tokenized with the model's vocabulary; a
 	// beginning-of-sequence token is added when the model asks for one, and
 	// special tokens written in the text (such as chat-template markers) are
-	// parsed as such.
+	// parsed as such. At most GetModelInfoResponse.max_prompt_bytes bytes:
+	// a longer text is refused before it is tokenized, because it cannot
+	// fit in max_prompt_tokens tokens.
 	Text string `protobuf:"bytes,1,opt,name=text,proto3,oneof"`
 }
 
@@ -316,11 +343,23 @@ func (x *TokenList) GetIds() []int32 {
 // the order penalties, top_k, top_p, min_p, temperature, then a draw. A
 // temperature of 0 means greedy decoding, and the other fields but the
 // penalties are then ignored.
+//
+// The ranges keep every logit finite through llama.cpp's samplers: the
+// temperature divides each logit and the repetition penalty divides or
+// multiplies it, so values near 0 overflow float32 to infinity, and the
+// frequency and presence penalties are multiplied by a token's count in
+// the window. A value outside its range is refused with INVALID_ARGUMENT
+// and a BadRequest field violation. Should a model's logits still leave no
+// token with a finite probability, that stream alone ends with
+// INVALID_ARGUMENT (ErrorInfo reason NO_VALID_TOKEN).
 type SamplingParams struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Softmax temperature; 0 is greedy. Must be finite and >= 0.
+	// Softmax temperature: 0 is greedy, otherwise it must be in [0.001, 100].
+	// Smaller positive values are greedy in all but name and could overflow
+	// logit / temperature; above 100 every distribution is flat.
 	Temperature float32 `protobuf:"fixed32,1,opt,name=temperature,proto3" json:"temperature,omitempty"`
-	// Keep only the k most likely tokens; 0 disables.
+	// Keep only the k most likely tokens; 0 disables. Must be >= 0; a value
+	// above the vocabulary size keeps every token.
 	TopK int32 `protobuf:"varint,2,opt,name=top_k,json=topK,proto3" json:"top_k,omitempty"`
 	// Nucleus sampling: keep the smallest set whose probability reaches top_p.
 	// When set, it must be in (0, 1]; unset means 1, disabled.
@@ -328,14 +367,18 @@ type SamplingParams struct {
 	// Drop tokens less likely than min_p times the most likely one. Must be in
 	// [0, 1]; 0 disables.
 	MinP float32 `protobuf:"fixed32,4,opt,name=min_p,json=minP,proto3" json:"min_p,omitempty"`
-	// Repetition penalty over the last penalty_last_n tokens; 0 (unset) or 1
-	// disables. Must be finite and >= 0.
+	// Repetition penalty over the last penalty_last_n tokens: 0 (unset) or 1
+	// disables; otherwise it must be in [0.01, 100].
 	RepetitionPenalty float32 `protobuf:"fixed32,5,opt,name=repetition_penalty,json=repetitionPenalty,proto3" json:"repetition_penalty,omitempty"`
-	// Frequency penalty; 0 disables. Must be finite.
+	// Frequency penalty, subtracted once per occurrence of a token in the
+	// window; 0 disables. Must be in [-2, 2], as in OpenAI's API.
 	FrequencyPenalty float32 `protobuf:"fixed32,6,opt,name=frequency_penalty,json=frequencyPenalty,proto3" json:"frequency_penalty,omitempty"`
-	// Presence penalty; 0 disables. Must be finite.
+	// Presence penalty, subtracted once from every token in the window; 0
+	// disables. Must be in [-2, 2], as in OpenAI's API.
 	PresencePenalty float32 `protobuf:"fixed32,7,opt,name=presence_penalty,json=presencePenalty,proto3" json:"presence_penalty,omitempty"`
-	// How many recent tokens the penalties look at; 0 (unset) means 64.
+	// How many recent tokens the penalties look at; 0 (unset) means 64. Must
+	// be in [0, GetModelInfoResponse.max_penalty_last_n]: llama.cpp keeps a
+	// ring buffer of this many tokens per request.
 	PenaltyLastN int32 `protobuf:"varint,8,opt,name=penalty_last_n,json=penaltyLastN,proto3" json:"penalty_last_n,omitempty"`
 	// Seed of the random draw. Unset draws a random seed; the same seed and
 	// request give the same output.
@@ -548,7 +591,9 @@ type Started struct {
 	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// Number of prompt tokens.
 	PromptTokens uint32 `protobuf:"varint,2,opt,name=prompt_tokens,json=promptTokens,proto3" json:"prompt_tokens,omitempty"`
-	// Prompt tokens whose KV cells were reused from the prefix cache.
+	// Prompt tokens whose KV cells were reused from the prefix cache. Only
+	// cells left by requests of the same tenant with the same cache_salt are
+	// ever reused.
 	CachedPromptTokens uint32 `protobuf:"varint,3,opt,name=cached_prompt_tokens,json=cachedPromptTokens,proto3" json:"cached_prompt_tokens,omitempty"`
 	// Time the request waited for admission, in milliseconds.
 	QueueWaitMs   float64 `protobuf:"fixed64,4,opt,name=queue_wait_ms,json=queueWaitMs,proto3" json:"queue_wait_ms,omitempty"`
@@ -875,7 +920,10 @@ func (x *Timings) GetDecodeMs() float64 {
 // TokenizeRequest asks for the token ids of a text.
 type TokenizeRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The text to tokenize.
+	// The text to tokenize, at most GetModelInfoResponse.max_tokenize_bytes
+	// bytes (INVALID_ARGUMENT past it). Tokenize and Detokenize calls share a
+	// server-wide work budget; a call that finds it spent is refused with
+	// RESOURCE_EXHAUSTED and google.rpc.RetryInfo.
 	Text string `protobuf:"bytes,1,opt,name=text,proto3" json:"text,omitempty"`
 	// Add the beginning-of-sequence token when the model uses one.
 	AddSpecial bool `protobuf:"varint,2,opt,name=add_special,json=addSpecial,proto3" json:"add_special,omitempty"`
@@ -994,7 +1042,8 @@ func (x *TokenizeResponse) GetPieces() []string {
 // DetokenizeRequest asks for the text of token ids.
 type DetokenizeRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The token ids; each must lie in [0, vocab_size).
+	// The token ids; each must lie in [0, vocab_size), and at most
+	// GetModelInfoResponse.max_detokenize_ids of them.
 	Ids []int32 `protobuf:"varint,1,rep,packed,name=ids,proto3" json:"ids,omitempty"`
 	// Render special tokens (such as end-of-sequence) as text. Generate never
 	// renders them.
@@ -1186,8 +1235,21 @@ type GetModelInfoResponse struct {
 	// every stream's tokens are bit-for-bit those of the same request run
 	// alone, whatever else runs beside it.
 	Deterministic bool `protobuf:"varint,20,opt,name=deterministic,proto3" json:"deterministic,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// The longest prompt text, in bytes (GenerateRequest.text).
+	MaxPromptBytes uint32 `protobuf:"varint,21,opt,name=max_prompt_bytes,json=maxPromptBytes,proto3" json:"max_prompt_bytes,omitempty"`
+	// The largest SamplingParams.penalty_last_n.
+	MaxPenaltyLastN uint32 `protobuf:"varint,22,opt,name=max_penalty_last_n,json=maxPenaltyLastN,proto3" json:"max_penalty_last_n,omitempty"`
+	// The highest GenerateRequest.priority the caller's tenant may use.
+	MaxPriority int32 `protobuf:"varint,23,opt,name=max_priority,json=maxPriority,proto3" json:"max_priority,omitempty"`
+	// The caller's tenant: the one its bearer token belongs to, or "default"
+	// on a server without --auth-tokens.
+	Tenant string `protobuf:"bytes,24,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	// The longest TokenizeRequest.text, in bytes.
+	MaxTokenizeBytes uint32 `protobuf:"varint,25,opt,name=max_tokenize_bytes,json=maxTokenizeBytes,proto3" json:"max_tokenize_bytes,omitempty"`
+	// The most ids in one DetokenizeRequest.
+	MaxDetokenizeIds uint32 `protobuf:"varint,26,opt,name=max_detokenize_ids,json=maxDetokenizeIds,proto3" json:"max_detokenize_ids,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *GetModelInfoResponse) Reset() {
@@ -1360,6 +1422,48 @@ func (x *GetModelInfoResponse) GetDeterministic() bool {
 	return false
 }
 
+func (x *GetModelInfoResponse) GetMaxPromptBytes() uint32 {
+	if x != nil {
+		return x.MaxPromptBytes
+	}
+	return 0
+}
+
+func (x *GetModelInfoResponse) GetMaxPenaltyLastN() uint32 {
+	if x != nil {
+		return x.MaxPenaltyLastN
+	}
+	return 0
+}
+
+func (x *GetModelInfoResponse) GetMaxPriority() int32 {
+	if x != nil {
+		return x.MaxPriority
+	}
+	return 0
+}
+
+func (x *GetModelInfoResponse) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+func (x *GetModelInfoResponse) GetMaxTokenizeBytes() uint32 {
+	if x != nil {
+		return x.MaxTokenizeBytes
+	}
+	return 0
+}
+
+func (x *GetModelInfoResponse) GetMaxDetokenizeIds() uint32 {
+	if x != nil {
+		return x.MaxDetokenizeIds
+	}
+	return 0
+}
+
 // GetCacheStatsRequest asks for allocator statistics.
 type GetCacheStatsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1402,7 +1506,8 @@ type GetCacheStatsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Cells in the pool.
 	CellsTotal uint32 `protobuf:"varint,1,opt,name=cells_total,json=cellsTotal,proto3" json:"cells_total,omitempty"`
-	// Cells holding tokens of running sequences.
+	// Cells holding tokens: of running sequences and of the prefix cache
+	// (cells_cached of them are held only by the cache and are evictable).
 	CellsUsed uint32 `protobuf:"varint,2,opt,name=cells_used,json=cellsUsed,proto3" json:"cells_used,omitempty"`
 	// Cells promised to running sequences but not yet filled.
 	CellsReserved uint32 `protobuf:"varint,3,opt,name=cells_reserved,json=cellsReserved,proto3" json:"cells_reserved,omitempty"`
@@ -1683,7 +1788,7 @@ var File_kvgate_v1_generate_proto protoreflect.FileDescriptor
 
 const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\n" +
-	"\x18kvgate/v1/generate.proto\x12\tkvgate.v1\"\xfb\x02\n" +
+	"\x18kvgate/v1/generate.proto\x12\tkvgate.v1\"\x9a\x03\n" +
 	"\x0fGenerateRequest\x12\x14\n" +
 	"\x04text\x18\x01 \x01(\tH\x00R\x04text\x12.\n" +
 	"\x06tokens\x18\x02 \x01(\v2\x14.kvgate.v1.TokenListH\x00R\x06tokens\x12\x1d\n" +
@@ -1698,7 +1803,9 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"ignore_eos\x18\b \x01(\bR\tignoreEos\x12(\n" +
 	"\x10queue_timeout_ms\x18\t \x01(\rR\x0equeueTimeoutMs\x12*\n" +
 	"\x11skip_prefix_cache\x18\n" +
-	" \x01(\bR\x0fskipPrefixCacheB\b\n" +
+	" \x01(\bR\x0fskipPrefixCache\x12\x1d\n" +
+	"\n" +
+	"cache_salt\x18\v \x01(\tR\tcacheSaltB\b\n" +
 	"\x06prompt\"\x1d\n" +
 	"\tTokenList\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\x05R\x03ids\"\xcf\x02\n" +
@@ -1756,7 +1863,7 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x13strip_leading_space\x18\x03 \x01(\bR\x11stripLeadingSpace\"(\n" +
 	"\x12DetokenizeResponse\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\"\x15\n" +
-	"\x13GetModelInfoRequest\"\x9c\x06\n" +
+	"\x13GetModelInfoRequest\"\x8a\b\n" +
 	"\x14GetModelInfoResponse\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\"\n" +
 	"\farchitecture\x18\x02 \x01(\tR\farchitecture\x12 \n" +
@@ -1781,7 +1888,13 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x15max_completion_tokens\x18\x11 \x01(\rR\x13maxCompletionTokens\x12)\n" +
 	"\x10admission_policy\x18\x12 \x01(\tR\x0fadmissionPolicy\x12!\n" +
 	"\fprefix_cache\x18\x13 \x01(\bR\vprefixCache\x12$\n" +
-	"\rdeterministic\x18\x14 \x01(\bR\rdeterministic\"\x16\n" +
+	"\rdeterministic\x18\x14 \x01(\bR\rdeterministic\x12(\n" +
+	"\x10max_prompt_bytes\x18\x15 \x01(\rR\x0emaxPromptBytes\x12+\n" +
+	"\x12max_penalty_last_n\x18\x16 \x01(\rR\x0fmaxPenaltyLastN\x12!\n" +
+	"\fmax_priority\x18\x17 \x01(\x05R\vmaxPriority\x12\x16\n" +
+	"\x06tenant\x18\x18 \x01(\tR\x06tenant\x12,\n" +
+	"\x12max_tokenize_bytes\x18\x19 \x01(\rR\x10maxTokenizeBytes\x12,\n" +
+	"\x12max_detokenize_ids\x18\x1a \x01(\rR\x10maxDetokenizeIds\"\x16\n" +
 	"\x14GetCacheStatsRequest\"\xf1\t\n" +
 	"\x15GetCacheStatsResponse\x12\x1f\n" +
 	"\vcells_total\x18\x01 \x01(\rR\n" +

@@ -13,7 +13,14 @@
 //     grpc-retry-pushback-ms when cells or the wait queue are exhausted;
 //   - UNAVAILABLE while the server drains;
 //   - INVALID_ARGUMENT with google.rpc.BadRequest for a request that can
-//     never be served.
+//     never be served;
+//   - PERMISSION_DENIED with google.rpc.ErrorInfo for a priority above the
+//     caller's tenant's limit;
+//   - UNAUTHENTICATED without a valid bearer token, where the server
+//     requires one.
+//
+// Every field a client sets is bounded: the bounds are documented on the
+// field and, where they depend on the server, reported by GetModelInfo.
 //
 // Admission is decided before the first response message or header is sent,
 // so those calls end Trailers-Only and gRPC's built-in retry policy can act on

@@ -1,0 +1,280 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
+	"github.com/kvgate/kvgate/native"
+)
+
+// soakRequests is the number of requests TestSoak sends:
+// KVGATE_SOAK_REQUESTS, or 2,000 (the CI soak). scripts/soak.sh runs the
+// longer one.
+func soakRequests(t *testing.T) int {
+	n := 2000
+	if v := os.Getenv("KVGATE_SOAK_REQUESTS"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil || n < 1 {
+			t.Fatalf("KVGATE_SOAK_REQUESTS=%q: want a positive count", v)
+		}
+	}
+	return n
+}
+
+// soakKind is what one soak request tries.
+type soakKind int
+
+const (
+	soakNormal    soakKind = iota
+	soakCancel             // cancelled after its first chunk
+	soakDeadline           // a deadline of 5 to 300 ms
+	soakNeverFits          // prompt + max_tokens beyond any sequence
+	soakHostile            // sampling values the API refuses (the old crashers and worse)
+	soakExtreme            // the most extreme sampling values the API accepts
+)
+
+var soakKindNames = [...]string{"normal", "cancel", "deadline", "never-fits", "hostile", "extreme"}
+
+// hostileSampling returns sampling parameters outside the documented
+// ranges: each must be refused before it reaches llama.cpp.
+func hostileSampling(r *rand.Rand) *kvgatev1.SamplingParams {
+	nan, inf := float32(math.NaN()), float32(math.Inf(1))
+	zero := float32(0)
+	all := []*kvgatev1.SamplingParams{
+		{Temperature: 1e-40},
+		{RepetitionPenalty: 1e-45},
+		{Temperature: 1, FrequencyPenalty: -3.4e38},
+		{Temperature: 1, PresencePenalty: -3.4e38},
+		{Temperature: nan},
+		{Temperature: inf},
+		{Temperature: 1, MinP: nan},
+		{Temperature: 1, TopP: &zero},
+		{Temperature: 1, RepetitionPenalty: 1.1, PenaltyLastN: 300_000_000},
+		{Temperature: 1, PenaltyLastN: -5},
+		{Temperature: 1, TopK: -1},
+		{Temperature: 1, FrequencyPenalty: -2.5},
+	}
+	return all[r.IntN(len(all))]
+}
+
+// extremeSampling returns sampling parameters at the edges of the
+// documented ranges: they must run (or end NO_VALID_TOKEN), never abort.
+func extremeSampling(r *rand.Rand) *kvgatev1.SamplingParams {
+	tiny := float32(math.SmallestNonzeroFloat32)
+	one := float32(1)
+	all := []*kvgatev1.SamplingParams{
+		{Temperature: 0.001, RepetitionPenalty: 100, FrequencyPenalty: 2, PresencePenalty: 2, PenaltyLastN: 256},
+		{Temperature: 100, RepetitionPenalty: 0.01, FrequencyPenalty: -2, PresencePenalty: -2},
+		{Temperature: 0.001, MinP: 1, TopP: &one, TopK: 1},
+		{Temperature: 1, TopP: &tiny, MinP: tiny},
+		{Temperature: 0.001, TopK: math.MaxInt32, RepetitionPenalty: 0.01, PenaltyLastN: 512},
+		{RepetitionPenalty: 100, FrequencyPenalty: -2, PresencePenalty: 2, PenaltyLastN: 512}, // greedy
+	}
+	p := all[r.IntN(len(all))]
+	seed := r.Uint32()
+	p.Seed = &seed
+	return p
+}
+
+// TestSoak runs a soak at ten times the server's capacity: 80 concurrent
+// clients of two tenants against 8 running sequences, mixing cancels,
+// deadlines, requests that never fit and hostile sampling values. Each call
+// must end with a status that fits it. Afterwards the process is alive,
+// llama_decode never reported NoKvSlot, no cell is live, the queue is
+// empty, and greedy output equals a fresh server's.
+// It runs under both admission policies.
+func TestSoak(t *testing.T) {
+	for _, policy := range []string{"reserve", "optimistic"} {
+		t.Run(policy, func(t *testing.T) { soak(t, policy) })
+	}
+}
+
+func soak(t *testing.T, policy string) {
+	total := soakRequests(t)
+	model := testModel(t, "stories260K.gguf")
+	tokens := writeTokens(t, "tok-a team-a weight=2", "tok-b team-b max-share=0.6")
+	args := []string{"--model", model, "--ctx", "512", "--max-seqs", "8", "--max-queue", "64", "--admission", policy,
+		"--auth-tokens", tokens, "--metrics-listen", "127.0.0.1:0"}
+	s := startServer(t, args...)
+	s.token = "tok-a"
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	defer cancel()
+
+	const workers = 80
+	var next, retries atomic.Int64
+	var mu sync.Mutex
+	outcomes := map[string]int{}
+	var wg sync.WaitGroup
+	start := time.Now()
+	for w := range workers {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(w), 99))
+			tok := "tok-a"
+			if w%2 == 1 {
+				tok = "tok-b"
+			}
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(total) || t.Failed() {
+					return
+				}
+				kind, req := soakRequest(rng)
+				// A client backs off and retries a refusal for load, as
+				// gRPC's retry policy would, up to 20 attempts.
+				var outcome string
+				var err error
+				for attempt := 0; ; attempt++ {
+					cctx, ccancel := context.WithTimeout(withToken(ctx, tok), 2*time.Minute)
+					if kind == soakDeadline {
+						cctx, ccancel = context.WithTimeout(withToken(ctx, tok), time.Duration(5+rng.IntN(296))*time.Millisecond)
+					}
+					outcome, err = runStressCall(cctx, ccancel, s, req, kind == soakCancel)
+					ccancel()
+					if err != nil || !strings.HasPrefix(outcome, "RESOURCE_EXHAUSTED/") || attempt == 19 {
+						break
+					}
+					retries.Add(1)
+					time.Sleep(time.Duration(5+rng.IntN(20)) * time.Millisecond)
+				}
+				if err == nil {
+					err = checkSoakOutcome(kind, outcome)
+				}
+				if err != nil {
+					t.Errorf("request %d (%s, tenant %s): %v", i, soakKindNames[kind], tok, err)
+					return
+				}
+				mu.Lock()
+				outcomes[soakKindNames[kind]+" → "+outcome]++
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	keys := make([]string, 0, len(outcomes))
+	for k := range outcomes {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		t.Logf("%6d  %s", outcomes[k], k)
+	}
+	select {
+	case <-s.done:
+		t.Fatalf("the server exited during the soak: %v\n%s", s.err, s.Logs())
+	default:
+	}
+	st := waitQuiet(t, s)
+	fams := scrape(t, s)
+	t.Logf("%d requests (%d retries after a refusal) in %v; admitted %d, preemptions %d, decode steps %d, generated %d, handler panics %v",
+		total, retries.Load(), elapsed.Round(time.Millisecond), st.GetAdmittedTotal(), st.GetPreemptionsTotal(), st.GetDecodeStepsTotal(),
+		st.GetGeneratedTokensTotal(), metricValue(fams, "kvgate_handler_panics_total"))
+	if st.GetNokvslotTotal() != 0 {
+		t.Errorf("NoKvSlot %d", st.GetNokvslotTotal())
+	}
+	if live := int64(st.GetCellsUsed()) - int64(st.GetCellsCached()) + int64(st.GetCellsReserved()); live != 0 || st.GetSequencesRunning() != 0 || st.GetSequencesQueued() != 0 {
+		t.Errorf("after the soak: %d live cells, %d running, %d queued", live, st.GetSequencesRunning(), st.GetSequencesQueued())
+	}
+	if n := metricValue(fams, "kvgate_handler_panics_total"); n != 0 {
+		t.Errorf("%v handler panics", n)
+	}
+
+	// Greedy output equals a fresh server's.
+	fresh := startServer(t, args...)
+	m, err := native.LoadModel(model, native.LoadOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	for i, prompt := range [][]int32{{1, 400, 50, 300, 7}, {1, 22, 33, 44}, {1, 99, 98, 97, 96, 95}} {
+		req := &kvgatev1.GenerateRequest{
+			Prompt: &kvgatev1.GenerateRequest_Tokens{Tokens: &kvgatev1.TokenList{Ids: prompt}}, MaxTokens: 64, SkipPrefixCache: true,
+		}
+		got := generateAll(withToken(ctx, "tok-a"), s.Generate(), req)
+		want := generateAll(withToken(ctx, "tok-a"), fresh.Generate(), req)
+		if got.err != nil || want.err != nil {
+			t.Fatalf("greedy check %d: soaked %v, fresh %v", i, got.err, want.err)
+		}
+		sameOrTie(ctx, t, m, prompt, fmt.Sprintf("greedy check %d", i), want, got)
+	}
+}
+
+// soakRequest draws one soak request.
+func soakRequest(r *rand.Rand) (soakKind, *kvgatev1.GenerateRequest) {
+	kind := soakNormal
+	switch p := r.IntN(100); {
+	case p < 12:
+		kind = soakCancel
+	case p < 24:
+		kind = soakDeadline
+	case p < 30:
+		kind = soakNeverFits
+	case p < 42:
+		kind = soakHostile
+	case p < 54:
+		kind = soakExtreme
+	}
+	promptLen := 1 + r.IntN(80)
+	maxTokens := 1 + r.IntN(96)
+	if kind == soakNeverFits {
+		maxTokens = 512 - promptLen + 1 + r.IntN(100)
+	}
+	req := &kvgatev1.GenerateRequest{
+		Prompt:    tokenPrompt(r, promptLen),
+		MaxTokens: uint32(maxTokens),
+		IgnoreEos: r.IntN(2) == 0,
+		Priority:  int32(r.IntN(3)),
+	}
+	switch kind {
+	case soakHostile:
+		req.Sampling = hostileSampling(r)
+	case soakExtreme:
+		req.Sampling = extremeSampling(r)
+	default:
+		if r.IntN(2) == 0 {
+			seed := r.Uint32()
+			req.Sampling = &kvgatev1.SamplingParams{Temperature: 0.8, TopK: 40, Seed: &seed}
+		}
+	}
+	return kind, req
+}
+
+// checkSoakOutcome reports an outcome that does not fit the request.
+func checkSoakOutcome(kind soakKind, outcome string) error {
+	switch outcome {
+	case "finished":
+		if kind == soakNeverFits || kind == soakHostile {
+			return fmt.Errorf("finished, but the request is invalid")
+		}
+	case "INVALID_ARGUMENT":
+		if kind != soakNeverFits && kind != soakHostile && kind != soakExtreme {
+			return fmt.Errorf("INVALID_ARGUMENT for a valid request")
+		}
+	case "DEADLINE_EXCEEDED":
+		if kind != soakDeadline {
+			return fmt.Errorf("DEADLINE_EXCEEDED without a short deadline")
+		}
+	case "CANCELED":
+		if kind != soakCancel {
+			return fmt.Errorf("CANCELLED, but the client did not cancel")
+		}
+	case "RESOURCE_EXHAUSTED/QUEUE_FULL", "RESOURCE_EXHAUSTED/KV_CELLS_EXHAUSTED", "RESOURCE_EXHAUSTED/QUEUE_TIMEOUT":
+		if kind == soakNeverFits || kind == soakHostile {
+			return fmt.Errorf("%s for a request that can never run", outcome)
+		}
+	default:
+		return fmt.Errorf("unexpected outcome %s", outcome)
+	}
+	return nil
+}
