@@ -287,13 +287,42 @@ func (a *Allocator) pumpLocked() {
 }
 
 // yieldLocked reports whether a lease of tenant name must not grow by more
-// cells because a less loaded tenant's next waiter needs them: under
-// optimistic admission growth would otherwise take every cell that
-// preemption frees, and the waiter would never fit.
+// cells because another tenant's next waiter needs them and the shares say
+// that tenant comes first: name holds more than its fair share of the pool
+// and the waiter's tenant less than its own. Under optimistic admission
+// growth would otherwise take every cell that preemption frees, and the
+// waiter would never fit. Two tenants within their shares never make each
+// other yield, so they cannot preempt each other back and forth.
 func (a *Allocator) yieldLocked(name string, more int) bool {
 	w := a.nextLocked()
-	if w == nil || w.tenant == name || a.loadLocked(w.tenant) >= a.loadLocked(name) {
+	if w == nil || w.tenant == name || more+w.need <= a.availLocked() {
 		return false
 	}
-	return more+w.need > a.availLocked()
+	return a.heldLocked(name)+more > a.fairShareLocked(name) && a.heldLocked(w.tenant) < a.fairShareLocked(w.tenant)
+}
+
+// heldLocked returns the cells tenant name's running leases hold.
+func (a *Allocator) heldLocked(name string) int {
+	if t := a.tenants[name]; t != nil {
+		return t.held
+	}
+	return 0
+}
+
+// fairShareLocked returns tenant name's fair share of the pool: the cells
+// in proportion to its weight among the tenants with running or waiting
+// requests (name included).
+func (a *Allocator) fairShareLocked(name string) int {
+	total := a.limitsLocked(name).Weight
+	for n := range a.tenants {
+		if n != name {
+			total += a.limitsLocked(n).Weight
+		}
+	}
+	for _, r := range a.resumes {
+		if _, ok := a.tenants[r.tenant]; !ok && r.tenant != name {
+			total += a.limitsLocked(r.tenant).Weight // counted once per resume: an upper bound
+		}
+	}
+	return int(float64(a.cfg.Cells) * a.limitsLocked(name).Weight / total)
 }

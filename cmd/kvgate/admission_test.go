@@ -178,12 +178,18 @@ func runStressCall(ctx context.Context, cancel context.CancelFunc, s *server, re
 		return classify(err)
 	}
 	chunks := 0
+	cancelled := false
 	var finished *kvgatev1.Finished
 	for {
 		resp, err := stream.Recv()
 		if err != nil {
 			if finished != nil && err.Error() == "EOF" {
 				return "finished", nil
+			}
+			if finished != nil && cancelled && status.Code(err) == codes.Canceled {
+				// The client cancelled after its second chunk, while the
+				// end of the stream was already on its way.
+				return "CANCELED", nil
 			}
 			if finished != nil {
 				return "", fmt.Errorf("error after finished: %v", err)
@@ -195,6 +201,7 @@ func runStressCall(ctx context.Context, cancel context.CancelFunc, s *server, re
 			chunks++
 			if cancelMid && chunks == 2 {
 				cancel()
+				cancelled = true
 			}
 		case *kvgatev1.GenerateResponse_Finished:
 			finished = ev.Finished
