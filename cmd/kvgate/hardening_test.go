@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -365,6 +366,16 @@ func TestTenancy(t *testing.T) {
 			t.Errorf("%s: %d cached prompt tokens; sharing %v", tc.name, n, tc.shares)
 		}
 	}
+	// The call's request_id and tenant are logged with it.
+	req := textPrompt("Once", 2)
+	req.RequestId = "req-4815"
+	if r := generateAll(withToken(ctx, "tok-b"), s.Generate(), req); r.err != nil || r.started.GetRequestId() != "req-4815" {
+		t.Fatalf("request with an id: %v, started %v", r.err, r.started)
+	}
+	waitFor(t, 10*time.Second, "the call's log line", func() bool {
+		return strings.Contains(s.Logs(), "request_id=req-4815 tenant=team-b")
+	})
+
 	// Without auth there is one tenant, and the salt still partitions.
 	s2 := startServer(t, "--model", testModel(t, "stories260K.gguf"), "--ctx", "1024")
 	for i, tc := range []struct {
@@ -629,4 +640,68 @@ func TestDeadlineMidStream(t *testing.T) {
 	if n := metricValue(fams, "grpc_server_handled_total", "grpc_method", "Generate", "grpc_code", "DeadlineExceeded"); n != calls {
 		t.Errorf("grpc_server_handled_total{Generate, DeadlineExceeded} = %v, want %d", n, calls)
 	}
+}
+
+// TestHangupWhileLoading checks that a SIGHUP while the model loads
+// neither kills the server nor is acted on before it serves. The model
+// path is a FIFO, so loading blocks until the test writes to it.
+func TestHangupWhileLoading(t *testing.T) {
+	fifo := filepath.Join(t.TempDir(), "model.gguf")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Skipf("no FIFO here: %v", err)
+	}
+	cmd := exec.Command(kvgateBin, "serve", "--listen", "127.0.0.1:0", "--model", fifo)
+	var logs syncBuffer
+	cmd.Stderr = &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	defer func() { _ = cmd.Process.Kill() }()
+	waitFor(t, 30*time.Second, "the server to start loading", func() bool {
+		return strings.Contains(logs.String(), "llama.cpp system info")
+	})
+	for range 3 {
+		if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("SIGHUP while loading ended the server: %v\n%s", err, logs.String())
+	case <-time.After(time.Second):
+	}
+	// Unblock the load with a file that is not a model: the server must
+	// now fail for that reason, with exit status 1, not of the signal.
+	f, err := os.OpenFile(fifo, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = f.WriteString("not a model")
+	f.Close()
+	err = <-done
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 1 || !strings.Contains(logs.String(), "not a GGUF file") {
+		t.Fatalf("after the load failed: %v\n%s", err, logs.String())
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a process's writes and the test's
+// reads.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

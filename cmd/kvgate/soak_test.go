@@ -183,6 +183,11 @@ func soak(t *testing.T, policy string) {
 	if st.GetNokvslotTotal() != 0 {
 		t.Errorf("NoKvSlot %d", st.GetNokvslotTotal())
 	}
+	// Requests too long for any sequence are refused by the allocator, so
+	// they are counted as NEVER_FITS.
+	if got, want := st.GetRejectedTotal()["NEVER_FITS"], uint64(outcomes["never-fits → INVALID_ARGUMENT"]); got != want || want == 0 {
+		t.Errorf("rejected_total{NEVER_FITS} = %d, want %d", got, want)
+	}
 	if live := int64(st.GetCellsUsed()) - int64(st.GetCellsCached()) + int64(st.GetCellsReserved()); live != 0 || st.GetSequencesRunning() != 0 || st.GetSequencesQueued() != 0 {
 		t.Errorf("after the soak: %d live cells, %d running, %d queued", live, st.GetSequencesRunning(), st.GetSequencesQueued())
 	}
