@@ -43,7 +43,11 @@
 // running leases hold — their reserved plus charged cells, cells shared from
 // the prefix cache not counted — divided by its weight (Lease.Load, which
 // the engine uses to preempt a sequence of the most loaded tenant). A
-// tenant is below its cap while those cells are fewer than MaxShare·Cells.
+// tenant is below its cap while those cells are fewer than MaxShare·Cells
+// and its running leases fewer than MaxShare·MaxRunning (under optimistic
+// admission a lease holds few cells at first, and a tenant could otherwise
+// take every running slot). Its fair share is the pool in proportion to its
+// weight among the tenants with running or waiting requests.
 // Stats.Tenants reports every tenant that has running leases or queued
 // requests.
 //
@@ -54,18 +58,22 @@
 // either, QUEUE_FULL). The queue has two parts:
 //
 //   - the preempted sequences waiting to resume (Lease.Requeue), in the
-//     order they were preempted. They are running streams: they always go
-//     first, are not subject to caps, and stay queued through Drain;
+//     order they were preempted. They are running streams: each goes first
+//     within its tenant, and ahead of an equally loaded tenant's requests,
+//     and they stay queued through Drain;
 //   - one queue per tenant, ordered by Request.Priority, highest first, and
 //     by arrival among equal priorities. Priority orders a tenant's own
 //     requests only, never requests of different tenants.
 //
 // Whenever cells or a sequence id come back (or a waiter leaves, or a new
-// waiter changes which head comes next), the queue is pumped: first the
-// preempted sequences, for as long as the first of them fits; then,
-// repeatedly, the fair pick: among the tenants that have waiters and are
-// below their cap, the tenant with the smallest load, and among equal loads
-// the one whose queue head arrived first. Its head is admitted if it fits,
+// waiter changes which head comes next), the queue is pumped, repeatedly,
+// by the fair pick: among the tenants that have waiters and are below their
+// cap, the tenant with the smallest load, and among equal loads the one
+// whose head is a preempted sequence, else whose head arrived first. A
+// tenant's head is its first preempted sequence, else its queue's head.
+// Under optimistic admission a preempted sequence thus never takes the
+// cells its preemption freed ahead of a less loaded tenant. The head is
+// admitted if it fits,
 // which raises the tenant's load for the next pick; if it does not fit,
 // pumping stops. So admission is head-of-line over the fair order: a large
 // request is not starved by a stream of small ones, and a waiter behind it
@@ -73,6 +81,14 @@
 // skipped, so it never blocks the others; a tenant below its cap may still
 // be admitted when that admission takes it above the cap, so a tenant can
 // always run at least one request that fits the pool.
+//
+// Under the optimistic policy Lease.Grow yields to the fair pick: it
+// reports ErrNoCells when the next waiter belongs to another tenant that
+// holds less than its fair share, the growing lease's tenant holds more
+// than its own, and the growth would leave the waiter no room. The engine
+// then preempts a sequence of the most loaded tenant, whose cells go to the
+// waiter. Two tenants within their shares never make each other yield, so
+// they cannot preempt each other back and forth.
 //
 // A new request is admitted at once only when it would be the waiter
 // pumping admits next and it fits: no preempted sequence waits, its tenant
@@ -112,7 +128,8 @@
 // step per reserved cell beyond them. The Allocator simulates the schedule
 // from now: at each lease end, in steps, its cells come back, and the
 // waiters are admitted in the order pumping would admit them (preempted
-// sequences first, then the fair pick, with caps, head-of-line, MaxRunning,
+// sequences first, which under the reserve policy do not occur, then the
+// fair pick, with caps, head-of-line, MaxRunning,
 // and the cells free or evictable now), each then running for its own
 // prefill and MaxTokens steps; a waiter ahead whose own deadline passes
 // before it is admitted leaves the simulated queue. The estimate is the

@@ -330,6 +330,7 @@ func serve(ctx context.Context, args []string) error {
 		Watermark:         min(c.watermark, engine.Cells()-1),
 		Tenants:           tenants.limits,
 		StepRate:          engine.StepRate,
+		Batch:             engine.Batch(),
 	})
 	if err != nil {
 		return err
