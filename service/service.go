@@ -176,6 +176,9 @@ func New(cfg Config, m Model, a Admitter, e Engine) *Service {
 		lim.MaxPenaltyLastN = native.MaxPenaltyLastN
 	}
 	lim.MaxPenaltyLastN = max(min(lim.MaxPenaltyLastN, lim.MaxSequenceTokens), defaultPenaltyLastN)
+	if lim.DefaultMaxTokens > 0 {
+		lim.DefaultMaxTokens = min(lim.DefaultMaxTokens, effectiveLimit(lim.MaxCompletionTokens, lim.MaxSequenceTokens-1))
+	}
 	return s
 }
 
@@ -519,6 +522,7 @@ func (s *Service) GetModelInfo(ctx context.Context, _ *kvgatev1.GetModelInfoRequ
 		Tenant:              tenant.Name,
 		MaxTokenizeBytes:    uint32(s.cfg.MaxTokenizeBytes),
 		MaxDetokenizeIds:    uint32(s.cfg.MaxDetokenizeIDs),
+		DefaultMaxTokens:    uint32(max(s.cfg.Limits.DefaultMaxTokens, 0)),
 	}, nil
 }
 

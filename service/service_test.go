@@ -83,7 +83,7 @@ func TestValidate(t *testing.T) {
 		}), nil},
 		{"no prompt", &kvgatev1.GenerateRequest{MaxTokens: 1}, []string{"prompt"}},
 		{"empty text", text("", 8), []string{"text"}},
-		{"zero max_tokens", text("a", 0), []string{"max_tokens"}},
+		{"zero max_tokens without a server default", text("a", 0), []string{"max_tokens"}},
 		// Too long for a sequence: left to the allocator (NEVER_FITS), so
 		// that the refusal is counted; see TestToStatus.
 		{"max_tokens over the sequence limit", text("a", 65), nil},
@@ -263,5 +263,31 @@ func TestEndBeforeDeadline(t *testing.T) {
 	defer cancel()
 	if _, ok := ctx.Deadline(); ok {
 		t.Error("a call without a deadline got one")
+	}
+}
+
+// TestDefaultMaxTokens checks that an unset max_tokens takes the server's
+// default, shortened to what the prompt leaves of a sequence.
+func TestDefaultMaxTokens(t *testing.T) {
+	lim := DefaultLimits()
+	lim.MaxSequenceTokens = 64
+	lim.DefaultMaxTokens = 20
+	for _, tc := range []struct {
+		words int // the fake tokenizer gives words + 1 tokens
+		want  int
+	}{{1, 20}, {42, 20}, {49, 14}, {63, 1}, {80, 1}} {
+		req := &kvgatev1.GenerateRequest{Prompt: &kvgatev1.GenerateRequest_Text{Text: strings.Repeat("a ", tc.words)}}
+		r, err := validate(req, fakeTokenizer{}, lim)
+		if err != nil {
+			t.Fatalf("%d words: %v", tc.words, err)
+		}
+		if r.maxTokens != tc.want {
+			t.Errorf("%d words: max_tokens %d, want %d", tc.words, r.maxTokens, tc.want)
+		}
+	}
+	// An explicit max_tokens is kept as sent.
+	r, err := validate(&kvgatev1.GenerateRequest{Prompt: &kvgatev1.GenerateRequest_Text{Text: "a"}, MaxTokens: 50}, fakeTokenizer{}, lim)
+	if err != nil || r.maxTokens != 50 {
+		t.Errorf("explicit max_tokens: %v, %v", r, err)
 	}
 }

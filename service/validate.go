@@ -38,6 +38,10 @@ type Limits struct {
 	// MaxPenaltyLastN bounds sampling.penalty_last_n; 0 means
 	// native.MaxPenaltyLastN. New tightens it to MaxSequenceTokens.
 	MaxPenaltyLastN int
+	// DefaultMaxTokens is the max_tokens of a request that leaves it
+	// unset, shortened to what its prompt leaves of MaxSequenceTokens; 0
+	// refuses such a request. New clamps it to MaxCompletionTokens.
+	DefaultMaxTokens int
 }
 
 // effectiveLimit returns the bound a limit sets in effect: limit, unless it
@@ -133,9 +137,15 @@ func validate(req *kvgatev1.GenerateRequest, m tokenizer, lim Limits) (*request,
 	if lim.MaxPromptTokens > 0 && len(out.prompt) > lim.MaxPromptTokens {
 		bad(promptField, "%d prompt tokens exceed the server's max_prompt_tokens limit of %d", len(out.prompt), lim.MaxPromptTokens)
 	}
+	if out.maxTokens == 0 && lim.DefaultMaxTokens > 0 && len(out.prompt) > 0 {
+		// Unset: the server's default, as much of it as the prompt leaves
+		// room for (at least 1, so that a prompt that fills the sequence
+		// is still refused as too long).
+		out.maxTokens = max(min(lim.DefaultMaxTokens, lim.MaxSequenceTokens-len(out.prompt)), 1)
+	}
 	switch {
 	case out.maxTokens < 1:
-		bad("max_tokens", "must be at least 1")
+		bad("max_tokens", "must be at least 1 (the server has no default_max_tokens)")
 	case lim.MaxCompletionTokens > 0 && out.maxTokens > lim.MaxCompletionTokens:
 		bad("max_tokens", "%d exceeds the server's max_completion_tokens limit of %d", out.maxTokens, lim.MaxCompletionTokens)
 	}

@@ -106,7 +106,8 @@ func TestGenerateEndToEnd(t *testing.T) {
 // INVALID_ARGUMENT with a BadRequest naming the field, and the server keeps
 // serving.
 func TestBadInput(t *testing.T) {
-	s := startServer(t, "--model", testModel(t, "stories260K.gguf"), "--ctx", "1024", "--max-stop", "4")
+	// Without a default, an unset max_tokens is bad input too.
+	s := startServer(t, "--model", testModel(t, "stories260K.gguf"), "--ctx", "1024", "--max-stop", "4", "--default-max-tokens", "0")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	nan := float32(math.NaN())

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -104,6 +105,23 @@ func TestCrashRegressions(t *testing.T) {
 			}
 			checkServing(ctx, t, s)
 		})
+	}
+	// A request that leaves max_tokens unset gets the server's default.
+	// The flag's 256 is clamped to what one sequence (--ctx 256) allows.
+	info, err := s.Generate().GetModelInfo(ctx, &kvgatev1.GetModelInfoRequest{})
+	if want := min(256, info.GetMaxSequenceTokens()-1); err != nil || info.GetDefaultMaxTokens() != want {
+		t.Fatalf("default_max_tokens %d, want %d (%v)", info.GetDefaultMaxTokens(), want, err)
+	}
+	req := textPrompt("Once upon a time", 0)
+	req.IgnoreEos = true
+	r := generateAll(ctx, s.Generate(), req)
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	// Shortened to what the prompt leaves of the sequence.
+	want := min(info.GetDefaultMaxTokens(), info.GetMaxSequenceTokens()-r.started.GetPromptTokens())
+	if got := r.finished.GetUsage().GetCompletionTokens(); got != want {
+		t.Errorf("unset max_tokens generated %d tokens, want %d", got, want)
 	}
 }
 
@@ -704,4 +722,13 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// TestStartupLogsThreads checks that the start-up log gives the thread
+// count llama.cpp uses, not the machine's CPU count.
+func TestStartupLogsThreads(t *testing.T) {
+	s := startServer(t, "--model", testModel(t, "stories260K.gguf"), "--ctx", "256") // the harness passes --threads 1
+	if !strings.Contains(s.Logs(), `msg="llama.cpp system info"`) || !regexp.MustCompile(`msg="llama.cpp system info" .* threads=1 cpus=\d+`).MatchString(s.Logs()) {
+		t.Errorf("the start-up log does not give threads=1:\n%s", s.Logs())
+	}
 }

@@ -70,6 +70,7 @@ type serveConfig struct {
 	handshakeTimeout  time.Duration
 	maxConnIdle       time.Duration
 	maxPromptBytes    int
+	defaultMaxTokens  int
 	maxTokenizeBytes  int
 	tokenizerBudget   int
 
@@ -120,6 +121,7 @@ func serveFlags(c *serveConfig) *flag.FlagSet {
 	fs.DurationVar(&c.handshakeTimeout, "handshake-timeout", 5*time.Second, "a connection that has not finished its TLS and HTTP/2 handshake by then is closed")
 	fs.DurationVar(&c.maxConnIdle, "max-connection-idle", 5*time.Minute, "close a connection that has had no call for this long (0: never)")
 	fs.IntVar(&c.maxPromptBytes, "max-prompt-bytes", 0, "longest prompt text in bytes, checked before tokenizing (0: as long as max_prompt_tokens tokens of the model can spell)")
+	fs.IntVar(&c.defaultMaxTokens, "default-max-tokens", 256, "max_tokens of a request that leaves it unset, shortened to what the prompt leaves of a sequence (0: refuse such requests)")
 	fs.IntVar(&c.maxTokenizeBytes, "max-tokenize-bytes", service.DefaultMaxTokenizeBytes, "longest text of one Tokenize call")
 	fs.IntVar(&c.tokenizerBudget, "tokenizer-budget", service.DefaultWorkBudget, "tokenizer work in flight at once, in bytes of text, for Tokenize, Detokenize and Generate prompts; Tokenize and Detokenize past it get RESOURCE_EXHAUSTED")
 	fs.IntVar(&c.maxPriority, "max-priority", service.DefaultMaxPriority, "highest request priority a tenant may use unless its token-file line sets max-priority; higher ones get PERMISSION_DENIED")
@@ -155,6 +157,8 @@ func (c *serveConfig) check() error {
 		return fmt.Errorf("--max-connection-idle %v: must be >= 0", c.maxConnIdle)
 	case c.maxPromptBytes < 0:
 		return fmt.Errorf("--max-prompt-bytes %d: must be >= 0", c.maxPromptBytes)
+	case c.defaultMaxTokens < 0:
+		return fmt.Errorf("--default-max-tokens %d: must be >= 0", c.defaultMaxTokens)
 	case c.maxTokenizeBytes < 1:
 		return fmt.Errorf("--max-tokenize-bytes %d: must be positive", c.maxTokenizeBytes)
 	case c.tokenizerBudget < c.maxTokenizeBytes:
@@ -187,6 +191,15 @@ func (c *serveConfig) check() error {
 		return errors.New("--client-ca needs --tls-cert and --tls-key")
 	}
 	return nil
+}
+
+// llamaThreads returns the thread count llama.cpp will use: --threads, or
+// every CPU when it is 0 (native.ContextParams.Threads).
+func (c *serveConfig) llamaThreads() int {
+	if c.threads > 0 {
+		return c.threads
+	}
+	return runtime.NumCPU()
 }
 
 // connectionGrace returns how long streams on a connection past
@@ -261,7 +274,7 @@ func serve(ctx context.Context, args []string) error {
 		return err
 	}
 	native.Init(ll)
-	checkCPU(log)
+	checkCPU(log, c.llamaThreads())
 
 	path := c.model
 	if path == "" {
@@ -304,6 +317,7 @@ func serve(ctx context.Context, args []string) error {
 	limits.MaxPromptTokens = c.maxPromptTokens
 	limits.MaxCompletionTokens = c.maxCompletionTokens
 	limits.MaxPromptBytes = c.maxPromptBytes
+	limits.DefaultMaxTokens = c.defaultMaxTokens
 	tenants := tenantPolicy{tokens: sec.tokens, maxPriority: int32(c.maxPriority), maxShare: c.tenantMaxShare, maxQueued: c.tenantMaxQueued}
 	var policy allocator.Policy
 	switch c.admission {
@@ -508,11 +522,11 @@ func loadWithProgress(path string, log *slog.Logger) (*native.Model, error) {
 	return m, nil
 }
 
-// checkCPU logs llama.cpp's CPU features and warns when SIMD the CPU has was
-// not compiled in.
-func checkCPU(log *slog.Logger) {
+// checkCPU logs llama.cpp's CPU features and the threads it will use, and
+// warns when SIMD the CPU has was not compiled in.
+func checkCPU(log *slog.Logger, threads int) {
 	sys := native.SystemInfo()
-	log.Info("llama.cpp system info", "features", sys, "threads", runtime.NumCPU())
+	log.Info("llama.cpp system info", "features", sys, "threads", threads, "cpus", runtime.NumCPU())
 	if runtime.GOARCH != "amd64" {
 		return
 	}

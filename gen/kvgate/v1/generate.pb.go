@@ -110,9 +110,12 @@ type GenerateRequest struct {
 	//	*GenerateRequest_Text
 	//	*GenerateRequest_Tokens
 	Prompt isGenerateRequest_Prompt `protobuf_oneof:"prompt"`
-	// The most tokens to generate. Must be at least 1, and prompt tokens plus
-	// max_tokens must fit both the KV-cell pool and the model's training
-	// context (see GetModelInfoResponse).
+	// The most tokens to generate. Prompt tokens plus max_tokens must fit both
+	// the KV-cell pool and the model's training context (see
+	// GetModelInfoResponse). 0 (unset) means the server's default,
+	// GetModelInfoResponse.default_max_tokens, shortened to what the prompt
+	// leaves of max_sequence_tokens; a server whose default is 0 refuses an
+	// unset max_tokens.
 	MaxTokens uint32 `protobuf:"varint,3,opt,name=max_tokens,json=maxTokens,proto3" json:"max_tokens,omitempty"`
 	// How the next token is chosen. Unset means greedy decoding.
 	Sampling *SamplingParams `protobuf:"bytes,4,opt,name=sampling,proto3" json:"sampling,omitempty"`
@@ -1248,6 +1251,9 @@ type GetModelInfoResponse struct {
 	MaxTokenizeBytes uint32 `protobuf:"varint,25,opt,name=max_tokenize_bytes,json=maxTokenizeBytes,proto3" json:"max_tokenize_bytes,omitempty"`
 	// The most ids in one DetokenizeRequest.
 	MaxDetokenizeIds uint32 `protobuf:"varint,26,opt,name=max_detokenize_ids,json=maxDetokenizeIds,proto3" json:"max_detokenize_ids,omitempty"`
+	// The max_tokens of a GenerateRequest that leaves it unset (serve
+	// --default-max-tokens); 0 when such a request is refused.
+	DefaultMaxTokens uint32 `protobuf:"varint,27,opt,name=default_max_tokens,json=defaultMaxTokens,proto3" json:"default_max_tokens,omitempty"`
 	unknownFields    protoimpl.UnknownFields
 	sizeCache        protoimpl.SizeCache
 }
@@ -1460,6 +1466,13 @@ func (x *GetModelInfoResponse) GetMaxTokenizeBytes() uint32 {
 func (x *GetModelInfoResponse) GetMaxDetokenizeIds() uint32 {
 	if x != nil {
 		return x.MaxDetokenizeIds
+	}
+	return 0
+}
+
+func (x *GetModelInfoResponse) GetDefaultMaxTokens() uint32 {
+	if x != nil {
+		return x.DefaultMaxTokens
 	}
 	return 0
 }
@@ -1863,7 +1876,7 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x13strip_leading_space\x18\x03 \x01(\bR\x11stripLeadingSpace\"(\n" +
 	"\x12DetokenizeResponse\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\"\x15\n" +
-	"\x13GetModelInfoRequest\"\x8a\b\n" +
+	"\x13GetModelInfoRequest\"\xb8\b\n" +
 	"\x14GetModelInfoResponse\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\"\n" +
 	"\farchitecture\x18\x02 \x01(\tR\farchitecture\x12 \n" +
@@ -1894,7 +1907,8 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\fmax_priority\x18\x17 \x01(\x05R\vmaxPriority\x12\x16\n" +
 	"\x06tenant\x18\x18 \x01(\tR\x06tenant\x12,\n" +
 	"\x12max_tokenize_bytes\x18\x19 \x01(\rR\x10maxTokenizeBytes\x12,\n" +
-	"\x12max_detokenize_ids\x18\x1a \x01(\rR\x10maxDetokenizeIds\"\x16\n" +
+	"\x12max_detokenize_ids\x18\x1a \x01(\rR\x10maxDetokenizeIds\x12,\n" +
+	"\x12default_max_tokens\x18\x1b \x01(\rR\x10defaultMaxTokens\"\x16\n" +
 	"\x14GetCacheStatsRequest\"\xf1\t\n" +
 	"\x15GetCacheStatsResponse\x12\x1f\n" +
 	"\vcells_total\x18\x01 \x01(\rR\n" +
