@@ -177,9 +177,11 @@ func TestMetricsScrape(t *testing.T) {
 		promptTokens += int(r.started.GetPromptTokens())
 		interTokens += len(r.chunks) - 1
 	}
-	bad := generateAll(ctx, s.Generate(), textPrompt("Once", 0))
+	badReq := textPrompt("Once", 4)
+	badReq.Stop = []string{""}
+	bad := generateAll(ctx, s.Generate(), badReq)
 	if status.Code(bad.err) != codes.InvalidArgument {
-		t.Fatalf("max_tokens 0: %v", bad.err)
+		t.Fatalf("an empty stop string: %v", bad.err)
 	}
 	after, statsAfter := scrape(t, s), cacheStats(t, s)
 
