@@ -732,3 +732,24 @@ func TestStartupLogsThreads(t *testing.T) {
 		t.Errorf("the start-up log does not give threads=1:\n%s", s.Logs())
 	}
 }
+
+// TestVersion checks kvgate version and --version against the real
+// binary.
+func TestVersion(t *testing.T) {
+	for _, arg := range []string{"version", "--version"} {
+		out, err := exec.Command(kvgateBin, arg).CombinedOutput()
+		if err != nil {
+			t.Fatalf("kvgate %s: %v\n%s", arg, err, out)
+		}
+		for _, want := range []*regexp.Regexp{
+			regexp.MustCompile(`(?m)^kvgate \S`),
+			regexp.MustCompile(`(?m)^llama\.cpp ec98e2002 \(vendored by github\.com/ollama/ollama v0\.17\.4\)$`),
+			regexp.MustCompile(`(?m)^go go1\.\d+`),
+			regexp.MustCompile(`(?m)^cpu .*LLAMAFILE = 1`),
+		} {
+			if !want.Match(out) {
+				t.Errorf("kvgate %s: output lacks %s:\n%s", arg, want, out)
+			}
+		}
+	}
+}

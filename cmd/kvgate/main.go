@@ -9,6 +9,7 @@
 //	kvgate generate  [flags] PROMPT  stream a completion from a server
 //	kvgate tokenize  [flags] TEXT    show a text's token ids
 //	kvgate mkmodel   [flags]         write a random-weight llama GGUF model
+//	kvgate version                   show kvgate's, llama.cpp's and Go's versions
 //
 // Run "kvgate COMMAND -h" for a command's flags. Every serve flag can also be
 // set through an environment variable named KVGATE_ plus the flag's name in
@@ -40,6 +41,7 @@ Usage:
   kvgate tokenize  [flags] TEXT     show the token ids of a text
   kvgate bench     [flags]          drive a running server with load and report throughput and latency
   kvgate mkmodel   [flags]          write a random-weight llama GGUF model of realistic shape
+  kvgate version                    show the versions of kvgate, llama.cpp and Go, and the CPU features
 
 Run "kvgate COMMAND -h" for the flags of a command.
 `
@@ -63,6 +65,9 @@ func run(args []string) int {
 		err = benchCmd(ctx, args[1:])
 	case "mkmodel":
 		err = mkmodel(ctx, args[1:])
+	case "version", "-version", "--version":
+		printVersion(os.Stdout)
+		return 0
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(os.Stdout, usage)
 		return 0
