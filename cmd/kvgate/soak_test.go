@@ -240,9 +240,19 @@ func soakRequest(r *rand.Rand) (soakKind, *kvgatev1.GenerateRequest) {
 		MaxTokens: uint32(maxTokens),
 		IgnoreEos: r.IntN(2) == 0,
 		Priority:  int32(r.IntN(3)),
+		// A few cache partitions, so that prefixes are shared within and
+		// never across them.
+		CacheSalt: [...]string{"", "", "salt-1", "salt-2"}[r.IntN(4)],
+	}
+	if kind == soakNormal && r.IntN(20) == 0 {
+		req.MaxTokens, req.IgnoreEos = 0, false // the server's default_max_tokens
 	}
 	switch kind {
 	case soakHostile:
+		if r.IntN(6) == 0 {
+			req.CacheSalt = strings.Repeat("s", 257+r.IntN(1000)) // over its 256-byte bound
+			break
+		}
 		req.Sampling = hostileSampling(r)
 	case soakExtreme:
 		req.Sampling = extremeSampling(r)

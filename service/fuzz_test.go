@@ -1,0 +1,73 @@
+package service
+
+import (
+	"math"
+	"testing"
+	"unicode/utf8"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
+)
+
+// FuzzValidate parses arbitrary bytes as a GenerateRequest, as the server
+// does, and validates it: validate must never panic, must refuse with
+// INVALID_ARGUMENT and at least one field violation, or accept a request
+// whose every value lies in its documented range.
+func FuzzValidate(f *testing.F) {
+	one := float32(1)
+	for _, req := range []*kvgatev1.GenerateRequest{
+		{Prompt: &kvgatev1.GenerateRequest_Text{Text: "a b c"}, MaxTokens: 8},
+		{Prompt: &kvgatev1.GenerateRequest_Tokens{Tokens: &kvgatev1.TokenList{Ids: []int32{1, 99, 100}}}},
+		{Prompt: &kvgatev1.GenerateRequest_Text{Text: "a"}, Sampling: &kvgatev1.SamplingParams{
+			Temperature: 1e-40, RepetitionPenalty: 1e-45, FrequencyPenalty: -3.4e38, PresencePenalty: float32(math.NaN()),
+			PenaltyLastN: 300_000_000, TopP: &one, TopK: -1, MinP: float32(math.Inf(1)),
+		}},
+		{Prompt: &kvgatev1.GenerateRequest_Text{Text: "a"}, MaxTokens: 1, Stop: []string{"", "x"}, CacheSalt: "s", RequestId: "r", Priority: math.MaxInt32},
+	} {
+		b, err := proto.Marshal(req)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	lim := DefaultLimits()
+	lim.MaxSequenceTokens = 64
+	lim.MaxPromptBytes = 1000
+	lim.MaxPenaltyLastN = 64
+	lim.DefaultMaxTokens = 16
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var req kvgatev1.GenerateRequest
+		if proto.Unmarshal(b, &req) != nil {
+			return // the codec refuses it before validation (obs.clientCodec)
+		}
+		r, err := validate(&req, fakeTokenizer{}, lim)
+		if err != nil {
+			if status.Code(err) != codes.InvalidArgument || len(fieldsOf(t, err)) == 0 {
+				t.Fatalf("refusal without violations: %v", err)
+			}
+			return
+		}
+		sp := r.sampling
+		switch {
+		case len(r.prompt) == 0, r.maxTokens < 1:
+			t.Fatalf("accepted an empty prompt or max_tokens %d", r.maxTokens)
+		case sp.Temperature != 0 && !(sp.Temperature >= minTemperature && sp.Temperature <= maxTemperature):
+			t.Fatalf("accepted temperature %v", sp.Temperature)
+		case sp.RepeatPenalty != 0 && !(sp.RepeatPenalty >= minRepetitionPenalty && sp.RepeatPenalty <= maxRepetitionPenalty):
+			t.Fatalf("accepted repetition_penalty %v", sp.RepeatPenalty)
+		case !(math.Abs(float64(sp.FrequencyPenalty)) <= maxAbsPenalty) || !(math.Abs(float64(sp.PresencePenalty)) <= maxAbsPenalty):
+			t.Fatalf("accepted penalties %v, %v", sp.FrequencyPenalty, sp.PresencePenalty)
+		case sp.PenaltyLastN < 0 || int(sp.PenaltyLastN) > lim.MaxPenaltyLastN:
+			t.Fatalf("accepted penalty_last_n %d", sp.PenaltyLastN)
+		case !(sp.MinP >= 0 && sp.MinP <= 1), req.GetSampling() != nil && req.GetSampling().TopP != nil && !(sp.TopP > 0 && sp.TopP <= 1):
+			t.Fatalf("accepted min_p %v, top_p %v", sp.MinP, sp.TopP)
+		case len(req.GetCacheSalt()) > lim.MaxCacheSaltBytes, len(req.GetText()) > lim.MaxPromptBytes:
+			t.Fatalf("accepted a %d-byte salt or a %d-byte text", len(req.GetCacheSalt()), len(req.GetText()))
+		case !utf8.ValidString(req.GetText()):
+			t.Fatal("accepted invalid UTF-8")
+		}
+	})
+}
