@@ -23,6 +23,7 @@ import "C"
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -125,12 +126,24 @@ type ModelInfo struct {
 	BOS, EOS        int32
 }
 
+// loadProgress is what the progress callback of one load sees.
+type loadProgress struct {
+	ctx context.Context
+	fn  func(float32)
+}
+
 //export kvgoProgress
 func kvgoProgress(progress C.float, handle C.uintptr_t) C.bool {
-	if fn, ok := cgo.Handle(handle).Value().(func(float32)); ok && fn != nil {
-		fn(float32(progress))
+	p, ok := cgo.Handle(handle).Value().(*loadProgress)
+	if !ok {
+		return C.bool(true)
 	}
-	return C.bool(true)
+	if p.fn != nil {
+		p.fn(float32(progress))
+	}
+	// Returning false makes llama.cpp abandon the load and free what it
+	// allocated.
+	return C.bool(p.ctx.Err() == nil)
 }
 
 // checkGGUF reports a clear error for a file that cannot be a GGUF model,
@@ -162,23 +175,33 @@ func checkGGUF(path string) error {
 // memory is not one KV cell per token (recurrent, hybrid, sliding-window,
 // encoder-decoder and diffusion models), with ErrModelUnsupported.
 func LoadModel(path string, opts LoadOptions) (*Model, error) {
+	return LoadModelContext(context.Background(), path, opts)
+}
+
+// LoadModelContext is LoadModel, abandoned when ctx is done: llama.cpp
+// stops at its next progress report (many times a second while weights are
+// read) and the error wraps ctx.Err().
+func LoadModelContext(ctx context.Context, path string, opts LoadOptions) (*Model, error) {
 	Init(LogError)
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("load %s: %w", path, err)
+	}
 	if err := checkGGUF(path); err != nil {
 		return nil, err
 	}
 	params := C.llama_model_default_params()
 	params.n_gpu_layers = 0
 	params.use_mmap = C.bool(!opts.NoMmap)
-	var h cgo.Handle
-	if opts.Progress != nil {
-		h = cgo.NewHandle(opts.Progress)
-		defer h.Delete()
-		C.kv_model_params_set_progress(&params, C.uintptr_t(h))
-	}
+	h := cgo.NewHandle(&loadProgress{ctx: ctx, fn: opts.Progress})
+	defer h.Delete()
+	C.kv_model_params_set_progress(&params, C.uintptr_t(h))
 	cpath := C.CString(path)
 	defer C.free(unsafe.Pointer(cpath))
 	C.kv_log_clear_error()
 	ptr := C.llama_model_load_from_file(cpath, params)
+	if ptr == nil && ctx.Err() != nil {
+		return nil, fmt.Errorf("load %s: %w", path, ctx.Err())
+	}
 	if ptr == nil {
 		msg := lastLlamaError()
 		if msg == "" {

@@ -133,6 +133,11 @@ func toStatus(ctx context.Context, err error) error {
 		return withInfo(codes.PermissionDenied, prio.Error(), ReasonPriorityNotAllowed, map[string]string{
 			"tenant": prio.Tenant, "priority": strconv.Itoa(int(prio.Priority)), "max_priority": strconv.Itoa(int(prio.Max)),
 		})
+	case errors.Is(err, ErrLoading):
+		setPushback(ctx, loadingRetryDelay)
+		return withInfo(codes.Unavailable, err.Error()+"; retry shortly, or send the call to another replica", ReasonModelLoading,
+			map[string]string{"retry_after_ms": strconv.FormatInt(loadingRetryDelay.Milliseconds(), 10)},
+			&errdetails.RetryInfo{RetryDelay: durationpb.New(loadingRetryDelay)})
 	case errors.Is(err, errWorkBudget):
 		setPushback(ctx, workRetryDelay)
 		return withInfo(codes.ResourceExhausted, err.Error()+"; retry shortly", ReasonWorkBudget,

@@ -186,6 +186,7 @@ func TestToStatus(t *testing.T) {
 		{name: "no valid token", err: fmt.Errorf("step: %w", native.ErrNoValidToken),
 			code: codes.InvalidArgument, reason: ReasonNoValidToken, fields: []string{"sampling"}},
 		{name: "tokenizer budget spent", err: errWorkBudget, code: codes.ResourceExhausted, reason: ReasonWorkBudget},
+		{name: "model still loading", err: ErrLoading, code: codes.Unavailable, reason: ReasonModelLoading},
 		{name: "engine refuses the request", err: fmt.Errorf("%w: empty prompt", native.ErrBadRequest), code: codes.InvalidArgument},
 		{name: "cancelled at the deadline", ctx: past, err: fmt.Errorf("x: %w", context.Canceled), code: codes.DeadlineExceeded},
 		{"queue full", nil, rej(allocator.ReasonQueueFull), codes.ResourceExhausted, allocator.ReasonQueueFull, nil},
@@ -225,7 +226,7 @@ func TestToStatus(t *testing.T) {
 			if reason != tt.reason {
 				t.Errorf("ErrorInfo reason %q, want %q", reason, tt.reason)
 			}
-			if wantRetry := tt.reason == allocator.ReasonQueueFull || tt.reason == ReasonWorkBudget; retry != wantRetry {
+			if wantRetry := tt.reason == allocator.ReasonQueueFull || tt.reason == ReasonWorkBudget || tt.reason == ReasonModelLoading; retry != wantRetry {
 				t.Errorf("RetryInfo present %v, want %v", retry, wantRetry)
 			}
 			if tt.fields != nil {
@@ -289,5 +290,45 @@ func TestDefaultMaxTokens(t *testing.T) {
 	r, err := validate(&kvgatev1.GenerateRequest{Prompt: &kvgatev1.GenerateRequest_Text{Text: "a"}, MaxTokens: 50}, fakeTokenizer{}, lim)
 	if err != nil || r.maxTokens != 50 {
 		t.Errorf("explicit max_tokens: %v, %v", r, err)
+	}
+}
+
+// TestGateBeforeReady checks that every call the Gate answers before Ready
+// ends UNAVAILABLE with reason MODEL_LOADING and a retry delay.
+func TestGateBeforeReady(t *testing.T) {
+	var g Gate
+	ctx := context.Background()
+	calls := []struct {
+		name string
+		call func() error
+	}{
+		{"Tokenize", func() error { _, err := g.Tokenize(ctx, &kvgatev1.TokenizeRequest{Text: "a"}); return err }},
+		{"Detokenize", func() error { _, err := g.Detokenize(ctx, &kvgatev1.DetokenizeRequest{}); return err }},
+		{"GetModelInfo", func() error { _, err := g.GetModelInfo(ctx, &kvgatev1.GetModelInfoRequest{}); return err }},
+		{"GetCacheStats", func() error { _, err := g.GetCacheStats(ctx, &kvgatev1.GetCacheStatsRequest{}); return err }},
+	}
+	for _, c := range calls {
+		t.Run(c.name, func(t *testing.T) {
+			st, _ := status.FromError(c.call())
+			if st.Code() != codes.Unavailable {
+				t.Fatalf("code %v, want UNAVAILABLE", st.Code())
+			}
+			var reason string
+			var retry bool
+			for _, d := range st.Details() {
+				switch d := d.(type) {
+				case *errdetails.ErrorInfo:
+					reason = d.GetReason()
+				case *errdetails.RetryInfo:
+					retry = d.GetRetryDelay().AsDuration() > 0
+				}
+			}
+			if reason != ReasonModelLoading || !retry {
+				t.Errorf("reason %q, retry info %v; want %s with a retry delay", reason, retry, ReasonModelLoading)
+			}
+		})
+	}
+	if g.Service() != nil {
+		t.Error("Service() is not nil before Ready")
 	}
 }

@@ -29,6 +29,7 @@ type Metrics struct {
 	reg      *prometheus.Registry
 	grpc     *grpcprom.ServerMetrics
 	draining atomic.Bool
+	loading  atomic.Bool
 
 	requests         *prometheus.CounterVec
 	promptTokens     prometheus.Counter
@@ -146,6 +147,10 @@ func (m *Metrics) AddSnapshot(snap Snapshot) {
 // srv, at zero, so that rates exist before the first call.
 func (m *Metrics) InitializeGRPC(srv reflection.ServiceInfoProvider) { m.grpc.InitializeMetrics(srv) }
 
+// SetLoading marks the server as loading its model: /healthz answers 503
+// until SetLoading(false).
+func (m *Metrics) SetLoading(v bool) { m.loading.Store(v) }
+
 // SetDraining marks the server as draining: kvgate_draining turns 1 and
 // /healthz answers 503.
 func (m *Metrics) SetDraining(v bool) { m.draining.Store(v) }
@@ -178,8 +183,8 @@ type HandlerOptions struct {
 	Pprof bool
 }
 
-// Handler serves /metrics, /healthz (200 while serving, 503 while
-// draining) and, with Pprof, /debug/pprof/.
+// Handler serves /metrics, /healthz (200 while serving, 503 while the model
+// loads and while draining) and, with Pprof, /debug/pprof/.
 func (m *Metrics) Handler(o HandlerOptions) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg}))
@@ -188,6 +193,11 @@ func (m *Metrics) Handler(o HandlerOptions) http.Handler {
 		if m.draining.Load() {
 			w.WriteHeader(http.StatusServiceUnavailable)
 			_, _ = w.Write([]byte("draining\n"))
+			return
+		}
+		if m.loading.Load() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			_, _ = w.Write([]byte("loading\n"))
 			return
 		}
 		_, _ = w.Write([]byte("ok\n"))

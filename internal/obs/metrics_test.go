@@ -66,6 +66,11 @@ func TestMetricsHandler(t *testing.T) {
 			t.Errorf("/metrics lacks %q", want)
 		}
 	}
+	m.SetLoading(true)
+	if code, body := get("/healthz"); code != http.StatusServiceUnavailable || body != "loading\n" {
+		t.Errorf("/healthz while loading: %d %q", code, body)
+	}
+	m.SetLoading(false)
 	if code, body := get("/healthz"); code != http.StatusOK || body != "ok\n" {
 		t.Errorf("/healthz while serving: %d %q", code, body)
 	}
