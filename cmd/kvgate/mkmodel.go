@@ -18,7 +18,8 @@ func mkmodel(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("kvgate mkmodel", flag.ContinueOnError)
 	preset := fs.String("preset", "tiny", "model shape: "+strings.Join(mk.Presets(), ", "))
 	typ := fs.String("type", "f16", "weight matrix type: f32, f16 or q8_0 (norms stay f32)")
-	vocab := fs.String("vocab", "", "copy the tokenizer from this GGUF file (a model or a ggml-vocab-*.gguf); default: a built-in SentencePiece vocabulary with byte fallback")
+	tokenizer := fs.String("tokenizer", "spm", "built-in tokenizer: spm (SentencePiece, as Llama 2's, with byte fallback) or bpe (byte-level BPE, as GPT-2's)")
+	vocab := fs.String("vocab", "", "copy the tokenizer from this GGUF file (a model or a vocabulary-only file such as ggml-vocab-*.gguf) instead of a built-in one")
 	vocabSize := fs.Int("vocab-size", 0, "size of the built-in vocabulary (0: the preset's)")
 	embd := fs.Int("embd", 0, "embedding width, n_embd (0: the preset's)")
 	layers := fs.Int("layers", 0, "number of layers (0: the preset's)")
@@ -34,7 +35,9 @@ func mkmodel(ctx context.Context, args []string) error {
 		w := fs.Output()
 		fmt.Fprintf(w, "Usage: kvgate mkmodel [flags]\n\n"+
 			"Writes a llama-architecture GGUF model with random weights, which llama.cpp\n"+
-			"loads and runs at the cost of a real model of that shape.\n\nFlags:\n")
+			"loads and runs at the cost of a real model of that shape. The tokenizer is\n"+
+			"built in (--tokenizer spm or bpe; common English words are single tokens,\n"+
+			"made-up words fill the rest of the vocabulary) or copied from a file (--vocab).\n\nFlags:\n")
 		fs.PrintDefaults()
 		fmt.Fprintf(w, "\nPresets (f16 file sizes with the built-in vocabulary):\n")
 		for _, p := range mk.Presets() {
@@ -81,13 +84,27 @@ func mkmodel(ctx context.Context, args []string) error {
 	if spec.Name == "" {
 		spec.Name = "kvgate-random-" + *preset
 	}
-	if *vocab != "" {
+	tokenizerSet := false
+	fs.Visit(func(f *flag.Flag) { tokenizerSet = tokenizerSet || f.Name == "tokenizer" })
+	switch {
+	case *vocab != "":
 		if *vocabSize > 0 {
 			return fmt.Errorf("--vocab-size sets the built-in vocabulary's size; %s has its own", *vocab)
+		}
+		if tokenizerSet {
+			return fmt.Errorf("--tokenizer picks a built-in vocabulary; --vocab copies %s's", *vocab)
 		}
 		if spec.Vocab, err = mk.LoadVocab(*vocab); err != nil {
 			return err
 		}
+	case *tokenizer == "spm":
+		// The spec's built-in vocabulary, of spec.VocabSize tokens.
+	case *tokenizer == "bpe":
+		if spec.Vocab, err = mk.BuiltinBPEVocab(spec.VocabSize); err != nil {
+			return err
+		}
+	default:
+		return fmt.Errorf("unknown --tokenizer %q (want spm or bpe)", *tokenizer)
 	}
 	if err := spec.Validate(); err != nil {
 		return err
@@ -102,12 +119,15 @@ func mkmodel(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	tokenizer := "built-in SentencePiece (llama) with byte fallback"
-	if spec.Vocab != nil {
-		tokenizer = fmt.Sprintf("%s from %s", spec.Vocab.Model(), spec.Vocab.Source())
+	about := "built-in SentencePiece (llama) with byte fallback"
+	switch {
+	case *vocab != "":
+		about = fmt.Sprintf("%s from %s", spec.Vocab.Model(), spec.Vocab.Source())
+	case spec.Vocab != nil:
+		about = "built-in byte-level BPE (gpt2)"
 	}
 	fmt.Fprintf(os.Stdout, "wrote %s in %s\n  %s\n  tokenizer: %s\n  %s parameters (%d), %s (%d bytes)\n",
-		path, time.Since(start).Round(time.Millisecond), spec, tokenizer,
+		path, time.Since(start).Round(time.Millisecond), spec, about,
 		mkCount(spec.ParameterCount()), spec.ParameterCount(), mkSize(n), n)
 	return nil
 }

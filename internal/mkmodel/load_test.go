@@ -2,41 +2,89 @@ package mkmodel_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/kvgate/kvgate/internal/mkmodel"
+	"github.com/kvgate/kvgate/internal/testmodels"
 	"github.com/kvgate/kvgate/native"
 )
 
-// testModels returns the workplace's test-model folder, or "" when it is
-// not there.
-func testModels() string {
-	for _, dir := range []string{os.Getenv("KVGATE_TEST_MODELS"), "../../../shared/models"} {
-		if dir == "" {
-			continue
+// Tokenizers of the TestLoadInLlamaCPP cases.
+const (
+	spmBuiltin = ""            // the built-in SentencePiece vocabulary
+	bpeBuiltin = "bpe"         // the built-in byte-level BPE vocabulary
+	spmFile    = "spm-file"    // copied from a vocabulary-only file of a 32000-token built-in SentencePiece vocabulary
+	bpeFile    = "bpe-file"    // copied from a vocabulary-only file of a 50257-token (GPT-2's size) built-in BPE vocabulary
+	stories    = "stories260K" // copied from the real stories260K model (SentencePiece, 512 tokens)
+	miniLM     = "MiniLM"      // copied from the real all-MiniLM-L6-v2 model (BERT WordPiece, 30522 tokens)
+)
+
+// vocabFor returns the tokenizer of kind (one of the constants above) for a
+// spec whose built-in size is size; nil means the spec's own built-in
+// vocabulary. The vocabulary-only files are written into dir.
+func vocabFor(t *testing.T, kind string, size int, dir string) *mkmodel.Vocab {
+	t.Helper()
+	var (
+		v   *mkmodel.Vocab
+		err error
+	)
+	fromFile := func(v *mkmodel.Vocab, err error) (*mkmodel.Vocab, error) {
+		if err != nil {
+			return nil, err
 		}
-		if st, err := os.Stat(dir); err == nil && st.IsDir() {
-			abs, _ := filepath.Abs(dir)
-			return abs
+		path := filepath.Join(dir, kind+".gguf")
+		if _, err := mkmodel.WriteVocabFile(context.Background(), path, v); err != nil {
+			return nil, err
 		}
+		return mkmodel.LoadVocab(path)
 	}
-	return ""
+	switch kind {
+	case spmBuiltin:
+		return nil
+	case bpeBuiltin:
+		v, err = mkmodel.BuiltinBPEVocab(size)
+	case spmFile:
+		v, err = fromFile(mkmodel.BuiltinVocab(32000))
+	case bpeFile:
+		v, err = fromFile(mkmodel.BuiltinBPEVocab(50257))
+	case stories:
+		v, err = mkmodel.LoadVocab(testmodels.Path(t, testmodels.Stories260K))
+	case miniLM:
+		// llama.cpp reads the tokenizer independently of the architecture,
+		// so a llama model runs with BERT's WordPiece vocabulary (its BOS
+		// is [CLS], and it adds [SEP] after the text).
+		v, err = mkmodel.LoadVocab(testmodels.Path(t, testmodels.MiniLM))
+	default:
+		t.Fatalf("unknown tokenizer %q", kind)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
 }
+
+// knownWords is text of words that the built-in vocabularies make single
+// tokens, at the start of a text and after spaces.
+const knownWords = "Once upon a time there was a big happy friend said Lily"
 
 // TestLoadInLlamaCPP writes models of every preset, weight type and
 // tokenizer kind and checks that llama.cpp loads them, reports their shape,
-// tokenizes text and decodes with finite logits.
+// tokenizes text (and, but for WordPiece, detokenizes it back exactly),
+// merges the built-in vocabularies' words into single tokens, and decodes
+// with finite logits.
 func TestLoadInLlamaCPP(t *testing.T) {
 	tests := []struct {
 		preset  string
 		typ     mkmodel.GGMLType
-		vocab   string // file in the shared models folder; "" = built-in
+		vocab   string // a tokenizer kind above
 		untied  bool
 		kvHeads int
 		long    bool // skipped under -short
@@ -45,10 +93,15 @@ func TestLoadInLlamaCPP(t *testing.T) {
 		{preset: "tiny", typ: mkmodel.TypeF16},
 		{preset: "tiny", typ: mkmodel.TypeQ8_0},
 		{preset: "tiny", typ: mkmodel.TypeF16, untied: true, kvHeads: 2},
-		{preset: "tiny", typ: mkmodel.TypeQ8_0, vocab: "ggml-vocab-llama-spm.gguf"},
-		{preset: "tiny", typ: mkmodel.TypeF16, vocab: "ggml-vocab-gpt-2.gguf"},
+		{preset: "tiny", typ: mkmodel.TypeF16, vocab: bpeBuiltin},
+		{preset: "tiny", typ: mkmodel.TypeQ8_0, vocab: bpeBuiltin, untied: true},
+		{preset: "tiny", typ: mkmodel.TypeQ8_0, vocab: spmFile},
+		{preset: "tiny", typ: mkmodel.TypeF16, vocab: bpeFile},
+		{preset: "tiny", typ: mkmodel.TypeF16, vocab: stories},
+		{preset: "tiny", typ: mkmodel.TypeF16, vocab: miniLM},
 		{preset: "15m", typ: mkmodel.TypeF16},
-		{preset: "15m", typ: mkmodel.TypeQ8_0, vocab: "ggml-vocab-llama-spm.gguf"},
+		{preset: "15m", typ: mkmodel.TypeF16, vocab: bpeBuiltin},
+		{preset: "15m", typ: mkmodel.TypeQ8_0, vocab: spmFile},
 		{preset: "110m", typ: mkmodel.TypeQ8_0, long: true},
 	}
 	dir := t.TempDir()
@@ -78,15 +131,7 @@ func TestLoadInLlamaCPP(t *testing.T) {
 			if tt.kvHeads > 0 {
 				wantKV = tt.kvHeads
 			}
-			if tt.vocab != "" {
-				models := testModels()
-				if models == "" {
-					t.Skip("shared models not found (set KVGATE_TEST_MODELS)")
-				}
-				if spec.Vocab, err = mkmodel.LoadVocab(filepath.Join(models, tt.vocab)); err != nil {
-					t.Fatal(err)
-				}
-			}
+			spec.Vocab = vocabFor(t, tt.vocab, spec.VocabSize, dir)
 			path := filepath.Join(dir, "model.gguf")
 			start := time.Now()
 			size, err := mkmodel.WriteFile(context.Background(), path, spec)
@@ -116,8 +161,13 @@ func TestLoadInLlamaCPP(t *testing.T) {
 			if info.ParameterCount != uint64(spec.ParameterCount()) {
 				t.Errorf("llama.cpp counts %d parameters, spec %d", info.ParameterCount, spec.ParameterCount())
 			}
+			// The built-in SentencePiece vocabulary adds BOS; GPT-2's
+			// convention, which the built-in BPE one follows, does not.
+			if bpe := tt.vocab == bpeBuiltin || tt.vocab == bpeFile; info.AddBOS == bpe {
+				t.Errorf("AddBOS %v with tokenizer %q", info.AddBOS, tt.vocab)
+			}
 
-			text := "Once upon a time, the little girl said: \"héllo, 世界!\"\n\tüñï 🙂 <s> 42"
+			text := "Once upon a time, the little girl said: \"héllo, 世界!\"\n\tüñï 🙂 <s> 42  end"
 			toks, err := m.Tokenize(text, true, false)
 			if err != nil {
 				t.Fatal(err)
@@ -128,6 +178,7 @@ func TestLoadInLlamaCPP(t *testing.T) {
 			if info.AddBOS && toks[0] != info.BOS {
 				t.Errorf("tokens start with %d, not BOS %d", toks[0], info.BOS)
 			}
+			t.Logf("%d tokens for %d bytes", len(toks), len(text))
 			body := toks
 			if info.AddBOS {
 				body = toks[1:]
@@ -136,14 +187,29 @@ func TestLoadInLlamaCPP(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if back != text {
+			if tt.vocab == miniLM {
+				// WordPiece lowercases, strips accents, and spells what it
+				// has no piece for as [UNK]: no round trip, but the words
+				// are there.
+				if !strings.Contains(back, "once upon a time") {
+					t.Errorf("Detokenize(Tokenize(%q)) = %q, without its words", text, back)
+				}
+			} else if back != text {
 				t.Errorf("Detokenize(Tokenize(%q)) = %q", text, back)
 			}
-			t.Logf("%d tokens for %d bytes", len(toks), len(text))
-			if tt.vocab == "" {
-				// The built-in vocabulary merges its common words.
-				if toks, err := m.Tokenize("Once upon a time", false, false); err != nil || len(toks) != 4 {
-					t.Errorf("Tokenize(Once upon a time) = %v, %v; want 4 word tokens", toks, err)
+			if tt.vocab != stories && tt.vocab != miniLM {
+				// The built-in vocabularies make each of their words one
+				// token: the merges are real.
+				words := strings.Fields(knownWords)
+				got, err := m.Tokenize(knownWords, false, false)
+				if err != nil || len(got) != len(words) {
+					t.Errorf("Tokenize(%q) = %v, %v; want %d word tokens", knownWords, got, err, len(words))
+				}
+				for i := range min(len(got), len(words)) {
+					piece, _ := m.Detokenize(got[i:i+1], native.DetokenizeOptions{StripLeadingSpace: i == 0})
+					if strings.TrimPrefix(piece, " ") != words[i] || (i > 0) != strings.HasPrefix(piece, " ") {
+						t.Errorf("token %d of %q is %q, want %q", i, knownWords, piece, words[i])
+					}
 				}
 			}
 
@@ -157,6 +223,44 @@ func TestLoadInLlamaCPP(t *testing.T) {
 			piece, _ := m.Detokenize(out, native.DetokenizeOptions{})
 			t.Logf("greedy continuation %v %q", out, piece)
 			checkLogits(t, m, toks)
+		})
+	}
+}
+
+// TestVocabOnlyRefused checks that kvgate refuses a vocabulary-only file,
+// as written by WriteVocabFile, with ErrModelInvalid and a one-line
+// error: it has a tokenizer but no weights.
+func TestVocabOnlyRefused(t *testing.T) {
+	dir := t.TempDir()
+	tests := []struct {
+		name  string
+		vocab func() (*mkmodel.Vocab, error)
+	}{
+		{"spm", func() (*mkmodel.Vocab, error) { return mkmodel.BuiltinVocab(32000) }},
+		{"bpe", func() (*mkmodel.Vocab, error) { return mkmodel.BuiltinBPEVocab(50257) }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			v, err := tt.vocab()
+			if err != nil {
+				t.Fatal(err)
+			}
+			path := filepath.Join(dir, tt.name+".gguf")
+			if _, err := mkmodel.WriteVocabFile(context.Background(), path, v); err != nil {
+				t.Fatal(err)
+			}
+			m, err := native.LoadModel(path, native.LoadOptions{})
+			if err == nil {
+				m.Close()
+				t.Fatalf("LoadModel(%s) succeeded", path)
+			}
+			if !errors.Is(err, native.ErrModelInvalid) {
+				t.Errorf("LoadModel error = %v, want ErrModelInvalid", err)
+			}
+			if strings.Contains(err.Error(), "\n") {
+				t.Errorf("error is not one line: %q", err)
+			}
+			t.Logf("LoadModel: %v", err)
 		})
 	}
 }

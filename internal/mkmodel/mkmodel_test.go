@@ -12,7 +12,9 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
+	"unicode/utf8"
 )
 
 func TestF32ToF16(t *testing.T) {
@@ -523,70 +525,357 @@ func TestWriteCancelled(t *testing.T) {
 	}
 }
 
-// sharedModels returns the workplace's test-model folder, or "".
-func sharedModels() string {
-	for _, dir := range []string{os.Getenv("KVGATE_TEST_MODELS"), "../../../shared/models"} {
-		if dir == "" {
-			continue
-		}
-		if st, err := os.Stat(dir); err == nil && st.IsDir() {
-			return dir
-		}
-	}
-	return ""
-}
-
+// TestLoadVocabCopiesKVs reads the tokenizer of models and vocabulary-only
+// files that mkmodel wrote, of both built-in kinds, and checks that a model
+// written with it carries every tokenizer entry verbatim.
 func TestLoadVocabCopiesKVs(t *testing.T) {
-	dir := sharedModels()
-	if dir == "" {
-		t.Skip("shared models not found (set KVGATE_TEST_MODELS)")
-	}
-	for _, tt := range []struct {
-		file  string
+	dir := t.TempDir()
+	ctx := context.Background()
+	tests := []struct {
+		name  string
+		write func(path string) error
 		model string
 		size  int
 	}{
-		{"ggml-vocab-llama-spm.gguf", "llama", 32000},
-		{"ggml-vocab-gpt-2.gguf", "gpt2", 50257},
+		{"model/spm", func(path string) error {
+			s, _ := Preset("tiny")
+			s.Layers, s.VocabSize = 1, 600
+			_, err := WriteFile(ctx, path, s)
+			return err
+		}, "llama", 600},
+		{"model/bpe", func(path string) error {
+			s, _ := Preset("tiny")
+			s.Layers = 1
+			v, err := BuiltinBPEVocab(700)
+			if err != nil {
+				return err
+			}
+			s.Vocab = v
+			_, err = WriteFile(ctx, path, s)
+			return err
+		}, "gpt2", 700},
+		{"vocab-only/spm", func(path string) error {
+			v, err := BuiltinVocab(32000)
+			if err != nil {
+				return err
+			}
+			_, err = WriteVocabFile(ctx, path, v)
+			return err
+		}, "llama", 32000},
+		{"vocab-only/bpe", func(path string) error {
+			v, err := BuiltinBPEVocab(50257)
+			if err != nil {
+				return err
+			}
+			_, err = WriteVocabFile(ctx, path, v)
+			return err
+		}, "gpt2", 50257},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := filepath.Join(dir, fmt.Sprintf("src%d.gguf", i))
+			if err := tt.write(path); err != nil {
+				t.Fatal(err)
+			}
+			v, err := LoadVocab(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if v.Size() != tt.size || v.Model() != tt.model || v.Source() != path {
+				t.Errorf("size %d, model %q, source %q", v.Size(), v.Model(), v.Source())
+			}
+			src, err := ReadKVs(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			s, _ := Preset("tiny")
+			s.Layers = 1
+			s.Vocab = v
+			out := filepath.Join(dir, fmt.Sprintf("out%d.gguf", i))
+			if _, err := WriteFile(ctx, out, s); err != nil {
+				t.Fatal(err)
+			}
+			f, err := ReadFile(out)
+			if err != nil {
+				t.Fatal(err)
+			}
+			n := 0
+			for _, kv := range src {
+				if !strings.HasPrefix(kv.Key, "tokenizer.") {
+					continue
+				}
+				n++
+				if got := f.Lookup(kv.Key); !reflect.DeepEqual(got, kv.Value) {
+					t.Errorf("%s not copied verbatim (%T vs %T)", kv.Key, got, kv.Value)
+				}
+			}
+			if n < 5 || f.Lookup("llama.vocab_size") != uint32(tt.size) || f.Tensors[0].Dims[1] != int64(tt.size) {
+				t.Errorf("%d tokenizer keys, vocab_size %v, token_embd %v", n, f.Lookup("llama.vocab_size"), f.Tensors[0].Dims)
+			}
+		})
+	}
+}
+
+// TestLoadVocabRefuses checks that LoadVocab refuses files without a
+// usable tokenizer with ErrFormat.
+func TestLoadVocabRefuses(t *testing.T) {
+	dir := t.TempDir()
+	header := func(kvs ...KV) []byte {
+		var buf bytes.Buffer
+		bw := bufio.NewWriter(&buf)
+		if err := writeHeader(&writer{w: bw}, kvs, nil); err != nil {
+			t.Fatal(err)
+		}
+		bw.Flush()
+		return buf.Bytes()
+	}
+	tests := []struct {
+		name string
+		data []byte
+	}{
+		{"text", []byte("# Models\n\nThis folder holds test models.\n")},
+		{"no tokenizer", header(KV{"general.architecture", "llama"})},
+		{"no tokens", header(KV{"tokenizer.ggml.model", "llama"})},
+		{"no model", header(KV{"tokenizer.ggml.tokens", []string{"a", "b"}})},
+		{"tokens not strings", header(KV{"tokenizer.ggml.model", "llama"}, KV{"tokenizer.ggml.tokens", []int32{1, 2}})},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := filepath.Join(dir, fmt.Sprintf("f%d.gguf", i))
+			if err := os.WriteFile(path, tt.data, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			v, err := LoadVocab(path)
+			if err == nil {
+				t.Fatalf("LoadVocab succeeded: %d tokens, model %q", v.Size(), v.Model())
+			}
+			if !errors.Is(err, ErrFormat) {
+				t.Errorf("err %v, want ErrFormat", err)
+			}
+		})
+	}
+}
+
+// TestGPT2Bytes checks the byte-to-unicode mapping against GPT-2's
+// encoder.py: known characters, and a bijection onto 256 distinct
+// one-character strings.
+func TestGPT2Bytes(t *testing.T) {
+	order, char := gpt2Bytes()
+	for _, tt := range []struct {
+		b    byte
+		want string
+	}{
+		{'!', "!"}, {'a', "a"}, {'~', "~"}, {0xA1, "¡"}, {0xFF, "ÿ"},
+		{0x00, "\u0100"}, {'\t', "ĉ"}, {'\n', "Ċ"}, {' ', "Ġ"}, {0x7F, "ġ"}, {0xA0, "ł"}, {0xAD, "Ń"},
 	} {
-		path := filepath.Join(dir, tt.file)
-		v, err := LoadVocab(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if v.Size() != tt.size || v.Model() != tt.model {
-			t.Errorf("%s: size %d, model %q", tt.file, v.Size(), v.Model())
-		}
-		src, err := ReadKVs(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		s, _ := Preset("tiny")
-		s.Layers = 1
-		s.Vocab = v
-		out := filepath.Join(t.TempDir(), "m.gguf")
-		if _, err := WriteFile(context.Background(), out, s); err != nil {
-			t.Fatal(err)
-		}
-		f, err := ReadFile(out)
-		if err != nil {
-			t.Fatal(err)
-		}
-		n := 0
-		for _, kv := range src {
-			if len(kv.Key) < 10 || kv.Key[:10] != "tokenizer." {
-				continue
-			}
-			n++
-			if got := f.Lookup(kv.Key); !reflect.DeepEqual(got, kv.Value) {
-				t.Errorf("%s: %s not copied verbatim (%T vs %T)", tt.file, kv.Key, got, kv.Value)
-			}
-		}
-		if n < 3 || f.Lookup("llama.vocab_size") != uint32(tt.size) || f.Tensors[0].Dims[1] != int64(tt.size) {
-			t.Errorf("%s: %d tokenizer keys, vocab_size %v, token_embd %v", tt.file, n, f.Lookup("llama.vocab_size"), f.Tensors[0].Dims)
+		if char[tt.b] != tt.want {
+			t.Errorf("byte %#02x is %q, want %q", tt.b, char[tt.b], tt.want)
 		}
 	}
-	if _, err := LoadVocab(filepath.Join(dir, "README.md")); !errors.Is(err, ErrFormat) {
-		t.Errorf("LoadVocab(README.md) = %v, want ErrFormat", err)
+	// GPT-2's vocabulary starts "!", '"', ... and has "Ġ" as token 220.
+	if order[0] != '!' || order[1] != '"' || order[220] != ' ' || order[255] != 0xAD {
+		t.Errorf("token order %q %q ... 220 %q ... 255 %#02x", order[0], order[1], order[220], order[255])
+	}
+	seen := map[string]bool{}
+	seenByte := map[byte]bool{}
+	for i, b := range order {
+		c := char[b]
+		if utf8.RuneCountInString(c) != 1 || seen[c] || seenByte[b] {
+			t.Fatalf("token %d: byte %#02x as %q, a duplicate or not one character", i, b, c)
+		}
+		seen[c], seenByte[b] = true, true
+	}
+}
+
+// TestBuiltinBPEVocab checks the built-in BPE vocabulary's structure: its
+// sizes, unique tokens, byte tokens, token types, special ids, and merges
+// that make every word it learnt one token, by llama.cpp's algorithm.
+func TestBuiltinBPEVocab(t *testing.T) {
+	minSize := BuiltinBPEVocabMinSize()
+	if minSize <= 257 || minSize > 512 {
+		t.Fatalf("BuiltinBPEVocabMinSize() = %d, want in (257, 512] so the tiny preset fits", minSize)
+	}
+	tests := []struct {
+		size, want int
+		ok         bool
+	}{
+		{0, minSize, true},
+		{minSize, minSize, true},
+		{512, 512, true},
+		{50257, 50257, true},
+		{minSize - 1, 0, false},
+		{-1, 0, false},
+		{1<<24 + 1, 0, false},
+	}
+	_, char := gpt2Bytes()
+	byteOf := map[string]byte{}
+	for b := range 256 {
+		byteOf[char[b]] = byte(b)
+	}
+	for _, tt := range tests {
+		t.Run(fmt.Sprint(tt.size), func(t *testing.T) {
+			v, err := BuiltinBPEVocab(tt.size)
+			if !tt.ok {
+				if err == nil {
+					t.Fatalf("BuiltinBPEVocab(%d) succeeded", tt.size)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if v.Size() != tt.want || v.Model() != "gpt2" || v.Source() != "built-in" {
+				t.Fatalf("size %d, model %q, source %q", v.Size(), v.Model(), v.Source())
+			}
+			kv := map[string]any{}
+			for _, e := range v.KVs() {
+				kv[e.Key] = e.Value
+			}
+			toks, _ := kv["tokenizer.ggml.tokens"].([]string)
+			types, _ := kv["tokenizer.ggml.token_type"].([]int32)
+			merges, _ := kv["tokenizer.ggml.merges"].([]string)
+			if len(toks) != tt.want || len(types) != tt.want || len(merges) == 0 {
+				t.Fatalf("%d tokens, %d types, %d merges", len(toks), len(types), len(merges))
+			}
+			if kv["tokenizer.ggml.pre"] != "gpt-2" || kv["tokenizer.ggml.add_bos_token"] != false {
+				t.Errorf("pre %v, add_bos %v", kv["tokenizer.ggml.pre"], kv["tokenizer.ggml.add_bos_token"])
+			}
+			eot := uint32(tt.want - 1)
+			if toks[eot] != "<|endoftext|>" || types[eot] != tokenControl ||
+				kv["tokenizer.ggml.bos_token_id"] != eot || kv["tokenizer.ggml.eos_token_id"] != eot {
+				t.Errorf("last token %q type %d; bos %v, eos %v", toks[eot], types[eot],
+					kv["tokenizer.ggml.bos_token_id"], kv["tokenizer.ggml.eos_token_id"])
+			}
+			id := map[string]int{}
+			for i, tok := range toks {
+				if _, dup := id[tok]; dup {
+					t.Fatalf("token %d %q is a duplicate (llama.cpp asserts unique tokens)", i, tok)
+				}
+				id[tok] = i
+				if i == int(eot) {
+					continue
+				}
+				if types[i] != tokenNormal {
+					t.Errorf("token %d %q has type %d, want normal", i, tok, types[i])
+				}
+				// llama.cpp decodes every character of a normal token
+				// through the byte map.
+				for _, r := range tok {
+					if _, ok := byteOf[string(r)]; !ok {
+						t.Fatalf("token %d %q has %q, outside the byte map", i, tok, r)
+					}
+				}
+				if i < 256 && utf8.RuneCountInString(tok) != 1 {
+					t.Errorf("byte token %d is %q", i, tok)
+				}
+			}
+			// Every merge joins two tokens that exist before it (bytes, or
+			// made by earlier merges) into a token.
+			made := map[string]bool{}
+			for _, tok := range toks[:256] {
+				made[tok] = true
+			}
+			ranks := map[[2]string]int{}
+			for r, m := range merges {
+				a, b, ok := strings.Cut(m, " ")
+				if !ok || a == "" || b == "" || strings.Contains(b, " ") {
+					t.Fatalf("merge %d %q is not two tokens", r, m)
+				}
+				if !made[a] || !made[b] {
+					t.Errorf("merge %d %q: a side is not made by an earlier merge", r, m)
+				}
+				if _, ok := id[a+b]; !ok {
+					t.Errorf("merge %d %q makes %q, not a token", r, m, a+b)
+				}
+				made[a+b] = true
+				ranks[[2]string{a, b}] = r
+			}
+			for _, w := range bpeWords() {
+				if got := bpeEncode(w, ranks); len(got) != 1 {
+					t.Errorf("%q encodes as %q, not one token", w, got)
+				}
+			}
+			for i := 256; i < int(eot); i++ {
+				if !made[toks[i]] && !strings.HasPrefix(toks[i], bpeSpace) {
+					t.Errorf("filler token %d %q does not start with %q", i, toks[i], bpeSpace)
+				}
+			}
+		})
+	}
+}
+
+// TestWriteVocabFile checks the vocabulary-only file: llama metadata, the
+// tokenizer entries verbatim and in order, no tensors, and nothing written
+// on failure.
+func TestWriteVocabFile(t *testing.T) {
+	spm, err := BuiltinVocab(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bpe, err := BuiltinBPEVocab(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	for _, v := range []*Vocab{spm, bpe} {
+		t.Run(v.Model(), func(t *testing.T) {
+			path := filepath.Join(dir, v.Model()+".gguf")
+			n, err := WriteVocabFile(context.Background(), path, v)
+			if err != nil {
+				t.Fatal(err)
+			}
+			st, err := os.Stat(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			f, err := ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n != st.Size() || f.DataOffset != st.Size() || len(f.Tensors) != 0 {
+				t.Errorf("returned %d, file %d bytes, data at %d, %d tensors", n, st.Size(), f.DataOffset, len(f.Tensors))
+			}
+			for key, want := range map[string]any{
+				"general.architecture":       "llama",
+				"llama.vocab_size":           uint32(v.Size()),
+				"llama.block_count":          uint32(vocabSpec.Layers),
+				"llama.embedding_length":     uint32(vocabSpec.Embedding),
+				"llama.attention.head_count": uint32(vocabSpec.Heads),
+				"llama.context_length":       uint32(vocabSpec.ContextLength),
+			} {
+				if got := f.Lookup(key); got != want {
+					t.Errorf("%s = %v (%T), want %v (%T)", key, got, got, want, want)
+				}
+			}
+			if d, _ := f.Lookup("general.description").(string); !strings.Contains(d, "vocabulary only") {
+				t.Errorf("general.description %q", d)
+			}
+			var tok []KV
+			for _, kv := range f.KVs {
+				if strings.HasPrefix(kv.Key, "tokenizer.") {
+					tok = append(tok, kv)
+				}
+			}
+			if !reflect.DeepEqual(tok, v.KVs()) {
+				t.Errorf("tokenizer entries differ: %d read, %d written", len(tok), len(v.KVs()))
+			}
+			back, err := LoadVocab(path)
+			if err != nil || back.Size() != v.Size() || back.Model() != v.Model() {
+				t.Errorf("LoadVocab: %v", err)
+			}
+		})
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	fails := filepath.Join(t.TempDir(), "v.gguf")
+	if _, err := WriteVocabFile(ctx, fails, spm); !errors.Is(err, context.Canceled) {
+		t.Errorf("cancelled: err %v, want context.Canceled", err)
+	}
+	if _, err := WriteVocabFile(context.Background(), fails, nil); !errors.Is(err, ErrSpec) {
+		t.Errorf("nil vocabulary: err %v, want ErrSpec", err)
+	}
+	if ents, _ := os.ReadDir(filepath.Dir(fails)); len(ents) != 0 {
+		t.Errorf("failed writes left %d files behind", len(ents))
 	}
 }

@@ -2,8 +2,10 @@
 // weights and realistic shapes, so that throughput can be measured at a real
 // model's compute cost without downloading one. The files load in
 // llama.cpp: the tensor names, shapes and metadata types follow its
-// LLM_ARCH_LLAMA loader, and the tokenizer is either copied from another
-// GGUF file or a built-in SentencePiece vocabulary with byte fallback.
+// LLM_ARCH_LLAMA loader, and the tokenizer is copied from another GGUF file
+// or built in: a SentencePiece vocabulary with byte fallback (BuiltinVocab)
+// or a GPT-2-style byte-level BPE one (BuiltinBPEVocab). WriteVocabFile
+// writes a tokenizer alone, as a vocabulary-only GGUF file.
 //
 // Writing streams the tensor data through a buffer, so models of any size
 // are written in constant memory; the weights are a deterministic function
@@ -44,7 +46,8 @@ type Spec struct {
 	// VocabSize is the size of the built-in vocabulary when Vocab is nil;
 	// 0 means BuiltinVocabMinSize(). It is ignored when Vocab is set.
 	VocabSize int
-	// Vocab, when set, is the tokenizer to write; nil means a built-in
+	// Vocab, when set, is the tokenizer to write (from LoadVocab,
+	// BuiltinVocab or BuiltinBPEVocab); nil means a built-in SentencePiece
 	// vocabulary of VocabSize tokens.
 	Vocab *Vocab
 	// TiedEmbeddings leaves out output.weight, so that llama.cpp computes
@@ -263,7 +266,7 @@ func (s Spec) metadata() ([]KV, error) {
 	kvs := []KV{
 		{"general.architecture", "llama"},
 		{"general.name", s.Name},
-		{"general.description", fmt.Sprintf("random weights (kvgate mkmodel, seed %d); tokenizer %s", s.Seed, filepath.Base(v.Source()))},
+		{"general.description", fmt.Sprintf("random weights (kvgate mkmodel, seed %d); tokenizer %s %s", s.Seed, v.Model(), filepath.Base(v.Source()))},
 		{"general.alignment", uint32(Alignment)},
 		{"general.file_type", s.Type.fileType()},
 	}
@@ -369,21 +372,30 @@ func WriteFile(ctx context.Context, path string, s Spec) (int64, error) {
 	if err := s.Validate(); err != nil {
 		return 0, err
 	}
+	return writeFile(path, "write model", func(w io.Writer) (int64, error) { return Write(ctx, w, s) })
+}
+
+// writeFile writes path through write, into a temporary file in the same
+// directory that it renames to path once complete. what starts the
+// messages of its own errors.
+func writeFile(path, what string, write func(io.Writer) (int64, error)) (int64, error) {
 	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
 	if err != nil {
-		return 0, fmt.Errorf("write model: %w", err)
+		return 0, fmt.Errorf("%s: %w", what, err)
 	}
 	tmp := f.Name()
-	n, err := Write(ctx, f, s)
+	n, err := write(f)
 	if err == nil {
-		err = f.Chmod(0o644)
+		if cerr := f.Chmod(0o644); cerr != nil {
+			err = fmt.Errorf("%s: %w", what, cerr)
+		}
 	}
 	if cerr := f.Close(); err == nil && cerr != nil {
-		err = fmt.Errorf("write model: %w", cerr)
+		err = fmt.Errorf("%s: %w", what, cerr)
 	}
 	if err == nil {
 		if rerr := os.Rename(tmp, path); rerr != nil {
-			err = fmt.Errorf("write model: %w", rerr)
+			err = fmt.Errorf("%s: %w", what, rerr)
 		}
 	}
 	if err != nil {
@@ -391,6 +403,53 @@ func WriteFile(ctx context.Context, path string, s Spec) (int64, error) {
 		return 0, err
 	}
 	return n, nil
+}
+
+// vocabSpec is the shape whose hyperparameters a vocabulary-only file
+// carries: the "tiny" preset's.
+var vocabSpec = presets[0]
+
+// WriteVocabFile writes a vocabulary-only GGUF file to path, as llama.cpp's
+// convert_hf_to_gguf.py --vocab-only writes (its ggml-vocab-*.gguf test
+// files): general.architecture "llama", the hyperparameters of the "tiny"
+// preset with v's size as llama.vocab_size, v's tokenizer.* entries, and no
+// tensors. llama.cpp reads the tokenizer from it (llama_model_params
+// vocab_only) but cannot load it as a model, which has weights; LoadVocab
+// reads it back. It returns the file's size, and writes path the way
+// WriteFile does, so path never holds a partial file.
+func WriteVocabFile(ctx context.Context, path string, v *Vocab) (int64, error) {
+	if v == nil || v.Size() == 0 {
+		return 0, fmt.Errorf("write vocabulary: %w: no tokens", ErrSpec)
+	}
+	s := vocabSpec
+	s.Name = "kvgate-vocab-" + v.Model()
+	s.Vocab = v
+	s.Type = TypeF16
+	if err := s.Validate(); err != nil {
+		return 0, fmt.Errorf("write vocabulary: %w", err)
+	}
+	kvs, err := s.metadata()
+	if err != nil {
+		return 0, fmt.Errorf("write vocabulary: %w", err)
+	}
+	for i := range kvs {
+		if kvs[i].Key == "general.description" {
+			kvs[i].Value = fmt.Sprintf("vocabulary only (kvgate mkmodel); tokenizer %s %s", v.Model(), filepath.Base(v.Source()))
+		}
+	}
+	return writeFile(path, "write vocabulary", func(w io.Writer) (int64, error) {
+		if err := ctx.Err(); err != nil {
+			return 0, fmt.Errorf("write vocabulary: %w", err)
+		}
+		bw := &writer{w: bufio.NewWriterSize(w, 1<<20)}
+		if err := writeHeader(bw, kvs, nil); err != nil {
+			return bw.n, fmt.Errorf("write vocabulary: %w", err)
+		}
+		if err := bw.w.Flush(); err != nil {
+			return bw.n, fmt.Errorf("write vocabulary: %w", err)
+		}
+		return bw.n, nil
+	})
 }
 
 // rng is splitmix64: fast, and good enough for weights nobody trains.

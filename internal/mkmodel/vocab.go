@@ -60,7 +60,7 @@ func LoadVocab(path string) (*Vocab, error) {
 		case "tokenizer.ggml.tokens":
 			toks, ok := kv.Value.([]string)
 			if !ok {
-				return nil, fmt.Errorf("load vocabulary %s: tokenizer.ggml.tokens is %T, not a string array", path, kv.Value)
+				return nil, fmt.Errorf("load vocabulary %s: %w: tokenizer.ggml.tokens is %T, not a string array", path, ErrFormat, kv.Value)
 			}
 			v.size = len(toks)
 		case "tokenizer.ggml.model":
@@ -137,7 +137,7 @@ func BuiltinVocab(size int) (*Vocab, error) {
 	if size > 1<<24 {
 		return nil, fmt.Errorf("built-in vocabulary: size %d is too large", size)
 	}
-	toks = appendFiller(toks, size)
+	toks = appendFiller(toks, size, spaceMark)
 	scores := make([]float32, size)
 	types := make([]int32, size)
 	for i := range toks {
@@ -174,11 +174,12 @@ func BuiltinVocab(size int) (*Vocab, error) {
 	}, nil
 }
 
-// appendFiller appends made-up words ("▁bado", "▁kimelu", ...) to toks
-// until it holds size tokens, skipping any already present. Random-weight
-// models emit them, so generated text is visible words rather than stray
-// bytes.
-func appendFiller(toks []string, size int) []string {
+// appendFiller appends made-up words that start with space, the
+// vocabulary's mark of a leading space ("▁bado", "▁kimelu", ... or "Ġbado",
+// ...), to toks until it holds size tokens, skipping any already present.
+// Random-weight models emit them, so generated text is visible words rather
+// than stray bytes.
+func appendFiller(toks []string, size int, space string) []string {
 	if len(toks) >= size {
 		return toks
 	}
@@ -197,7 +198,7 @@ func appendFiller(toks []string, size int) []string {
 	idx := []int{0, 0}
 	for len(toks) < size {
 		var b strings.Builder
-		b.WriteString(spaceMark)
+		b.WriteString(space)
 		for _, i := range idx {
 			b.WriteString(syl[i])
 		}
