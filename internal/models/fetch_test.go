@@ -1,4 +1,4 @@
-package main
+package models
 
 import (
 	"archive/zip"
@@ -28,9 +28,9 @@ func sha256Hex(b []byte) string {
 	return hex.EncodeToString(sum[:])
 }
 
-// fakeSource returns a modelSource for fakeModelContent in module mod.
-func fakeSource(mod string) modelSource {
-	return modelSource{
+// fakeSource returns a Source for fakeModelContent in module mod.
+func fakeSource(mod string) Source {
+	return Source{
 		Name:    "tiny.gguf",
 		Module:  mod,
 		Version: "v1.2.3",
@@ -41,7 +41,7 @@ func fakeSource(mod string) modelSource {
 
 // moduleZip builds a module zip for src's module and version that holds
 // files, keyed by their path inside the module.
-func moduleZip(t *testing.T, src modelSource, files map[string][]byte) []byte {
+func moduleZip(t *testing.T, src Source, files map[string][]byte) []byte {
 	t.Helper()
 	var buf bytes.Buffer
 	zw := zip.NewWriter(&buf)
@@ -91,7 +91,7 @@ func newFakeProxy(t *testing.T, status int, bodies map[string][]byte) *fakeProxy
 }
 
 // zipURLPath returns the URL path a proxy serves src's module zip at.
-func zipURLPath(t *testing.T, src modelSource) string {
+func zipURLPath(t *testing.T, src Source) string {
 	t.Helper()
 	mod, err := escapeModulePath(src.Module)
 	if err != nil {
@@ -122,7 +122,7 @@ func dirNames(t *testing.T, dir string) []string {
 }
 
 // TestEnsureModel covers downloads, cache hits, corrupt caches, proxy
-// fallback and the failure modes of ensureModel against fake proxies.
+// fallback and the failure modes of Ensure against fake proxies.
 func TestEnsureModel(t *testing.T) {
 	src := fakeSource("example.com/fake/models")
 	goodZip := moduleZip(t, src, map[string][]byte{src.File: fakeModelContent, "go.mod": []byte("module " + src.Module + "\n")})
@@ -168,7 +168,7 @@ func TestEnsureModel(t *testing.T) {
 			name:        "hash mismatch from the proxy",
 			served:      badZip,
 			goproxy:     func(good, _ string) string { return good },
-			wantErr:     errModelHashMismatch,
+			wantErr:     ErrHashMismatch,
 			wantErrText: "--model PATH",
 			wantGood:    1,
 		},
@@ -177,7 +177,7 @@ func TestEnsureModel(t *testing.T) {
 			cached:      []byte("corrupt"),
 			served:      badZip,
 			goproxy:     func(good, _ string) string { return good },
-			wantErr:     errModelHashMismatch,
+			wantErr:     ErrHashMismatch,
 			wantErrText: "--model PATH",
 			wantGood:    1,
 		},
@@ -206,7 +206,7 @@ func TestEnsureModel(t *testing.T) {
 			name:        "GOPROXY=off",
 			served:      goodZip,
 			goproxy:     func(string, string) string { return "off" },
-			wantErr:     errProxyOff,
+			wantErr:     ErrProxyOff,
 			wantErrText: "--model PATH",
 		},
 		{
@@ -259,14 +259,14 @@ func TestEnsureModel(t *testing.T) {
 				}
 			}
 
-			got, err := ensureModel(context.Background(), src, cacheDir, t.Logf)
+			got, err := Ensure(context.Background(), src, cacheDir, t.Logf)
 
 			if g, f := good.requests.Load(), failing.requests.Load(); g != tt.wantGood || f != tt.wantFailing {
 				t.Errorf("requests: working proxy %d, failing proxy %d; want %d and %d", g, f, tt.wantGood, tt.wantFailing)
 			}
 			if tt.wantErr != nil || tt.wantErrText != "" {
 				if err == nil {
-					t.Fatalf("ensureModel returned %q and no error", got)
+					t.Fatalf("Ensure returned %q and no error", got)
 				}
 				if tt.wantErr != nil && !errors.Is(err, tt.wantErr) {
 					t.Errorf("error %q does not match %v", err, tt.wantErr)
@@ -294,10 +294,10 @@ func TestEnsureModel(t *testing.T) {
 				return
 			}
 			if err != nil {
-				t.Fatalf("ensureModel: %v", err)
+				t.Fatalf("Ensure: %v", err)
 			}
 			if got != want {
-				t.Errorf("ensureModel returned %q; want %q", got, want)
+				t.Errorf("Ensure returned %q; want %q", got, want)
 			}
 			if b, err := os.ReadFile(got); err != nil || !bytes.Equal(b, fakeModelContent) {
 				t.Errorf("model file holds %q (err %v); want %q", b, err, fakeModelContent)
@@ -324,9 +324,9 @@ func TestEnsureModelUppercaseModulePath(t *testing.T) {
 	})
 	t.Setenv("GOPROXY", proxy.URL)
 
-	got, err := ensureModel(context.Background(), src, t.TempDir(), t.Logf)
+	got, err := Ensure(context.Background(), src, t.TempDir(), t.Logf)
 	if err != nil {
-		t.Fatalf("ensureModel: %v", err)
+		t.Fatalf("Ensure: %v", err)
 	}
 	if b, err := os.ReadFile(got); err != nil || !bytes.Equal(b, fakeModelContent) {
 		t.Errorf("model file holds %q (err %v); want %q", b, err, fakeModelContent)
@@ -363,9 +363,9 @@ func TestEnsureModelFromGoModCache(t *testing.T) {
 			t.Setenv("GOPROXY", proxy.URL)
 
 			cacheDir := t.TempDir()
-			got, err := ensureModel(context.Background(), src, cacheDir, t.Logf)
+			got, err := Ensure(context.Background(), src, cacheDir, t.Logf)
 			if err != nil {
-				t.Fatalf("ensureModel: %v", err)
+				t.Fatalf("Ensure: %v", err)
 			}
 			if n := proxy.requests.Load(); n != tt.wantRequests {
 				t.Errorf("proxy saw %d requests; want %d", n, tt.wantRequests)
@@ -393,8 +393,8 @@ func TestEnsureModelCanceled(t *testing.T) {
 	cancel()
 
 	cacheDir := t.TempDir()
-	if _, err := ensureModel(ctx, src, cacheDir, nil); !errors.Is(err, context.Canceled) {
-		t.Fatalf("ensureModel error %v; want context.Canceled", err)
+	if _, err := Ensure(ctx, src, cacheDir, nil); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Ensure error %v; want context.Canceled", err)
 	}
 	if names := dirNames(t, cacheDir); len(names) != 0 {
 		t.Errorf("cache directory holds %q; want nothing", names)
@@ -410,21 +410,21 @@ func TestEnsureModelInvalidSource(t *testing.T) {
 	good := fakeSource("example.com/fake/models")
 	tests := []struct {
 		name   string
-		mutate func(*modelSource)
+		mutate func(*Source)
 	}{
-		{"name with a slash", func(s *modelSource) { s.Name = "../evil.gguf" }},
-		{"empty name", func(s *modelSource) { s.Name = "" }},
-		{"empty module", func(s *modelSource) { s.Module = "" }},
-		{"module with an exclamation mark", func(s *modelSource) { s.Module = "example.com/!bad" }},
-		{"short hash", func(s *modelSource) { s.SHA256 = "abc" }},
-		{"uppercase hash", func(s *modelSource) { s.SHA256 = strings.ToUpper(s.SHA256) }},
+		{"name with a slash", func(s *Source) { s.Name = "../evil.gguf" }},
+		{"empty name", func(s *Source) { s.Name = "" }},
+		{"empty module", func(s *Source) { s.Module = "" }},
+		{"module with an exclamation mark", func(s *Source) { s.Module = "example.com/!bad" }},
+		{"short hash", func(s *Source) { s.SHA256 = "abc" }},
+		{"uppercase hash", func(s *Source) { s.SHA256 = strings.ToUpper(s.SHA256) }},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			src := good
 			tt.mutate(&src)
-			if _, err := ensureModel(context.Background(), src, t.TempDir(), t.Logf); err == nil {
-				t.Fatal("ensureModel accepted an invalid source")
+			if _, err := Ensure(context.Background(), src, t.TempDir(), t.Logf); err == nil {
+				t.Fatal("Ensure accepted an invalid source")
 			}
 		})
 	}
@@ -467,8 +467,8 @@ func TestGoProxies(t *testing.T) {
 		{env: "https://a.example|direct|https://b.example", want: []string{"https://a.example", "https://b.example"}},
 		{env: " https://a.example , ", want: []string{"https://a.example"}},
 		{env: "https://a.example,off,https://b.example", want: []string{"https://a.example"}},
-		{env: "off", wantErr: errProxyOff},
-		{env: "off,https://a.example", wantErr: errProxyOff},
+		{env: "off", wantErr: ErrProxyOff},
+		{env: "off,https://a.example", wantErr: ErrProxyOff},
 		{env: "direct"},
 	}
 	for _, tt := range tests {
@@ -510,8 +510,8 @@ func TestGoModCacheDir(t *testing.T) {
 // directory.
 func TestModelCacheDir(t *testing.T) {
 	t.Setenv("KVGATE_CACHE_DIR", "/custom/cache")
-	if got, err := modelCacheDir(); err != nil || got != "/custom/cache" {
-		t.Errorf("modelCacheDir() = %q, %v; want /custom/cache", got, err)
+	if got, err := CacheDir(); err != nil || got != "/custom/cache" {
+		t.Errorf("CacheDir() = %q, %v; want /custom/cache", got, err)
 	}
 
 	t.Setenv("KVGATE_CACHE_DIR", "")
@@ -520,44 +520,55 @@ func TestModelCacheDir(t *testing.T) {
 		t.Skipf("no user cache directory: %v", err)
 	}
 	want := filepath.Join(base, "kvgate", "models")
-	if got, err := modelCacheDir(); err != nil || got != want {
-		t.Errorf("modelCacheDir() = %q, %v; want %q", got, err, want)
+	if got, err := CacheDir(); err != nil || got != want {
+		t.Errorf("CacheDir() = %q, %v; want %q", got, err, want)
 	}
 }
 
-// TestDefaultModelValid checks that the built-in default model source passes
-// validation.
-func TestDefaultModelValid(t *testing.T) {
-	if err := defaultModel.validate(); err != nil {
-		t.Fatal(err)
+// TestKnownValid checks that every built-in source passes validation.
+func TestKnownValid(t *testing.T) {
+	for _, src := range Known {
+		if err := src.validate(); err != nil {
+			t.Errorf("%s: %v", src.Name, err)
+		}
+		if got, ok := Lookup(src.Name); !ok || got != src {
+			t.Errorf("Lookup(%q) = %v, %v", src.Name, got, ok)
+		}
+	}
+	if _, ok := Lookup("nope.gguf"); ok {
+		t.Error("Lookup found an unknown name")
 	}
 }
 
-// TestDefaultModelFromProxy fetches the real default model from the module
-// proxy named by $GOPROXY and checks its hash. It needs the network, so it
-// only runs when KVGATE_NETWORK_TESTS=1.
-func TestDefaultModelFromProxy(t *testing.T) {
+// TestKnownFromProxy fetches every built-in model from the module proxy
+// named by $GOPROXY, with an empty cache, and checks its hash. It needs the
+// network, so it only runs when KVGATE_NETWORK_TESTS=1 (as CI sets).
+func TestKnownFromProxy(t *testing.T) {
 	if os.Getenv("KVGATE_NETWORK_TESTS") != "1" {
-		t.Skip("set KVGATE_NETWORK_TESTS=1 to fetch the default model from the module proxy")
+		t.Skip("set KVGATE_NETWORK_TESTS=1 to fetch the built-in models from the module proxy")
 	}
 	isolate(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	start := time.Now()
-	got, err := ensureModel(ctx, defaultModel, t.TempDir(), t.Logf)
-	if err != nil {
-		t.Fatalf("ensureModel: %v", err)
+	for _, src := range Known {
+		t.Run(src.Name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+			defer cancel()
+			start := time.Now()
+			got, err := Ensure(ctx, src, t.TempDir(), t.Logf)
+			if err != nil {
+				t.Fatalf("Ensure: %v", err)
+			}
+			sum, err := fileSHA256(got)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if sum != src.SHA256 {
+				t.Fatalf("%s has sha256 %s; want %s", got, sum, src.SHA256)
+			}
+			info, err := os.Stat(got)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("fetched %s (%d bytes, sha256 %s) in %s", got, info.Size(), sum, time.Since(start).Round(time.Millisecond))
+		})
 	}
-	sum, err := fileSHA256(got)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if sum != defaultModel.SHA256 {
-		t.Fatalf("%s has sha256 %s; want %s", got, sum, defaultModel.SHA256)
-	}
-	info, err := os.Stat(got)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("fetched %s (%d bytes, sha256 %s) in %s", got, info.Size(), sum, time.Since(start).Round(time.Millisecond))
 }
