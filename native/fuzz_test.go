@@ -33,8 +33,8 @@ func fuzzParams(temp, topP, minP, repeat, freq, presence uint32, topK, lastN int
 // (an abort kills the fuzz worker, which fails the run). It builds a
 // sampler as the engine does (accepting the prompt when a penalty is on),
 // then samples count%16+1 tokens in a row from different rows of logits,
-// feeding each back. When count is 128 or more and llama-2-tiny-random is
-// there, it samples that model's logits instead: its 32000 candidates take
+// feeding each back. When count is 128 or more it samples the logits of a
+// random-weight model with a 32000-token vocabulary instead: its candidates take
 // the samplers' bucket sorts and top-p's adaptive sort, which stories260K's
 // 512 never reach. testdata/fuzz/FuzzSampler holds the known crashers and
 // other extremes, which plain go test runs.
@@ -43,15 +43,12 @@ func FuzzSampler(f *testing.F) {
 	f.Add(bits(0), bits(0), bits(0), bits(0), bits(0), bits(0), int32(0), int32(0), uint32(0), false, uint8(4))
 	f.Add(bits(0.8), bits(0.95), bits(0.05), bits(1.1), bits(0.2), bits(0.1), int32(40), int32(64), uint32(7), true, uint8(15))
 	f.Add(bits(1), bits(0.9), bits(0), bits(1e-45), bits(0), bits(0), int32(300), int32(0), uint32(9), true, uint8(0x85))
-	small, big := newSamplingRig(f), (*samplingRig)(nil)
-	if findSharedModel("llama-2-tiny-random.gguf") != "" {
-		big = newBigVocabRig(f)
-	}
+	small, big := newSamplingRig(f), newBigVocabRig(f)
 	f.Fuzz(func(t *testing.T, temp, topP, minP, repeat, freq, presence uint32, topK, lastN int32, seed uint32, hasSeed bool, count uint8) {
 		p := fuzzParams(temp, topP, minP, repeat, freq, presence, topK, lastN, seed, hasSeed)
 		n := int(count)%16 + 1
 		r := small
-		if count >= 0x80 && big != nil {
+		if count >= 0x80 {
 			r = big
 		}
 		vocab := int32(r.model.Info().VocabSize)

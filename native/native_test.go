@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/kvgate/kvgate/internal/testmodels"
 )
 
 func TestLoadModelErrors(t *testing.T) {
@@ -18,7 +20,7 @@ func TestLoadModelErrors(t *testing.T) {
 		}
 		return p
 	}
-	good, err := os.ReadFile(sharedModel(t, "stories260K.gguf"))
+	good, err := os.ReadFile(testModel(t, testmodels.Stories260K))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -33,7 +35,7 @@ func TestLoadModelErrors(t *testing.T) {
 		{"not gguf", write("text.gguf", []byte("hello, this is not a model at all")), ErrModelInvalid},
 		{"header only", write("header.gguf", good[:64]), ErrModelInvalid},
 		{"truncated", write("trunc.gguf", good[:len(good)/2]), ErrModelInvalid},
-		{"vocab only", sharedModel(t, "ggml-vocab-llama-spm.gguf"), ErrModelInvalid},
+		{"vocab only", vocabOnlyModelPath(t), ErrModelInvalid},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

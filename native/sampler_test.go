@@ -153,7 +153,7 @@ func forEachRig(t *testing.T, f func(t *testing.T, r *samplingRig)) {
 		rig  func(testing.TB) *samplingRig
 	}{
 		{"stories260K", newSamplingRig},
-		{"llama-2-tiny-random", newBigVocabRig},
+		{"random-32000", newBigVocabRig},
 	}
 	for _, rg := range rigs {
 		t.Run(rg.name, func(t *testing.T) { f(t, rg.rig(t)) })

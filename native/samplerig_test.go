@@ -43,17 +43,16 @@ var (
 	bigVocabErr   error
 )
 
-// newBigVocabRig returns a rig on llama-2-tiny-random (random weights, the
-// 32000-token Llama-2 vocabulary), whose candidate arrays are large enough
+// newBigVocabRig returns a rig on a random-weight llama with a 32000-token
+// vocabulary (bigVocabModelPath), whose candidate arrays are large enough
 // for the samplers' bucket sorts and top-p's adaptive partial sort (over
-// 1024 candidates), which stories260K's 512 tokens never reach. It skips
-// when the model is missing.
+// 1024 candidates), which stories260K's 512 tokens never reach.
 func newBigVocabRig(t testing.TB) *samplingRig {
 	t.Helper()
-	path := sharedModel(t, "llama-2-tiny-random.gguf")
+	path := bigVocabModelPath(t)
 	bigVocabOnce.Do(func() { bigVocabModel, bigVocabErr = LoadModel(path, LoadOptions{}) })
 	if bigVocabErr != nil {
-		t.Fatalf("load llama-2-tiny-random: %v", bigVocabErr)
+		t.Fatalf("load the 32000-token random model: %v", bigVocabErr)
 	}
 	return rigFor(t, bigVocabModel)
 }
