@@ -71,8 +71,9 @@ func benchCmd(ctx context.Context, args []string) error {
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), benchUsage)
 		fs.PrintDefaults()
+		fmt.Fprint(fs.Output(), clientEnvHelp)
 	}
-	addr := fs.String("addr", "localhost:50051", "server address")
+	cf := addConnFlags(fs)
 	concurrency := fs.Int("concurrency", 1, "closed-loop clients (ignored with --rate)")
 	rate := fs.Float64("rate", 0, "open loop: Poisson arrivals per second (0: closed loop)")
 	maxInFlight := fs.Int("max-in-flight", 1024, "open loop: most outstanding requests; arrivals beyond are dropped and counted")
@@ -97,7 +98,7 @@ func benchCmd(ctx context.Context, args []string) error {
 	seed := fs.Uint64("seed", 0, "seed of prompts and arrivals (0: random, recorded in the report)")
 	jsonOut := fs.Bool("json", false, "print the report as JSON (schema "+bench.Schema+")")
 	progress := fs.Bool("progress", false, "print progress to stderr every second (default: when stderr is a terminal)")
-	if err := parseFlags(fs, args); err != nil {
+	if err := parseClientFlags(fs, args); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
@@ -107,7 +108,7 @@ func benchCmd(ctx context.Context, args []string) error {
 		*duration = 30 * time.Second
 	}
 	cfg := bench.Config{
-		Target:         *addr,
+		Target:         cf.addr,
 		Concurrency:    *concurrency,
 		Rate:           *rate,
 		MaxInFlight:    *maxInFlight,
@@ -141,12 +142,24 @@ func benchCmd(ctx context.Context, args []string) error {
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
-	conn, err := dial(*addr)
+	list, err := addrList(cf.addr)
+	if err != nil {
+		return err
+	}
+	conn, err := dialConn(cf)
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
-	rep, err := bench.Run(ctx, kvgatev1.NewGenerateServiceClient(conn), kvgatev1.NewCacheServiceClient(conn), cfg)
+	// The server counters are differences of one server's GetCacheStats:
+	// across a list of replicas the two snapshots could come from two of
+	// them, so the report then has none.
+	cache := kvgatev1.NewCacheServiceClient(conn)
+	if len(list) > 1 {
+		cache = nil
+		fmt.Fprintln(os.Stderr, "kvgate bench: several replicas behind --addr: the report has no server counters")
+	}
+	rep, err := bench.Run(ctx, kvgatev1.NewGenerateServiceClient(conn), cache, cfg)
 	if err != nil {
 		return describe(err)
 	}

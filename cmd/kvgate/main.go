@@ -8,12 +8,21 @@
 //	kvgate serve     [flags]         run the server
 //	kvgate generate  [flags] PROMPT  stream a completion from a server
 //	kvgate tokenize  [flags] TEXT    show a text's token ids
+//	kvgate detokenize [flags] ID...  show the text of token ids
+//	kvgate info      [flags]         show the model and the server's limits
+//	kvgate stats     [flags]         show the KV-cell allocator's state and counters
+//	kvgate health    [flags]         show a service's grpc.health.v1 status
+//	kvgate bench     [flags]         drive a server with load and report on it
 //	kvgate mkmodel   [flags]         write a random-weight llama GGUF model
 //	kvgate version                   show kvgate's, llama.cpp's and Go's versions
 //
 // Run "kvgate COMMAND -h" for a command's flags. Every serve flag can also be
 // set through an environment variable named KVGATE_ plus the flag's name in
-// upper case, with dashes as underscores (for example KVGATE_MAX_QUEUE).
+// upper case, with dashes as underscores (for example KVGATE_MAX_QUEUE). The
+// client commands read only their own variables (KVGATE_ADDR, KVGATE_TOKEN,
+// KVGATE_TLS_CA, KVGATE_TLS_SERVER_NAME, KVGATE_CLIENT_CERT,
+// KVGATE_CLIENT_KEY and KVGATE_SERVICE_CONFIG), none of them a serve
+// variable, so a server's environment does not change a client's flags.
 package main
 
 import (
@@ -39,11 +48,18 @@ Usage:
   kvgate serve     [flags]          run the server (default model: stories260K)
   kvgate generate  [flags] PROMPT   stream a completion from a running server
   kvgate tokenize  [flags] TEXT     show the token ids of a text
+  kvgate detokenize [flags] ID...   show the text of token ids (- reads them from stdin)
+  kvgate info      [flags]          show the model and the server's limits (GetModelInfo)
+  kvgate stats     [flags]          show the KV-cell allocator's state and counters (GetCacheStats)
+  kvgate health    [flags]          show a service's health status; exit 0 only when SERVING
   kvgate bench     [flags]          drive a running server with load and report throughput and latency
   kvgate mkmodel   [flags]          write a random-weight llama GGUF model of realistic shape
   kvgate version                    show the versions of kvgate, llama.cpp and Go, and the CPU features
 
-Run "kvgate COMMAND -h" for the flags of a command.
+Run "kvgate COMMAND -h" for the flags of a command. The client commands take
+--addr as host:port, a comma-separated list of replicas, or a gRPC target
+(dns:///name:port), and --service-config FILE; they read only the KVGATE_
+variables their help lists.
 `
 
 func run(args []string) int {
@@ -61,6 +77,14 @@ func run(args []string) int {
 		err = generate(ctx, args[1:])
 	case "tokenize":
 		err = tokenize(ctx, args[1:])
+	case "detokenize":
+		err = detokenize(ctx, args[1:])
+	case "info":
+		err = infoCmd(ctx, args[1:])
+	case "stats":
+		err = statsCmd(ctx, args[1:])
+	case "health":
+		err = healthCmd(ctx, args[1:])
 	case "bench":
 		err = benchCmd(ctx, args[1:])
 	case "mkmodel":
@@ -124,6 +148,32 @@ func parseFlags(fs *flag.FlagSet, args []string) error {
 		return errUsage
 	}
 	return applyEnv(fs)
+}
+
+// parseClientFlags parses the args of a client command, then sets each flag
+// not given on the command line from its variable in clientEnv, if that is
+// set and not empty. Unlike parseFlags it reads no other variable, so a
+// server's KVGATE_TLS_CERT or KVGATE_TIMEOUT does not reach a client.
+func parseClientFlags(fs *flag.FlagSet, args []string) error {
+	fs.SetOutput(os.Stderr)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return errUsage
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	for _, v := range clientEnv {
+		val := os.Getenv(v.name)
+		if set[v.flag] || val == "" || fs.Lookup(v.flag) == nil {
+			continue
+		}
+		if err := fs.Set(v.flag, val); err != nil {
+			return fmt.Errorf("%s=%q: %w", v.name, val, err)
+		}
+	}
+	return nil
 }
 
 // durationMS formats milliseconds for humans.
