@@ -70,7 +70,7 @@ start_server() {
 	server_pid=$!
 	addr=""
 	for _ in $(seq 1 600); do
-		addr=$(sed -n 's/.*msg="kvgate listening" addr=\([^ ]*\).*/\1/p' "$2" | head -n1)
+		addr=$(sed -n 's/.*msg="kvgate ready" addr=\([^ ]*\).*/\1/p' "$2" | head -n1)
 		[[ -n $addr ]] && return 0
 		kill -0 "$server_pid" 2>/dev/null || { cat "$2" >&2; log "server exited"; exit 1; }
 		sleep 0.2

@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
+	"github.com/kvgate/kvgate/internal/testmodels"
 )
 
 // kvgateBin is the kvgate binary built once by TestMain for the end-to-end
@@ -42,24 +43,16 @@ func TestMain(m *testing.M) {
 	}
 	code := m.Run()
 	os.RemoveAll(dir)
+	testmodels.Cleanup()
 	os.Exit(code)
 }
 
-// testModel returns the path of a model in the workplace's shared models.
+// testModel returns the path of a real test model (testmodels.Stories260K
+// or testmodels.MiniLM), fetched and verified on first use; see package
+// testmodels.
 func testModel(t testing.TB, name string) string {
 	t.Helper()
-	for _, dir := range []string{os.Getenv("KVGATE_TEST_MODELS"), "../../../shared/models", "../../shared/models"} {
-		if dir == "" {
-			continue
-		}
-		if p, err := filepath.Abs(filepath.Join(dir, name)); err == nil {
-			if _, err := os.Stat(p); err == nil {
-				return p
-			}
-		}
-	}
-	t.Skipf("test model %s not found (set KVGATE_TEST_MODELS)", name)
-	return ""
+	return testmodels.Path(t, name)
 }
 
 // server is a running kvgate serve process.
@@ -78,18 +71,31 @@ type server struct {
 	err  error // Wait's result, set when done is closed
 }
 
-var listenRE = regexp.MustCompile(`msg="kvgate listening" addr=(\S+)`)
+// readyRE matches the log line of a server whose model is loaded and whose
+// health is SERVING; listenRE the earlier line of a bound port.
+var (
+	readyRE  = regexp.MustCompile(`msg="kvgate ready" addr=(\S+)`)
+	listenRE = regexp.MustCompile(`msg="kvgate listening" addr=(\S+)`)
+)
 
 // startServer runs kvgate serve on a free loopback port with the given extra
-// flags and waits until it listens. The process is stopped when the test
-// ends.
+// flags and waits until it is ready: listening, with its model loaded. The
+// process is stopped when the test ends.
 func startServer(t testing.TB, args ...string) *server {
+	t.Helper()
+	return startServerUntil(t, readyRE, nil, args...)
+}
+
+// startServerUntil is startServer that returns as soon as a log line
+// matches until (whose first group is the address), with env added to the
+// process's environment.
+func startServerUntil(t testing.TB, until *regexp.Regexp, env []string, args ...string) *server {
 	t.Helper()
 	// One llama.cpp thread: the test machines are small and shared, and
 	// ggml's spinning threads slow down badly when cores are oversubscribed.
 	full := append([]string{"serve", "--listen", "127.0.0.1:0", "--threads", "1"}, args...)
 	cmd := exec.Command(kvgateBin, full...)
-	cmd.Env = append(os.Environ(), "KVGATE_CACHE_DIR="+t.TempDir())
+	cmd.Env = append(append(os.Environ(), "KVGATE_CACHE_DIR="+t.TempDir()), env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -107,8 +113,11 @@ func startServer(t testing.TB, args ...string) *server {
 			s.mu.Lock()
 			s.logs = append(s.logs, line)
 			s.mu.Unlock()
-			if m := listenRE.FindStringSubmatch(line); m != nil {
-				addrCh <- m[1]
+			if m := until.FindStringSubmatch(line); m != nil {
+				select {
+				case addrCh <- m[1]:
+				default:
+				}
 			}
 		}
 		_, _ = io.Copy(io.Discard, stderr)
@@ -118,10 +127,10 @@ func startServer(t testing.TB, args ...string) *server {
 	select {
 	case s.addr = <-addrCh:
 	case <-s.done:
-		t.Fatalf("kvgate serve exited before listening: %v\n%s", s.err, s.Logs())
-	case <-time.After(60 * time.Second):
+		t.Fatalf("kvgate serve exited before logging %q: %v\n%s", until, s.err, s.Logs())
+	case <-time.After(5 * time.Minute):
 		_ = cmd.Process.Kill()
-		t.Fatalf("kvgate serve did not listen within 60s\n%s", s.Logs())
+		t.Fatalf("kvgate serve did not log %q within 5 minutes\n%s", until, s.Logs())
 	}
 	s.conn, err = grpc.NewClient(s.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {

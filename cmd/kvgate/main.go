@@ -67,7 +67,7 @@ func run(args []string) int {
 		fmt.Fprint(os.Stderr, usage)
 		return 2
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, stop := notifyInterrupts()
 	defer stop()
 	var err error
 	switch args[0] {
@@ -109,6 +109,51 @@ func run(args []string) int {
 	}
 	fmt.Fprintf(os.Stderr, "kvgate %s: %v\n", args[0], err)
 	return 1
+}
+
+// hardStopKey is the context key of the channel closed on a second
+// interrupt.
+type hardStopKey struct{}
+
+// notifyInterrupts returns a context cancelled by the first SIGINT or
+// SIGTERM, and a stop function that restores the default handling. A second
+// signal closes the channel that hardStop returns: a command that would keep
+// working after the first (serve, draining its streams) stops at once on it.
+// The handlers are installed before any slow step, such as loading a model.
+func notifyInterrupts() (context.Context, func()) {
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	second := make(chan struct{})
+	ctx, cancel := context.WithCancel(context.WithValue(context.Background(), hardStopKey{}, (<-chan struct{})(second)))
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		select {
+		case <-sigs:
+			cancel()
+		case <-done:
+			return
+		}
+		select {
+		case <-sigs:
+			close(second)
+		case <-done:
+		}
+	}()
+	return ctx, func() {
+		signal.Stop(sigs)
+		close(done)
+		<-finished
+		cancel()
+	}
+}
+
+// hardStop returns the channel closed by a second interrupt, or nil (which
+// never fires) outside notifyInterrupts.
+func hardStop(ctx context.Context) <-chan struct{} {
+	ch, _ := ctx.Value(hardStopKey{}).(<-chan struct{})
+	return ch
 }
 
 // errUsage marks an error already reported by the flag package.

