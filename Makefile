@@ -10,20 +10,41 @@ BIN   := $(CURDIR)/.bin
 GO    ?= go
 export PATH := $(BIN):$(PATH)
 
-.PHONY: all build tools gen gen-check lint vet test test-short serve clean
+.PHONY: all build tools grpcurl gen-tools gen gen-check lint vet test test-short serve clean
 
 all: build
 
+# The first build compiles llama.cpp and ggml, about 160 C/C++ files, which
+# takes minutes and prints nothing while it runs; later builds come from Go's
+# build cache. `go list` tells from the cache alone (in under a second)
+# whether a cgo package of llama.cpp/ggml must be compiled for these
+# CGO_CFLAGS, so only such a build says so, and lists packages with -v.
+LLAMA_STALE := $(GO) list -deps -f '{{if and .Stale .CgoFiles}}{{.ImportPath}}{{end}}' ./cmd/kvgate | grep -q '^github.com/ollama/ollama/'
+
 ## build: compile the kvgate binary into .bin/kvgate.
 build:
-	$(GO) build -o $(BIN)/kvgate ./cmd/kvgate
+	@v=; if $(LLAMA_STALE); then \
+	  echo "kvgate: first build with these CGO_CFLAGS: compiling llama.cpp and ggml's C/C++ (3-10 minutes on 2 cores; later builds take seconds)."; \
+	  echo "kvgate: -v lists each package once compiled; llama.cpp's C++ files take most of the time, with no output while they compile. ggml's compiler warnings (-Wstringop-overflow in repack.cpp) are expected."; \
+	  v="-v "; \
+	fi; \
+	echo "$(GO) build $$v-o $(BIN)/kvgate ./cmd/kvgate"; \
+	$(GO) build $$v-o $(BIN)/kvgate ./cmd/kvgate
 
-## tools: install the pinned code generators and grpcurl into .bin/.
+## tools: install every pinned tool (grpcurl, buf and the protoc plugins) into .bin/.
 tools:
-	./scripts/tools.sh
+	./scripts/tools.sh all
+
+## grpcurl: install the pinned grpcurl into .bin/ (the README's examples use it).
+grpcurl:
+	./scripts/tools.sh grpcurl
+
+## gen-tools: install buf and the protoc plugins into .bin/ (for gen, gen-check, lint).
+gen-tools:
+	./scripts/tools.sh gen
 
 ## gen: regenerate gen/ from proto/ with buf.
-gen: tools
+gen: gen-tools
 	buf generate
 
 ## gen-check: fail when the committed generated code is stale.
@@ -32,18 +53,20 @@ gen-check: gen
 	@test -z "$$(git status --porcelain -- gen/)" || (echo "gen/ has untracked generated files"; git status --porcelain -- gen/; exit 1)
 
 ## lint: buf lint, gofmt and go vet.
-lint: tools
+lint: gen-tools
 	buf lint
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' | grep -v '^gen/'))" || (gofmt -l $$(git ls-files '*.go' | grep -v '^gen/'); exit 1)
 	$(GO) vet ./...
 
 ## test: everything CI runs: lint, generated-code staleness, and all tests.
-test: gen-check lint build
+test: gen-check lint build grpcurl
 	$(GO) test -count=1 -timeout 45m ./...
 
-## serve: run the server on the default model (fetched and verified on first use).
+## serve: run the server on the default model (fetched and verified on first use);
+## ARGS passes serve flags, e.g. make serve ARGS="--ctx 8192 --max-seqs 8".
+ARGS ?=
 serve: build
-	$(BIN)/kvgate serve
+	$(BIN)/kvgate serve $(ARGS)
 
 clean:
 	rm -rf $(BIN)

@@ -1,5 +1,16 @@
 #!/usr/bin/env bash
-# Install the pinned code generators and grpcurl into $REPO/.bin.
+# Install pinned tools into $REPO/.bin.
+#
+# Usage: scripts/tools.sh [TOOL|GROUP]...
+#
+#   grpcurl   the gRPC client the README's examples use (about 2 minutes to
+#             build from source on 2 cores, seconds with a warm Go cache)
+#   gen       buf, protoc-gen-go and protoc-gen-go-grpc: what `make gen`,
+#             `make gen-check` and `make lint` need (buf is large: several
+#             minutes to build from source on 2 cores)
+#   all       everything (the default)
+#
+# A single tool can also be named (buf, protoc-gen-go, protoc-gen-go-grpc).
 #
 # Idempotent: a tool is rebuilt only when .bin/<tool> is missing, its stamp
 # file .bin/.<tool>.version does not hold the pinned version, or the binary's
@@ -20,6 +31,10 @@ TOOLS=(
   "grpcurl            github.com/fullstorydev/grpcurl/cmd/grpcurl         ${GRPCURL_VERSION}"
 )
 
+# Groups of tools, by the make targets that need them.
+GROUP_gen="buf protoc-gen-go protoc-gen-go-grpc"
+GROUP_all="buf protoc-gen-go protoc-gen-go-grpc grpcurl"
+
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 BIN="$REPO/.bin"
@@ -39,13 +54,44 @@ up_to_date() {
     END { exit !(p && m) }'
 }
 
-for entry in "${TOOLS[@]}"; do
-  read -r name pkg version <<<"$entry"
+# entry NAME: the TOOLS line of NAME, or nothing.
+entry() {
+  local e name
+  for e in "${TOOLS[@]}"; do
+    read -r name _ <<<"$e"
+    [[ "$name" == "$1" ]] && { printf '%s\n' "$e"; return; }
+  done
+}
+
+# Expand the arguments (groups and tool names) into the tools to install.
+[[ $# -gt 0 ]] || set -- all
+wanted=()
+for arg in "$@"; do
+  group="GROUP_${arg//-/_}"
+  if [[ -n "${!group:-}" ]]; then
+    read -r -a names <<<"${!group}"
+    wanted+=("${names[@]}")
+  elif [[ -n "$(entry "$arg")" ]]; then
+    wanted+=("$arg")
+  else
+    echo "tools: unknown tool or group \"$arg\" (groups: grpcurl, gen, all; tools: buf, protoc-gen-go, protoc-gen-go-grpc, grpcurl)" >&2
+    exit 2
+  fi
+done
+
+declare -A seen=()
+for name in "${wanted[@]}"; do
+  [[ -z "${seen[$name]:-}" ]] || continue
+  seen[$name]=1
+  read -r name pkg version <<<"$(entry "$name")"
   if up_to_date "$name" "$pkg" "$version"; then
     echo "tools: $name $version up to date"
     continue
   fi
-  echo "tools: installing $name $version"
+  case "$name" in
+    buf) echo "tools: installing $name $version (built from source: several minutes on 2 cores with a cold Go cache)" ;;
+    *)   echo "tools: installing $name $version" ;;
+  esac
   rm -f "$BIN/.$name.version"
   # Pure-Go tools: no cgo, so the Makefile's CGO_* flags do not apply.
   # GOFLAGS is overridden so a caller's -mod=... cannot break `go install pkg@version`.
