@@ -24,7 +24,7 @@ func grpcurlPath(t *testing.T) string {
 	if os.Getenv("CI") != "" {
 		t.Fatal("grpcurl is not installed: .ci/run must run scripts/tools.sh (make tools)")
 	}
-	t.Skip("grpcurl not installed; run make tools")
+	t.Skip("grpcurl not installed; run make grpcurl")
 	return ""
 }
 
