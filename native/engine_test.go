@@ -25,6 +25,25 @@ func (l *testLedger) Commit(tokens []int32) error {
 
 func (l *testLedger) Finish() bool { l.released.Add(1); return false }
 
+// hookLedger is a testLedger that calls hook once, on the worker, from the
+// Commit that brings its charge to at tokens (prompt included). The worker
+// makes no progress until hook returns, so a test can act at an exact point
+// of a sequence's generation instead of racing the worker.
+type hookLedger struct {
+	testLedger
+	at   int64
+	hook func()
+	once sync.Once
+}
+
+func (l *hookLedger) Commit(tokens []int32) error {
+	err := l.testLedger.Commit(tokens)
+	if l.charged.Load() >= l.at {
+		l.once.Do(l.hook)
+	}
+	return err
+}
+
 func newEngine(t *testing.T, cfg EngineConfig) *Engine {
 	t.Helper()
 	cfg.Threads = 1 // the test machines are small and shared
@@ -84,7 +103,11 @@ func TestEngineMatchesReference(t *testing.T) {
 }
 
 // TestEngineBatches runs 8 greedy streams at once: the steps must stay near
-// one stream's token count, and each stream must equal its solo run.
+// one stream's token count, and each stream must equal its solo run. The
+// first stream's ledger holds the worker in its first step until the test
+// has handed over the other seven, so all eight run from the next step on
+// whatever the scheduling: n + 1 steps in all, where one at a time would
+// take 8 x n.
 func TestEngineBatches(t *testing.T) {
 	m := stories(t)
 	e := newEngine(t, EngineConfig{Cells: 2048, Batch: 512, MaxSequences: 8})
@@ -104,8 +127,14 @@ func TestEngineBatches(t *testing.T) {
 	before := e.Stats().Steps
 	var wg sync.WaitGroup
 	got := make([]collected, len(prompts))
+	handedOver := make(chan struct{})
+	handOver := sync.OnceFunc(func() { close(handedOver) })
+	defer handOver() // a failed Start must not leave the worker held
 	for i := range prompts {
-		l := &testLedger{reserved: len(toks[i]) + n}
+		var l Ledger = &testLedger{reserved: len(toks[i]) + n}
+		if i == 0 {
+			l = &hookLedger{testLedger: testLedger{reserved: len(toks[i]) + n}, at: 1, hook: func() { <-handedOver }}
+		}
 		s, err := e.Start(Request{Ctx: context.Background(), SeqID: i, Prompt: toks[i], MaxTokens: n, IgnoreEOS: true, Ledger: l})
 		if err != nil {
 			t.Fatal(err)
@@ -113,6 +142,7 @@ func TestEngineBatches(t *testing.T) {
 		wg.Add(1)
 		go func() { defer wg.Done(); got[i] = collect(s) }()
 	}
+	handOver()
 	wg.Wait()
 	steps := e.Stats().Steps - before
 	for i := range prompts {
@@ -124,35 +154,61 @@ func TestEngineBatches(t *testing.T) {
 		}
 	}
 	t.Logf("8 streams x %d tokens took %d decode steps", n, steps)
-	// The test goroutine hands the streams over one by one while the
-	// worker runs, so on a busy machine a few steps may pass in between;
-	// unbatched, the streams would need 8 x 64 = 512 steps.
-	if steps > n+n/2 {
+	if steps > n+1 {
 		t.Fatalf("%d steps for 8 concurrent streams of %d tokens: not batched", steps, n)
 	}
 }
 
+// TestEngineCancelFreesSequence cancels a stream's context at its 10th
+// token, from inside the worker's step, and checks that the sequence ends
+// with context.Canceled at the next step, with its ledger released. The
+// cancel is made at a known token, so the bound on what ran after it is a
+// count, not a race between the test goroutine and the worker.
 func TestEngineCancelFreesSequence(t *testing.T) {
 	m := stories(t)
 	e := newEngine(t, EngineConfig{Cells: 1024, Batch: 64, MaxSequences: 2, StreamBuffer: 4096})
 	prompt, _ := m.Tokenize("Once upon a time", true, false)
 	ctx, cancel := context.WithCancel(context.Background())
-	l := &testLedger{reserved: len(prompt) + 900}
+	defer cancel()
+	const at = 10
+	var hookErr error
+	l := &hookLedger{testLedger: testLedger{reserved: len(prompt) + 900}, at: int64(len(prompt) + at)}
+	l.hook = func() {
+		// This Commit carries the 10th token back into the cache; the
+		// step goes on to sample the 11th. Cancel, and wait (on the
+		// worker) for the context's AfterFunc to mark the sequence, so
+		// that the next step's reap sees it.
+		cancel()
+		for _, s := range e.active {
+			if s.req.Ledger == Ledger(l) {
+				deadline := time.Now().Add(time.Minute) // only bounds a hang
+				for !s.cancelled.Load() && time.Now().Before(deadline) {
+					time.Sleep(time.Millisecond)
+				}
+				if !s.cancelled.Load() {
+					hookErr = errors.New("the cancel did not reach the sequence within a minute")
+				}
+				return
+			}
+		}
+		hookErr = errors.New("the sequence is not among the active ones")
+	}
 	s, err := e.Start(Request{Ctx: ctx, SeqID: 0, Prompt: prompt, MaxTokens: 900, IgnoreEOS: true, Ledger: l})
 	if err != nil {
 		t.Fatal(err)
 	}
-	<-s.Events()
-	cancel()
 	got := collect(s)
+	if hookErr != nil {
+		t.Fatal(hookErr)
+	}
 	if !errors.Is(got.result.Err, context.Canceled) {
 		t.Fatalf("result err = %v, want context.Canceled", got.result.Err)
 	}
 	if l.released.Load() != 1 {
 		t.Fatal("ledger not released")
 	}
-	if len(got.ids) >= 899 {
-		t.Fatalf("sequence ran to the end (%d tokens) despite cancel", len(got.ids))
+	if len(got.ids) != at+1 {
+		t.Fatalf("%d tokens streamed for a cancel at token %d: want %d, the cancel must end the sequence at the next step", len(got.ids), at, at+1)
 	}
 }
 
@@ -165,7 +221,9 @@ func TestEngineSlowConsumer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(10 * time.Second)
+	// Nothing reads the stream, so the worker's 9th event overflows it;
+	// the deadline only bounds a hang.
+	deadline := time.Now().Add(2 * time.Minute)
 	for !s.Failed() && time.Now().Before(deadline) {
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -214,6 +272,9 @@ func indexOf(s, sub string) int {
 // TestEnginePrefillDoesNotStall prefills a 1500-token prompt while three
 // streams decode: the prompt is chunked across steps, and the running
 // streams get a token at every step meanwhile (gaps measured in steps).
+// The long prompt is handed over from inside the worker, at the first
+// stream's 30th token, so the streams have 770 tokens left for the few
+// prefill steps whatever the scheduling.
 func TestEnginePrefillDoesNotStall(t *testing.T) {
 	m := stories(t)
 	e := newEngine(t, EngineConfig{Cells: 4096, Batch: 512, MaxSequences: 4, StreamBuffer: 4096})
@@ -223,13 +284,29 @@ func TestEnginePrefillDoesNotStall(t *testing.T) {
 		steps []uint64
 		done  chan struct{}
 	}
+	long := make([]int32, 1500)
+	for i := range long {
+		long[i] = int32(3 + (i*7919)%509) // valid ids of the 512-token vocabulary
+	}
+	type handover struct {
+		before uint64 // steps when the long prompt was handed over
+		s      *Stream
+		err    error
+	}
+	handed := make(chan handover, 1)
 	runs := make([]*run, 3)
 	for i := range runs {
 		prompt, _ := m.Tokenize([]string{"Once upon a time", "The dog", "Sue had a"}[i], true, false)
-		// Long enough to outlast the prefill below even on a slow machine;
-		// cancelled once it is done.
-		s, err := e.Start(Request{Ctx: bg, SeqID: i, Prompt: prompt, MaxTokens: 800, IgnoreEOS: true,
-			Ledger: &testLedger{reserved: len(prompt) + 800}})
+		// Far longer than the prefill below; cancelled once it is done.
+		var l Ledger = &testLedger{reserved: len(prompt) + 800}
+		if i == 0 {
+			l = &hookLedger{testLedger: testLedger{reserved: len(prompt) + 800}, at: int64(len(prompt) + 30), hook: func() {
+				before := e.Stats().Steps // this step's number: the long prompt joins the next
+				s, err := e.Start(Request{Ctx: context.Background(), SeqID: 3, Prompt: long, MaxTokens: 4, Ledger: &testLedger{reserved: 1504}})
+				handed <- handover{before, s, err}
+			}}
+		}
+		s, err := e.Start(Request{Ctx: bg, SeqID: i, Prompt: prompt, MaxTokens: 800, IgnoreEOS: true, Ledger: l})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -242,17 +319,17 @@ func TestEnginePrefillDoesNotStall(t *testing.T) {
 			}
 		}()
 	}
-	waitUntil(t, func() bool { return e.Stats().GeneratedTokens >= 30 })
-	long := make([]int32, 1500)
-	for i := range long {
-		long[i] = int32(3 + (i*7919)%509) // valid ids of the 512-token vocabulary
+	var h handover
+	select {
+	case h = <-handed:
+	case <-time.After(5 * time.Minute): // only bounds a hang
+		t.Fatal("the first stream never reached its 30th token")
 	}
-	before := e.Stats().Steps
-	s, err := e.Start(Request{Ctx: context.Background(), SeqID: 3, Prompt: long, MaxTokens: 4, Ledger: &testLedger{reserved: 1504}})
-	if err != nil {
-		t.Fatal(err)
+	if h.err != nil {
+		t.Fatal(h.err)
 	}
-	longRes := collect(s)
+	before := h.before
+	longRes := collect(h.s)
 	if longRes.result.Err != nil {
 		t.Fatal(longRes.result.Err)
 	}
@@ -284,17 +361,6 @@ func TestEnginePrefillDoesNotStall(t *testing.T) {
 		if maxGap > 2 {
 			t.Errorf("stream %d waited %d steps between tokens during the prefill", i, maxGap)
 		}
-	}
-}
-
-func waitUntil(t *testing.T, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("condition not met within 30s")
-		}
-		time.Sleep(time.Millisecond)
 	}
 }
 
