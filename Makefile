@@ -63,7 +63,7 @@ lint: gen-tools
 # a missing file or tool is a gap, not a pass. Every skip is listed at the end.
 FAIL_SKIPS ?= (?i)not (found|installed)|no such file|missing
 test: gen-check lint build grpcurl
-	$(GO) run ./scripts/testreport -fail-skips '$(FAIL_SKIPS)' -count=1 -timeout 45m ./...
+	$(GO) run ./scripts/testreport -fail-skips '$(FAIL_SKIPS)' -- -count=1 -timeout 45m ./...
 
 ## serve: run the server on the default model (fetched and verified on first use);
 ## ARGS passes serve flags, e.g. make serve ARGS="--ctx 8192 --max-seqs 8".

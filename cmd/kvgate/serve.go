@@ -567,6 +567,11 @@ func loadAndBuild(ctx context.Context, c *serveConfig, log *slog.Logger, policy 
 // before llama.cpp tries to allocate it. It warns when --ctx is far above
 // what --max-seqs sequences of the training context can use.
 func checkMemory(c *serveConfig, path string, log *slog.Logger) error {
+	if fi, err := os.Stat(path); err != nil || !fi.Mode().IsRegular() {
+		// Only a regular file can be read twice (a pipe's content would
+		// be gone): leave anything else to the load, which reports it.
+		return nil
+	}
 	shape, err := kvmem.ReadShape(path)
 	if err != nil {
 		// An unreadable header is reported by the load itself, with

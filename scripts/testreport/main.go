@@ -8,7 +8,7 @@
 //
 // Usage:
 //
-//	go run ./scripts/testreport [-fail-skips REGEXP] [go test flags and packages]
+//	go run ./scripts/testreport [-fail-skips REGEXP] -- [go test flags and packages]
 //
 // The exit status is go test's, or 1 when a skip reason matches -fail-skips.
 package main
@@ -30,7 +30,7 @@ import (
 func main() {
 	failSkips := flag.String("fail-skips", "", "fail the run when a skipped test's reason matches this regular expression")
 	flag.Usage = func() {
-		fmt.Fprintf(flag.CommandLine.Output(), "Usage: testreport [-fail-skips REGEXP] [go test flags and packages]\n")
+		fmt.Fprintf(flag.CommandLine.Output(), "Usage: testreport [-fail-skips REGEXP] -- [go test flags and packages]\n")
 		flag.PrintDefaults()
 	}
 	flag.Parse()
