@@ -240,22 +240,35 @@ func TestToStatus(t *testing.T) {
 
 // TestEndBeforeDeadline checks the margin by which a call ends itself
 // before its deadline: a tenth of the time left, within [20 ms, 200 ms].
+// The time left is read inside endBeforeDeadline, so the test brackets that
+// moment with two clock readings and expects the margin the rule gives for
+// some instant between them: exact, however long the machine takes between
+// the calls.
 func TestEndBeforeDeadline(t *testing.T) {
+	rule := func(left time.Duration) time.Duration {
+		return min(max(left/10, 20*time.Millisecond), 200*time.Millisecond)
+	}
 	for _, tc := range []struct {
-		left, margin time.Duration
+		left, margin time.Duration // margin: the rule's at the full time left
 	}{
 		{100 * time.Millisecond, 20 * time.Millisecond},
 		{time.Second, 100 * time.Millisecond},
 		{time.Minute, 200 * time.Millisecond},
 	} {
-		parent, cancel := context.WithTimeout(context.Background(), tc.left)
-		ctx, cancel2 := endBeforeDeadline(parent)
+		if got := rule(tc.left); got != tc.margin {
+			t.Fatalf("the test's rule gives %v for %v left, want %v", got, tc.left, tc.margin)
+		}
+		parent, cancel := context.WithDeadline(context.Background(), time.Now().Add(tc.left))
 		pd, _ := parent.Deadline()
+		before := time.Now()
+		ctx, cancel2 := endBeforeDeadline(parent)
+		after := time.Now()
 		d, ok := ctx.Deadline()
-		// Time passes between the two calls, so the margin may come out a
-		// little smaller, never larger.
-		if got := pd.Sub(d); !ok || got < tc.margin/2 || got > tc.margin {
-			t.Errorf("%v left: margin %v, want about %v", tc.left, got, tc.margin)
+		// The margin shrinks with the time left, so the later reading
+		// gives the smallest it may be and the earlier the largest.
+		lo, hi := rule(pd.Sub(after)), rule(pd.Sub(before))
+		if got := pd.Sub(d); !ok || got < lo || got > hi {
+			t.Errorf("%v left: margin %v, want within [%v, %v] (%v with the full time left)", tc.left, got, lo, hi, tc.margin)
 		}
 		cancel2()
 		cancel()
