@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -473,12 +474,18 @@ func TestRunWarmupIsExcluded(t *testing.T) {
 	}
 }
 
+// TestRunByDuration runs a closed loop for 150 ms with progress lines every
+// 20 ms. The fake server holds every token back until the first progress
+// line is written, so that the run cannot end without one however the
+// machine schedules the progress ticker.
 func TestRunByDuration(t *testing.T) {
 	f := newFake(nil)
 	f.delay = time.Millisecond
-	var progress bytes.Buffer
+	firstLine := make(chan struct{})
+	f.hold = firstLine
+	progress := &firstWrite{written: firstLine}
 	cfg := Config{Concurrency: 3, Duration: 150 * time.Millisecond, Workload: Workload{Kind: Fixed, InputTokens: 4, OutputTokens: 4},
-		Progress: &progress, ProgressInterval: 20 * time.Millisecond}
+		Progress: progress, ProgressInterval: 20 * time.Millisecond}
 	r, err := Run(context.Background(), f, nil, cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -498,6 +505,29 @@ func TestRunByDuration(t *testing.T) {
 	}
 }
 
+// firstWrite is an io.Writer that keeps what is written and closes written
+// at the first write.
+type firstWrite struct {
+	mu      sync.Mutex
+	b       bytes.Buffer
+	written chan struct{}
+}
+
+func (w *firstWrite) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.b.Len() == 0 {
+		close(w.written)
+	}
+	return w.b.Write(p)
+}
+
+func (w *firstWrite) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.String()
+}
+
 func TestRunOpenLoop(t *testing.T) {
 	t.Run("by count", func(t *testing.T) {
 		f := newFake(nil)
@@ -510,10 +540,16 @@ func TestRunOpenLoop(t *testing.T) {
 			t.Fatalf("requests %+v, config %+v", r.Requests, r.Config)
 		}
 	})
+	// The fake holds every request until the run's 100 ms are over, so
+	// the two in flight stay there and every later arrival is dropped,
+	// however the requests' goroutines are scheduled.
 	t.Run("drops past the in-flight cap", func(t *testing.T) {
 		f := newFake(nil)
-		f.delay = 20 * time.Millisecond
-		r, err := Run(context.Background(), f, f.cache(), Config{Rate: 2000, MaxInFlight: 2, Duration: 100 * time.Millisecond,
+		const d = 100 * time.Millisecond
+		hold := make(chan struct{})
+		f.hold = hold
+		defer time.AfterFunc(d, func() { close(hold) }).Stop()
+		r, err := Run(context.Background(), f, f.cache(), Config{Rate: 2000, MaxInFlight: 2, Duration: d,
 			Workload: Workload{Kind: Fixed, InputTokens: 4, OutputTokens: 2}})
 		if err != nil {
 			t.Fatal(err)
@@ -525,11 +561,19 @@ func TestRunOpenLoop(t *testing.T) {
 	})
 }
 
+// TestRunInterrupted cancels a run while requests are in flight: the
+// cancel comes when the second request reaches the server, not after a
+// delay that a slow machine might spend before sending any.
 func TestRunInterrupted(t *testing.T) {
 	f := newFake(nil)
 	f.delay = 5 * time.Millisecond
 	ctx, cancel := context.WithCancel(context.Background())
-	time.AfterFunc(60*time.Millisecond, cancel)
+	defer cancel()
+	f.onCall = func(i int) {
+		if i == 1 {
+			cancel()
+		}
+	}
 	r, err := Run(ctx, f, f.cache(), Config{Concurrency: 2, Duration: time.Hour, Workload: Workload{Kind: Fixed, InputTokens: 4, OutputTokens: 100}})
 	if err != nil {
 		t.Fatal(err)

@@ -35,6 +35,12 @@ type fakeServer struct {
 	info  *kvgatev1.GetModelInfoResponse
 	plan  func(i int) behaviour
 	delay time.Duration // before each chunk
+	// hold, when set, keeps every chunk back until it is closed, so that
+	// a test decides when requests can make progress.
+	hold <-chan struct{}
+	// onCall, when set, is called with i at the start of the i-th
+	// Generate call.
+	onCall func(i int)
 
 	calls atomic.Int64
 	mu    sync.Mutex
@@ -77,6 +83,9 @@ func (f *fakeServer) cache() kvgatev1.CacheServiceClient { return f }
 
 func (f *fakeServer) Generate(ctx context.Context, req *kvgatev1.GenerateRequest, _ ...grpc.CallOption) (grpc.ServerStreamingClient[kvgatev1.GenerateResponse], error) {
 	i := int(f.calls.Add(1) - 1)
+	if f.onCall != nil {
+		f.onCall(i)
+	}
 	b := f.plan(i)
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -94,7 +103,7 @@ func (f *fakeServer) Generate(ctx context.Context, req *kvgatev1.GenerateRequest
 	f.stats.PromptTokensTotal += uint64(n)
 	f.stats.PrefillTokensTotal += uint64(n)
 	f.stats.DecodeStepsTotal += uint64(req.GetMaxTokens())
-	s := &fakeStream{ctx: ctx, delay: f.delay, fake: f}
+	s := &fakeStream{ctx: ctx, delay: f.delay, hold: f.hold, fake: f}
 	s.msgs = append(s.msgs, &kvgatev1.GenerateResponse{Event: &kvgatev1.GenerateResponse_Started{Started: &kvgatev1.Started{
 		PromptTokens: uint32(n), QueueWaitMs: 0.5,
 	}}})
@@ -124,6 +133,7 @@ type fakeStream struct {
 
 	ctx   context.Context
 	delay time.Duration
+	hold  <-chan struct{}
 	fake  *fakeServer
 	msgs  []*kvgatev1.GenerateResponse
 	err   error
@@ -144,6 +154,13 @@ func (s *fakeStream) Recv() (*kvgatev1.GenerateResponse, error) {
 	m := s.msgs[0]
 	s.msgs = s.msgs[1:]
 	if c := m.GetChunk(); c != nil {
+		if s.hold != nil {
+			select {
+			case <-s.hold:
+			case <-s.ctx.Done():
+				return nil, status.FromContextError(s.ctx.Err()).Err()
+			}
+		}
 		if s.delay > 0 {
 			select {
 			case <-time.After(s.delay):
