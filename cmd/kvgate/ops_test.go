@@ -234,13 +234,20 @@ func TestMetricsScrape(t *testing.T) {
 		t.Errorf("kvgate_kv_cells{state=free} = %v", v)
 	}
 
-	// One log line per Generate call, with its token counts.
+	// One log line per Generate call, with its token counts. The server
+	// writes a call's line before the client sees the call end, but the
+	// harness reads the server's stderr on its own goroutine: wait until
+	// it has read them all.
 	var lines []string
-	for _, l := range strings.Split(s.Logs(), "\n") {
-		if strings.Contains(l, `msg="finished call"`) && strings.Contains(l, "grpc.method=Generate") {
-			lines = append(lines, l)
+	waitFor(t, time.Minute, "the Generate calls' log lines", func() bool {
+		lines = lines[:0]
+		for _, l := range strings.Split(s.Logs(), "\n") {
+			if strings.Contains(l, `msg="finished call"`) && strings.Contains(l, "grpc.method=Generate") {
+				lines = append(lines, l)
+			}
 		}
-	}
+		return len(lines) >= len(prompts)+1
+	})
 	if len(lines) != len(prompts)+1 {
 		t.Fatalf("%d Generate log lines for %d calls:\n%s", len(lines), len(prompts)+1, strings.Join(lines, "\n"))
 	}
@@ -346,7 +353,7 @@ func TestDrain(t *testing.T) {
 		return out
 	}
 	checkExit := func(t *testing.T, s *server) {
-		if err := s.waitExit(t, 30*time.Second); err != nil {
+		if err := s.waitExit(t, 2*time.Minute); err != nil {
 			t.Fatalf("exit: %v", err)
 		}
 		// Cells the prefix cache still holds are not in use.
@@ -362,9 +369,9 @@ func TestDrain(t *testing.T) {
 		const n, tokens = 2, 600
 		streams := start(t, s, n, tokens)
 		s.signal(t, syscall.SIGTERM)
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
-		waitFor(t, 10*time.Second, "health NOT_SERVING", func() bool {
+		waitFor(t, time.Minute, "health NOT_SERVING", func() bool {
 			hc, err := healthpb.NewHealthClient(s.conn).Check(ctx, &healthpb.HealthCheckRequest{})
 			return err == nil && hc.GetStatus() == healthpb.HealthCheckResponse_NOT_SERVING
 		})
@@ -418,7 +425,7 @@ func tlsConn(t testing.TB, addr string, creds credentials.TransportCredentials, 
 
 // tryGenerate runs a short Generate call.
 func tryGenerate(conn *grpc.ClientConn) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	return generateAll(ctx, kvgatev1.NewGenerateServiceClient(conn), textPrompt("Once", 4)).err
 }
@@ -517,7 +524,7 @@ func TestAuthTokens(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.signal(t, syscall.SIGHUP)
-	waitFor(t, 10*time.Second, "the token reload", func() bool {
+	waitFor(t, time.Minute, "the token reload", func() bool {
 		return strings.Contains(s.Logs(), `msg="auth tokens reloaded" tokens=1`)
 	})
 	if err := call("tok-a"); status.Code(err) != codes.Unauthenticated {

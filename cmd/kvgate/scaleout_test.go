@@ -69,6 +69,41 @@ func (a *attemptCounter) HandleRPC(_ context.Context, s stats.RPCStats) {
 	}
 }
 
+// generateAttempts is a client stats.Handler that records the replica each
+// Generate attempt was sent to, gRPC retries included.
+type generateAttempts struct {
+	mu    sync.Mutex
+	addrs []string
+}
+
+func (a *generateAttempts) TagRPC(ctx context.Context, _ *stats.RPCTagInfo) context.Context {
+	return ctx
+}
+func (a *generateAttempts) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.Context {
+	return ctx
+}
+func (a *generateAttempts) HandleConn(context.Context, stats.ConnStats) {}
+func (a *generateAttempts) HandleRPC(_ context.Context, s stats.RPCStats) {
+	if h, ok := s.(*stats.OutHeader); ok && h.Client && h.FullMethod == kvgatev1.GenerateService_Generate_FullMethodName {
+		a.mu.Lock()
+		a.addrs = append(a.addrs, h.RemoteAddr.String())
+		a.mu.Unlock()
+	}
+}
+
+// since returns the replicas of the attempts after the first n.
+func (a *generateAttempts) since(n int) []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return append([]string(nil), a.addrs[n:]...)
+}
+
+func (a *generateAttempts) count() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.addrs)
+}
+
 // keepFull keeps the pool of s nearly full with back-to-back blocker
 // streams until ctx is done. It returns once the first blocker is
 // admitted, and a function that waits for the blockers to stop and
@@ -154,16 +189,33 @@ func TestScaleOutWeightedRoundRobin(t *testing.T) {
 		t.Errorf("per-call report of a refusal: %v (trailer %v)", lr, trailer)
 	}
 
+	attempts := &attemptCounter{}
+	conn := replicaConn(t, attempts, full, b, c)
+	client := kvgatev1.NewGenerateServiceClient(conn)
+	// The client picks a replica only once its connection is up and its
+	// health watch has said SERVING, which on a busy machine may come
+	// several calls after another's: call until both replicas with room
+	// have served, so that the counted calls below meet all three known
+	// to the balancer (the wait only bounds a hang).
+	warm := map[string]int{}
+	waitFor(t, time.Minute, "calls to reach both replicas with room", func() bool {
+		var p peer.Peer
+		if r := generateAll(ctx, client, textPrompt("Once upon a time", 8), grpc.Peer(&p)); r.err != nil {
+			t.Fatalf("a warm-up call: %v", r.err)
+		}
+		warm[p.Addr.String()]++
+		return warm[b.addr] > 0 && warm[c.addr] > 0
+	})
+	t.Logf("warm-up calls served: %v", warm)
+
 	before := map[*server]*kvgatev1.GetCacheStatsResponse{}
 	for _, s := range []*server{full, b, c} {
 		before[s] = cacheStats(t, s)
 	}
-	attempts := &attemptCounter{}
-	conn := replicaConn(t, attempts, full, b, c)
+	attemptsBefore := attempts.n.Load()
 
 	const calls = 30
 	servedBy := map[string]int{}
-	client := kvgatev1.NewGenerateServiceClient(conn)
 	for i := range calls {
 		var p peer.Peer
 		r := generateAll(ctx, client, textPrompt("Once upon a time", 8), grpc.Peer(&p))
@@ -186,7 +238,7 @@ func TestScaleOutWeightedRoundRobin(t *testing.T) {
 	// two blockers.
 	fullServed := servedBy[full.addr]
 	t.Logf("calls served: full %d, b %d, c %d; the full replica refused %d attempts and ran %d blockers; %d attempts in all",
-		fullServed, servedBy[b.addr], servedBy[c.addr], refusedFull, blockers, attempts.n.Load())
+		fullServed, servedBy[b.addr], servedBy[c.addr], refusedFull, blockers, attempts.n.Load()-attemptsBefore)
 	if got := admitted(b) + admitted(c); got != servedBy[b.addr]+servedBy[c.addr] {
 		t.Errorf("the other replicas admitted %d calls but served %d", got, servedBy[b.addr]+servedBy[c.addr])
 	}
@@ -200,7 +252,7 @@ func TestScaleOutWeightedRoundRobin(t *testing.T) {
 	}
 	if refusedFull == 0 {
 		t.Log("no attempt reached the full replica, so no retry was exercised")
-	} else if got := int(attempts.n.Load()); got < calls+refusedFull {
+	} else if got := int(attempts.n.Load() - attemptsBefore); got < calls+refusedFull {
 		t.Errorf("%d attempts for %d calls and %d refusals: refused calls were not retried", got, calls, refusedFull)
 	}
 }
@@ -231,24 +283,36 @@ func replicaConn(t *testing.T, h stats.Handler, replicas ...*server) *grpc.Clien
 // documented service config: once the replica's health turns
 // NOT_SERVING, the client sends every new call to the other one, while the
 // stream already on the draining replica finishes.
+//
+// The client learns that each replica serves, and later of the drain, on
+// its own health-watch streams, a moment after the test's own health check
+// would. Rather than sleep for that moment, the test calls until both
+// replicas have served before the drain, and after it sends probe calls
+// until three in a row had every attempt sent to the other replica, which
+// is what the client does once it knows.
 func TestScaleOutDrain(t *testing.T) {
 	model := testModel(t, "stories260K.gguf")
 	draining := startServer(t, "--model", model, "--ctx", "2048", "--drain-timeout", "60s")
 	other := startServer(t, "--model", model, "--ctx", "1024")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	conn := replicaConn(t, &attemptCounter{}, draining, other)
+	attempts := &generateAttempts{}
+	conn := replicaConn(t, attempts, draining, other)
 	client := kvgatev1.NewGenerateServiceClient(conn)
-	// Both replicas serve before the drain.
+	// Both replicas serve before the drain. The client picks a replica
+	// only once its connection is up and its health watch has said
+	// SERVING, which on a busy machine may come several calls after the
+	// other's: call until both have served (the wait only bounds a hang).
 	served := map[string]int{}
-	for range 6 {
+	waitFor(t, time.Minute, "calls to reach both replicas before the drain", func() bool {
 		var p peer.Peer
 		if r := generateAll(ctx, client, textPrompt("Once", 4), grpc.Peer(&p)); r.err != nil {
 			t.Fatal(r.err)
 		}
 		served[p.Addr.String()]++
-	}
-	if served[draining.addr] == 0 || served[other.addr] == 0 {
+		return served[draining.addr] > 0 && served[other.addr] > 0
+	})
+	if len(served) != 2 {
 		t.Fatalf("before the drain the calls went to %v", served)
 	}
 
@@ -263,13 +327,24 @@ func TestScaleOutDrain(t *testing.T) {
 		t.Fatal(err)
 	}
 	draining.signal(t, syscall.SIGTERM)
-	waitFor(t, 10*time.Second, "health NOT_SERVING", func() bool {
+	waitFor(t, time.Minute, "health NOT_SERVING", func() bool {
 		hc, err := healthpb.NewHealthClient(draining.conn).Check(ctx, &healthpb.HealthCheckRequest{Service: "kvgate.v1.GenerateService"})
 		return err == nil && hc.GetStatus() == healthpb.HealthCheckResponse_NOT_SERVING
 	})
-	// The client learns it on its health-watch stream; give that update
-	// time to reach the picker.
-	time.Sleep(time.Second)
+	clean := 0
+	waitFor(t, time.Minute, "the client to stop picking the draining replica", func() bool {
+		n := attempts.count()
+		if r := generateAll(ctx, client, textPrompt("Once", 4)); r.err != nil {
+			t.Fatalf("a probe call during the drain: %v", r.err)
+		}
+		clean++
+		for _, addr := range attempts.since(n) {
+			if addr != other.addr {
+				clean = 0
+			}
+		}
+		return clean >= 3
+	})
 	served = map[string]int{}
 	for i := range 10 {
 		var p peer.Peer
@@ -292,7 +367,7 @@ func TestScaleOutDrain(t *testing.T) {
 		}
 		n += len(resp.GetChunk().GetTokenIds())
 	}
-	if err := draining.waitExit(t, 30*time.Second); err != nil {
+	if err := draining.waitExit(t, 2*time.Minute); err != nil {
 		t.Fatalf("exit: %v", err)
 	}
 	if n == 0 {
