@@ -316,8 +316,16 @@ func TestLimits(t *testing.T) {
 // UNAVAILABLE; with a short one the streams are ended with UNAVAILABLE.
 // Either way the process exits 0 and its last log line reports no cell in
 // use.
+//
+// Both need the streams still generating when the signal (and, for the
+// second, the drain timeout) comes; nothing can hold a generation back, so
+// they run on a 64k-context model whose streams outlast the signal's
+// delivery by far: 4000 tokens (at least 1.5 s at the model's fastest) that
+// a 60 s drain still lets finish, and 30000 (minutes) against a 100 ms
+// drain timeout. stories260K's 600 and 1900 tokens took half a second and
+// two.
 func TestDrain(t *testing.T) {
-	model := testModel(t, "stories260K.gguf")
+	long := tinyModel(t) // 64k context: streams that outlast a signal
 	// start begins n streams of maxTokens tokens and returns once all are
 	// admitted; each channel receives its stream's outcome.
 	start := func(t *testing.T, s *server, n int, maxTokens uint32) []chan streamResult {
@@ -365,8 +373,8 @@ func TestDrain(t *testing.T) {
 	}
 
 	t.Run("streams finish", func(t *testing.T) {
-		s := startServer(t, "--model", model, "--ctx", "2048", "--drain-timeout", "60s")
-		const n, tokens = 2, 600
+		s := startServer(t, "--model", long, "--ctx", "16384", "--drain-timeout", "60s")
+		const n, tokens = 2, 4000
 		streams := start(t, s, n, tokens)
 		s.signal(t, syscall.SIGTERM)
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -396,8 +404,8 @@ func TestDrain(t *testing.T) {
 	})
 
 	t.Run("timeout cancels", func(t *testing.T) {
-		s := startServer(t, "--model", model, "--ctx", "4096", "--drain-timeout", "100ms")
-		streams := start(t, s, 2, 1900)
+		s := startServer(t, "--model", long, "--ctx", "65536", "--drain-timeout", "100ms")
+		streams := start(t, s, 2, 30000)
 		s.signal(t, syscall.SIGTERM)
 		for i, c := range streams {
 			r := <-c
