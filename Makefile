@@ -24,7 +24,7 @@ LLAMA_STALE := $(GO) list -deps -f '{{if and .Stale .CgoFiles}}{{.ImportPath}}{{
 ## build: compile the kvgate binary into .bin/kvgate.
 build:
 	@v=; if $(LLAMA_STALE); then \
-	  echo "kvgate: first build with these CGO_CFLAGS: compiling llama.cpp and ggml's C/C++ (3-10 minutes on 2 cores; later builds take seconds)."; \
+	  echo "kvgate: first build with these CGO_CFLAGS: compiling llama.cpp and ggml's C/C++ (about 3 minutes on 2 cores, more on a busy machine; later builds take seconds)."; \
 	  echo "kvgate: -v lists each package once compiled; llama.cpp's C++ files take most of the time, with no output while they compile. ggml's compiler warnings (-Wstringop-overflow in repack.cpp) are expected."; \
 	  v="-v "; \
 	fi; \
