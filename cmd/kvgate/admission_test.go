@@ -324,7 +324,10 @@ func TestBatchingIsReal(t *testing.T) {
 	}
 	t.Logf("%d of %d batched streams equal their solo run token for token", equal, len(prompts))
 	t.Logf("8 concurrent streams of %d tokens took %d decode steps, %d of them once all 8 were with the worker (one stream needs %d)", n, steps, after, n)
-	if after > n {
+	// A stream handed to the worker while a step runs joins at the next
+	// one, so the step in progress when the last Started arrived may count
+	// too: n+1. Unbatched streams would take about 8n.
+	if after > n+1 {
 		t.Fatalf("%d decode steps after all 8 streams of %d tokens were with the worker: not batched", after, n)
 	}
 }
