@@ -118,7 +118,7 @@ func Ensure(ctx context.Context, src Source, cacheDir string, logf func(format s
 	}
 	dest := filepath.Join(cacheDir, src.Name)
 
-	switch sum, err := fileSHA256(dest); {
+	switch sum, err := FileSHA256(dest); {
 	case err == nil && sum == src.SHA256:
 		return dest, nil
 	case err == nil:
@@ -428,8 +428,8 @@ func installVerified(r io.Reader, src Source, dest string) (err error) {
 	return nil
 }
 
-// fileSHA256 returns the lowercase hex sha256 digest of the file at name.
-func fileSHA256(name string) (string, error) {
+// FileSHA256 returns the lowercase hex sha256 digest of the file at name.
+func FileSHA256(name string) (string, error) {
 	f, err := os.Open(name)
 	if err != nil {
 		return "", err

@@ -557,7 +557,7 @@ func TestKnownFromProxy(t *testing.T) {
 			if err != nil {
 				t.Fatalf("Ensure: %v", err)
 			}
-			sum, err := fileSHA256(got)
+			sum, err := FileSHA256(got)
 			if err != nil {
 				t.Fatal(err)
 			}

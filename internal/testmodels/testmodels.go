@@ -22,10 +22,7 @@ package testmodels
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"sync"
@@ -89,7 +86,7 @@ func get(name string) (string, error) {
 	}
 	for _, dir := range fastPaths() {
 		p := filepath.Join(dir, name)
-		if sum, err := fileSHA256(p); err == nil && sum == src.SHA256 {
+		if sum, err := models.FileSHA256(p); err == nil && sum == src.SHA256 {
 			return filepath.Abs(p)
 		}
 	}
@@ -139,19 +136,6 @@ func moduleRoot() (string, error) {
 		}
 		dir = parent
 	}
-}
-
-func fileSHA256(name string) (string, error) {
-	f, err := os.Open(name)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
 var (
