@@ -114,6 +114,17 @@ type Request struct {
 	IgnoreEOS bool
 	// Ledger is charged for the sequence's cells and finished at its end.
 	Ledger Ledger
+
+	// Admission: what the allocator needs beyond the prompt and MaxTokens.
+
+	// NoCache keeps the sequence out of the prefix cache.
+	NoCache bool
+	// QueueTimeout bounds the time spent queued; 0 means as long as Ctx
+	// allows.
+	QueueTimeout time.Duration
+	// Tenant names the sequence's tenant; CacheSalt partitions the prefix
+	// cache within it.
+	Tenant, CacheSalt string
 }
 
 // Event is a piece of generated text.

@@ -1,8 +1,8 @@
-// Package service is kvgate's thin gRPC layer. It validates requests, asks
-// the allocator for KV cells before anything is sent to the client, hands
-// admitted sequences to the native decode worker and streams their tokens
-// back. Domain errors from the allocator and the worker are translated to
-// gRPC status here, and only here (see toStatus).
+// Package service is kvgate's thin gRPC layer. It validates requests,
+// submits them to the engine, which admits them (the allocator's KV cells
+// are accounted for before anything is sent to the client) and runs them,
+// and streams their tokens back. Domain errors from the allocator and the
+// worker are translated to gRPC status here, and only here (see toStatus).
 package service
 
 import (
@@ -23,16 +23,37 @@ import (
 	"github.com/kvgate/kvgate/native"
 )
 
-// Admitter admits sequences into the KV-cell pool.
-type Admitter interface {
-	Admit(ctx context.Context, req allocator.Request) (*allocator.Lease, error)
-	Stats() allocator.Stats
+// Engine admits and runs sequences: native.Engine, wired by the server
+// package, or a fake in tests.
+type Engine interface {
+	// Submit admits req (blocking while it is queued) and starts it. An
+	// admission refusal is an *allocator.RejectError, returned before the
+	// sequence holds anything.
+	Submit(ctx context.Context, req native.Request) (Stream, error)
+	// Stats returns a snapshot of the allocator and the worker.
+	Stats() Stats
 }
 
-// Engine runs admitted sequences.
-type Engine interface {
-	Start(req native.Request) (*native.Stream, error)
-	Stats() native.EngineStats
+// Stream is one running sequence's output, as native.Stream delivers it.
+type Stream interface {
+	// Events delivers the generated text; it is closed after the last
+	// event.
+	Events() <-chan native.Event
+	// Result says how the sequence ended; it is valid once Events is
+	// closed.
+	Result() native.Result
+	// Failed reports, without waiting, that the sequence has ended with
+	// an error.
+	Failed() bool
+	// CachedTokens is the number of prompt tokens shared from the prefix
+	// cache at admission.
+	CachedTokens() int
+}
+
+// Stats is a snapshot of the allocator and the worker, for GetCacheStats.
+type Stats struct {
+	Allocator allocator.Stats
+	Engine    native.EngineStats
 }
 
 // Model is what the service needs of the loaded model.
@@ -93,6 +114,8 @@ type Config struct {
 	// Deterministic reports whether the engine runs in deterministic mode
 	// (native.EngineConfig.Deterministic), for GetModelInfo.
 	Deterministic bool
+	// SystemInfo is llama.cpp's system information, for GetModelInfo.
+	SystemInfo string
 	// Observer, when set, receives per-request latencies.
 	Observer Observer
 	// Tenant returns the caller's tenant; nil means DefaultTenant for all.
@@ -137,15 +160,14 @@ type Service struct {
 
 	cfg      Config
 	model    Model
-	alloc    Admitter
 	engine   Engine
 	maxPiece int // bytes of the model's longest token text
 	work     *semaphore.Weighted
 }
 
-// New returns a Service over an allocator and an engine sharing one model.
-// It derives the limits that depend on the model's vocabulary.
-func New(cfg Config, m Model, a Admitter, e Engine) *Service {
+// New returns a Service over an engine running model m. It derives the
+// limits that depend on the model's vocabulary.
+func New(cfg Config, m Model, e Engine) *Service {
 	if cfg.Observer == nil {
 		cfg.Observer = nopObserver{}
 	}
@@ -162,7 +184,7 @@ func New(cfg Config, m Model, a Admitter, e Engine) *Service {
 		cfg.WorkBudget = DefaultWorkBudget
 	}
 	cfg.WorkBudget = max(cfg.WorkBudget, cfg.MaxTokenizeBytes)
-	s := &Service{cfg: cfg, model: m, alloc: a, engine: e, work: semaphore.NewWeighted(int64(cfg.WorkBudget))}
+	s := &Service{cfg: cfg, model: m, engine: e, work: semaphore.NewWeighted(int64(cfg.WorkBudget))}
 	s.maxPiece = longestPiece(m)
 	lim := &s.cfg.Limits
 	// Every byte of a text ends up in some token's text, so a text longer
@@ -273,11 +295,15 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 		return toStatus(ctx, &PriorityError{Tenant: tenant.Name, Priority: r.priority, Max: tenant.MaxPriority})
 	}
 	ci.PromptTokens = len(r.prompt)
-	lease, err := s.alloc.Admit(ctx, allocator.Request{
-		Prompt:       r.prompt,
-		NoCache:      req.GetSkipPrefixCache(),
-		MaxTokens:    r.maxTokens,
+	out, err := s.engine.Submit(ctx, native.Request{
+		Ctx:          ctx,
 		Priority:     r.priority,
+		Prompt:       r.prompt,
+		MaxTokens:    r.maxTokens,
+		Sampling:     r.sampling,
+		Stop:         r.stop,
+		IgnoreEOS:    r.ignoreEOS,
+		NoCache:      req.GetSkipPrefixCache(),
 		QueueTimeout: time.Duration(req.GetQueueTimeoutMs()) * time.Millisecond,
 		Tenant:       tenant.Name,
 		CacheSalt:    req.GetCacheSalt(),
@@ -292,22 +318,8 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 	admitted := time.Now()
 	ci.QueueWait = admitted.Sub(arrived)
 	s.cfg.Observer.QueueWait(ci.QueueWait)
-	cached := lease.CachedTokens()
+	cached := out.CachedTokens()
 	ci.CachedTokens = cached
-	out, err := s.engine.Start(native.Request{
-		Ctx:       ctx,
-		SeqID:     lease.SeqID(),
-		Priority:  r.priority,
-		Prompt:    r.prompt,
-		MaxTokens: r.maxTokens,
-		Sampling:  r.sampling,
-		Stop:      r.stop,
-		IgnoreEOS: r.ignoreEOS,
-		Ledger:    s.ledgerFor(lease),
-	})
-	if err != nil {
-		return toStatus(ctx, err)
-	}
 	queueMS := msSince(arrived, admitted)
 	err = stream.Send(&kvgatev1.GenerateResponse{Event: &kvgatev1.GenerateResponse_Started{Started: &kvgatev1.Started{
 		RequestId:          req.GetRequestId(),
@@ -379,39 +391,6 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 		},
 	}}})
 }
-
-// reserveLedger adapts a lease admitted under the reserve policy: its
-// cells are all reserved up front, so the worker need not ask for each
-// token's cell (one allocator lock fewer per token).
-type reserveLedger struct{ *allocator.Lease }
-
-// ledger adapts a lease admitted under the optimistic policy, which grows
-// cell by cell and may be preempted.
-type ledger struct{ *allocator.Lease }
-
-// ledgerFor returns the engine's view of lease under the server's policy.
-func (s *Service) ledgerFor(lease *allocator.Lease) native.Ledger {
-	if s.cfg.AdmissionPolicy == allocator.PolicyOptimistic.String() {
-		return ledger{lease}
-	}
-	return reserveLedger{lease}
-}
-
-// Grow asks for n more cells; ok is false when the pool has none left and
-// the engine must preempt.
-func (l ledger) Grow(n int) (bool, error) {
-	err := l.Lease.Grow(n)
-	if errors.Is(err, allocator.ErrNoCells) {
-		return false, nil
-	}
-	return err == nil, err
-}
-
-var (
-	_ native.PrefixLedger = reserveLedger{}
-	_ native.PrefixLedger = ledger{}
-	_ native.GrowLedger   = ledger{}
-)
 
 func finishReason(r native.FinishReason) kvgatev1.FinishReason {
 	switch r {
@@ -510,7 +489,7 @@ func (s *Service) GetModelInfo(ctx context.Context, _ *kvgatev1.GetModelInfoRequ
 		MaxStopStringBytes:  uint32(s.cfg.Limits.MaxStopStringBytes),
 		MaxRunningSequences: uint32(s.cfg.MaxSequences),
 		MaxQueue:            uint32(s.cfg.MaxQueue),
-		SystemInfo:          native.SystemInfo(),
+		SystemInfo:          s.cfg.SystemInfo,
 		MaxPromptTokens:     uint32(effectiveLimit(s.cfg.Limits.MaxPromptTokens, s.cfg.Limits.MaxSequenceTokens-1)),
 		MaxCompletionTokens: uint32(effectiveLimit(s.cfg.Limits.MaxCompletionTokens, s.cfg.Limits.MaxSequenceTokens-1)),
 		AdmissionPolicy:     s.cfg.AdmissionPolicy,
@@ -528,8 +507,8 @@ func (s *Service) GetModelInfo(ctx context.Context, _ *kvgatev1.GetModelInfoRequ
 
 // GetCacheStats returns a snapshot of the allocator and the worker.
 func (s *Service) GetCacheStats(ctx context.Context, _ *kvgatev1.GetCacheStatsRequest) (*kvgatev1.GetCacheStatsResponse, error) {
-	a := s.alloc.Stats()
-	e := s.engine.Stats()
+	st := s.engine.Stats()
+	a, e := st.Allocator, st.Engine
 	return &kvgatev1.GetCacheStatsResponse{
 		CellsTotal:            uint32(a.CellsTotal),
 		CellsUsed:             uint32(a.CellsUsed),

@@ -242,20 +242,20 @@ func inProcessServer(b *testing.B, maxSeqs, cells int) *grpc.ClientConn {
 		b.Fatal(inprocErr)
 	}
 	m := inprocModel
-	engine, err := native.NewEngine(m, native.EngineConfig{Cells: cells, Batch: 512, MaxSequences: maxSeqs})
+	eng, err := native.NewEngine(m, native.EngineConfig{Cells: cells, Batch: 512, MaxSequences: maxSeqs})
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(engine.Close)
+	b.Cleanup(eng.Close)
 	limits := service.DefaultLimits()
-	limits.MaxSequenceTokens = min(engine.Cells(), m.Info().TrainingContext)
+	limits.MaxSequenceTokens = min(eng.Cells(), m.Info().TrainingContext)
 	alloc, err := allocator.New(allocator.Config{
-		Cells: engine.Cells(), MaxSequences: maxSeqs, MaxQueue: 256, MaxSequenceTokens: limits.MaxSequenceTokens,
+		Cells: eng.Cells(), MaxSequences: maxSeqs, MaxQueue: 256, MaxSequenceTokens: limits.MaxSequenceTokens,
 	})
 	if err != nil {
 		b.Fatal(err)
 	}
-	svc := service.New(service.Config{Limits: limits, Cells: engine.Cells(), MaxSequences: maxSeqs, MaxQueue: 256}, m, alloc, engine)
+	svc := service.New(service.Config{Limits: limits, Cells: eng.Cells(), MaxSequences: maxSeqs, MaxQueue: 256}, m, engineAdapter{alloc: alloc, eng: eng})
 	lis := bufconn.Listen(1 << 20)
 	srv := grpc.NewServer()
 	svc.Register(srv)

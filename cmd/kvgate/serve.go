@@ -419,7 +419,7 @@ func serve(ctx context.Context, args []string) error {
 		}
 	}
 
-	model, svc, eng, al, err := loadAndBuild(ctx, &c, log, policy, sec, metrics)
+	model, svc, engn, al, err := loadAndBuild(ctx, &c, log, policy, sec, metrics)
 	if err != nil {
 		hs.Shutdown()
 		stopAll()
@@ -430,7 +430,7 @@ func serve(ctx context.Context, args []string) error {
 		return err
 	}
 	defer model.Close()
-	engine, alloc = eng, al
+	engine, alloc = engn, al
 	gate.Ready(svc)
 	if metrics != nil {
 		metrics.SetLoading(false)
@@ -559,7 +559,8 @@ func loadAndBuild(ctx context.Context, c *serveConfig, log *slog.Logger, policy 
 	if metrics != nil {
 		scfg.Observer = metrics
 	}
-	return model, service.New(scfg, model, alloc, engine), engine, alloc, nil
+	scfg.SystemInfo = native.SystemInfo()
+	return model, service.New(scfg, model, engineAdapter{alloc: alloc, eng: engine, optimistic: policy == allocator.PolicyOptimistic}), engine, alloc, nil
 }
 
 // checkMemory estimates, from the model's header, the memory of a context
