@@ -37,12 +37,6 @@ type Config struct {
 	// cache is evicted, least recently used first, whenever cells or
 	// sequence ids are needed.
 	PrefixCache bool
-	// OnEvict, when set, is called with the sequence id of every cached
-	// sequence the Allocator evicts, in order and with the Allocator's lock
-	// held; the KV cache's owner must remove that sequence's cells before it
-	// runs any sequence admitted after the call. It must not block or call
-	// back into the Allocator.
-	OnEvict func(seq int)
 	// Policy selects the admission policy; the zero value is PolicyReserve.
 	Policy Policy
 	// Watermark is, under PolicyOptimistic, the free cells a request must
@@ -70,6 +64,10 @@ type Config struct {
 	// PolicyReserve are taken from a simulation of the schedule instead of
 	// the drain rate; see the package documentation.
 	StepRate func() float64
+	// ReportsStepRate says that the KV cache's owner reports its step rate
+	// with every Apply (Step.StepRate) instead: wait estimates then work as
+	// with StepRate, from the last rate reported.
+	ReportsStepRate bool
 	// Batch is the decode worker's token budget of one step (n_batch);
 	// wait estimates count ceil(prompt tokens / Batch) steps to prefill a
 	// prompt. 0 counts every prefill as one step. It must not be negative.
@@ -214,6 +212,14 @@ type Allocator struct {
 	prompts     uint64
 	evictions   uint64
 	preemptions uint64
+	// The owner's side (see Apply): sequences evicted and leases resumed
+	// since its last Apply, and the last step rate it reported.
+	evicted  []int
+	evictSet [MaxSequencesLimit / 64]uint64
+	resumed  []*Lease
+	wake     chan struct{}
+	stepRate float64
+	applies  uint64
 	// usedFrac is the moving average of the fraction of MaxTokens that
 	// finished leases generated; it starts at 1.
 	usedFrac float64
@@ -290,6 +296,7 @@ func New(cfg Config) (*Allocator, error) {
 		tenants:  make(map[string]*tenantState),
 		entries:  make(map[int]*entry),
 		usedFrac: 1,
+		wake:     make(chan struct{}, 1),
 	}
 	a.start = a.now()
 	for id := range cfg.MaxSequences {
@@ -484,7 +491,8 @@ func (a *Allocator) Drain() {
 }
 
 // FlushCache evicts every cached sequence that no new sequence is about to
-// copy from, calling OnEvict for each, and returns the cells freed. A
+// copy from, and returns the cells freed; the next Apply reports the
+// evicted sequences. A
 // draining server calls it last, so that it exits with no cell in use.
 func (a *Allocator) FlushCache() int {
 	a.mu.Lock()

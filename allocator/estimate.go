@@ -25,14 +25,22 @@ type waitEstimate struct {
 // the newest arrival of its priority in its tenant's queue. w itself need
 // not be queued. See the package documentation, section Estimate:
 //
-//   - without Config.StepRate, the drain-rate estimate, confident once the
+//   - without Config.StepRate or Config.ReportsStepRate, the drain-rate estimate, confident once the
 //     drain rate is known;
 //   - with a StepRate that is known, under PolicyReserve, the schedule
 //     simulation, confident;
 //   - otherwise the drain-rate estimate, which only informs RetryAfter.
+func (a *Allocator) stepRateLocked() float64 {
+	if a.cfg.StepRate != nil {
+		return a.cfg.StepRate()
+	}
+	return a.stepRate
+}
+
 func (a *Allocator) estimateLocked(w *waiter, now time.Time) waitEstimate {
-	if a.cfg.StepRate != nil && a.cfg.Policy == PolicyReserve {
-		if rate := a.cfg.StepRate(); rate > 0 && !math.IsInf(rate, 1) {
+	scheduled := a.cfg.StepRate != nil || a.cfg.ReportsStepRate
+	if scheduled && a.cfg.Policy == PolicyReserve {
+		if rate := a.stepRateLocked(); rate > 0 && !math.IsInf(rate, 1) {
 			steps := a.scheduleLocked(w, now, rate)
 			wait := secondsToDuration(steps / rate)
 			return waitEstimate{wait: wait, known: true, confident: wait > 0}
@@ -40,7 +48,7 @@ func (a *Allocator) estimateLocked(w *waiter, now time.Time) waitEstimate {
 	}
 	mustDrain := w.need + a.cellsAheadLocked(w) - a.availLocked()
 	est, known := a.drainEstimateLocked(mustDrain, now)
-	return waitEstimate{wait: est, known: known, confident: a.cfg.StepRate == nil && known && mustDrain > 0}
+	return waitEstimate{wait: est, known: known, confident: !scheduled && known && mustDrain > 0}
 }
 
 // cellsAheadLocked returns, for the drain-rate estimate, the cells the

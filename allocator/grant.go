@@ -128,6 +128,15 @@ func (a *Allocator) grantLocked(w *waiter, p plan, now time.Time) *Lease {
 		a.prompts += uint64(w.tokens)
 	} else {
 		l.waiter = nil
+		if l.stepped {
+			// Requeued by Apply: the owner learns of the resume from the
+			// next Apply, and is woken if it waits for one.
+			a.resumed = append(a.resumed, l)
+			select {
+			case a.wake <- struct{}{}:
+			default:
+			}
+		}
 	}
 	l.seq, l.entry, l.cells, l.charged = seq, e, p.reserve, 0
 	l.fresh = w.tokens - p.prefix
@@ -188,7 +197,7 @@ func (a *Allocator) evictOneLocked() {
 	}
 }
 
-// evictLocked drops a cached entry and tells the cache's owner.
+// evictLocked drops a cached entry; the next Apply tells the cache's owner.
 func (a *Allocator) evictLocked(e *entry) {
 	a.lru.Remove(e.lru)
 	e.lru = nil
@@ -198,9 +207,7 @@ func (a *Allocator) evictLocked(e *entry) {
 	a.freeIDLocked(e.seq)
 	a.evictions++
 	a.drained.add(a.now(), freed)
-	if a.cfg.OnEvict != nil {
-		a.cfg.OnEvict(e.seq)
-	}
+	a.noteEvictedLocked(e.seq)
 }
 
 // idFreeLocked reports whether a sequence id is free.

@@ -43,6 +43,14 @@ type deadlineCtx struct {
 
 func (c deadlineCtx) Deadline() (time.Time, bool) { return c.deadline, true }
 
+// evictions returns the sequences a evicted since the last Apply, as the
+// KV cache's owner learns of them.
+func evictions(a *Allocator) []int {
+	var s Step
+	a.Apply(&s)
+	return s.Evicted
+}
+
 func mustNew(t testing.TB, cfg Config) *Allocator {
 	t.Helper()
 	a, err := New(cfg)

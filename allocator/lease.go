@@ -40,6 +40,8 @@ type Lease struct {
 	waiter   *waiter // set while requeued
 	fresh    int     // prompt tokens of this run not shared from the cache
 	genBase  int     // tokens generated before the last preemption
+	stepped  bool    // requeued by Apply: its resume is reported by Apply
+	mark     uint64  // the Apply that last preempted it
 }
 
 // SeqID returns the sequence id held by the lease. It changes when a
@@ -73,9 +75,13 @@ func (l *Lease) CachedTokens() int {
 // Copied reports that the prefix has been copied, so that its source may be
 // evicted again.
 func (l *Lease) Copied() {
+	l.a.mu.Lock()
+	defer l.a.mu.Unlock()
+	l.copiedLocked()
+}
+
+func (l *Lease) copiedLocked() {
 	a := l.a
-	a.mu.Lock()
-	defer a.mu.Unlock()
 	if !l.copied {
 		l.copied = true
 		a.unpinLocked(l.src)
@@ -139,9 +145,13 @@ func (l *Lease) Charge(n int) error {
 // sequence: their cells move from reserved to used, and they become a
 // prefix later requests can share. Errors are as for Charge.
 func (l *Lease) Commit(tokens []int32) error {
+	l.a.mu.Lock()
+	defer l.a.mu.Unlock()
+	return l.commitTokensLocked(tokens)
+}
+
+func (l *Lease) commitTokensLocked(tokens []int32) error {
 	a := l.a
-	a.mu.Lock()
-	defer a.mu.Unlock()
 	if err := l.checkChargeLocked(len(tokens)); err != nil {
 		return err
 	}
@@ -186,9 +196,13 @@ func (l *Lease) Grow(n int) error {
 	if n < 0 {
 		return fmt.Errorf("%w: grow by %d cells", ErrInvalidRequest, n)
 	}
+	l.a.mu.Lock()
+	defer l.a.mu.Unlock()
+	return l.growLocked(n)
+}
+
+func (l *Lease) growLocked(n int) error {
 	a := l.a
-	a.mu.Lock()
-	defer a.mu.Unlock()
 	if l.released || l.entry == nil {
 		return fmt.Errorf("%w: grow sequence %d", ErrReleased, l.seq)
 	}
@@ -227,9 +241,13 @@ func (l *Lease) Release() {
 }
 
 func (l *Lease) end(keep bool) bool {
+	l.a.mu.Lock()
+	defer l.a.mu.Unlock()
+	return l.endLocked(keep)
+}
+
+func (l *Lease) endLocked(keep bool) bool {
 	a := l.a
-	a.mu.Lock()
-	defer a.mu.Unlock()
 	if l.released {
 		return false
 	}
@@ -258,9 +276,13 @@ func (l *Lease) end(keep bool) bool {
 // sequence may run again, with a new sequence id and prefix (SeqID,
 // Prefix).
 func (l *Lease) Requeue(tokens []int32) (keep bool, resumed <-chan struct{}, err error) {
+	l.a.mu.Lock()
+	defer l.a.mu.Unlock()
+	return l.requeueLocked(tokens)
+}
+
+func (l *Lease) requeueLocked(tokens []int32) (keep bool, resumed <-chan struct{}, err error) {
 	a := l.a
-	a.mu.Lock()
-	defer a.mu.Unlock()
 	if l.released || l.entry == nil {
 		return false, nil, fmt.Errorf("%w: requeue sequence %d", ErrReleased, l.seq)
 	}
@@ -303,6 +325,19 @@ func (l *Lease) Load() float64 {
 	l.a.mu.Lock()
 	defer l.a.mu.Unlock()
 	return l.a.loadLocked(l.tenant)
+}
+
+// Prepared is what the KV cache's owner needs to start an admitted
+// sequence: its sequence id and the cached prefix to copy, read under one
+// lock.
+func (l *Lease) Prepared() (seq, src, n int) {
+	l.a.mu.Lock()
+	defer l.a.mu.Unlock()
+	src = -1
+	if l.src != nil && !l.copied {
+		src = l.src.seq
+	}
+	return l.seq, src, l.prefix
 }
 
 // Admitted returns when the lease was granted, by Config.Now.

@@ -128,8 +128,7 @@ func (kv kvModel) start(t *testing.T, l *Lease, prompt []int32) {
 
 func TestPrefixSharing(t *testing.T) {
 	var evicted []int
-	a, err := New(Config{Cells: 64, MaxSequences: 8, MaxRunning: 4, MaxQueue: 4, PrefixCache: true,
-		OnEvict: func(seq int) { evicted = append(evicted, seq) }})
+	a, err := New(Config{Cells: 64, MaxSequences: 8, MaxRunning: 4, MaxQueue: 4, PrefixCache: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,6 +140,7 @@ func TestPrefixSharing(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		evicted = append(evicted, evictions(a)...)
 		kv.start(t, l, prompt)
 		_, n := l.Prefix()
 		rest := prompt[n:]
@@ -232,6 +232,7 @@ func TestPrefixSharing(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustCheck(t, a)
+	evicted = append(evicted, evictions(a)...)
 	if len(evicted) == 0 || a.Stats().Evictions == 0 {
 		t.Fatal("nothing evicted under pressure")
 	}
@@ -245,8 +246,7 @@ func TestPrefixSharing(t *testing.T) {
 
 func TestPinnedSourceSurvivesEviction(t *testing.T) {
 	var evicted []int
-	a, _ := New(Config{Cells: 32, MaxSequences: 4, MaxRunning: 4, MaxQueue: 4, PrefixCache: true,
-		OnEvict: func(seq int) { evicted = append(evicted, seq) }})
+	a, _ := New(Config{Cells: 32, MaxSequences: 4, MaxRunning: 4, MaxQueue: 4, PrefixCache: true})
 	ctx := context.Background()
 	p := []int32{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}
 	l1, _ := a.Admit(ctx, Request{Prompt: p, MaxTokens: 1})
@@ -263,6 +263,7 @@ func TestPinnedSourceSurvivesEviction(t *testing.T) {
 	if _, err := a.Admit(ctxT, Request{PromptTokens: 20, MaxTokens: 10}); err == nil {
 		t.Fatal("admitted by evicting a pinned prefix")
 	}
+	evicted = append(evicted, evictions(a)...)
 	if len(evicted) != 0 {
 		t.Fatalf("evicted %v while pinned", evicted)
 	}
@@ -273,6 +274,7 @@ func TestPinnedSourceSurvivesEviction(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	evicted = append(evicted, evictions(a)...)
 	if len(evicted) != 1 || evicted[0] != l1.SeqID() {
 		t.Fatalf("evicted %v, want [%d]", evicted, l1.SeqID())
 	}
@@ -282,8 +284,7 @@ func TestPinnedSourceSurvivesEviction(t *testing.T) {
 
 func TestSequenceIDPressureEvictsLRU(t *testing.T) {
 	var evicted []int
-	a, _ := New(Config{Cells: 1000, MaxSequences: 3, MaxRunning: 2, MaxQueue: 4, PrefixCache: true,
-		OnEvict: func(seq int) { evicted = append(evicted, seq) }})
+	a, _ := New(Config{Cells: 1000, MaxSequences: 3, MaxRunning: 2, MaxQueue: 4, PrefixCache: true})
 	ctx := context.Background()
 	seqs := []int{}
 	for i := range 4 {
@@ -296,6 +297,7 @@ func TestSequenceIDPressureEvictsLRU(t *testing.T) {
 		seqs = append(seqs, l.SeqID())
 		l.Finish()
 	}
+	evicted = append(evicted, evictions(a)...)
 	if len(evicted) != 1 || evicted[0] != seqs[0] {
 		t.Fatalf("evicted %v, want the least recently used %d", evicted, seqs[0])
 	}
@@ -383,7 +385,7 @@ func TestPrefixProperty(t *testing.T) {
 func prefixScenario(t *testing.T, r *rand.Rand, policy Policy, ops int) {
 	kv := kvModel{}
 	a, err := New(Config{Cells: 96, MaxSequences: 10, MaxRunning: 4, MaxQueue: 0, PrefixCache: true,
-		Policy: policy, Watermark: 4, OnEvict: func(seq int) { delete(kv, seq) }})
+		Policy: policy, Watermark: 4})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -413,6 +415,9 @@ func prefixScenario(t *testing.T, r *rand.Rand, policy Policy, ops int) {
 				Tenant: part.tenant, CacheSalt: part.salt})
 			if err != nil {
 				continue // QUEUE_FULL: nothing waits here
+			}
+			for _, seq := range evictions(a) {
+				delete(kv, seq)
 			}
 			if src, n := l.Prefix(); n > 0 && parts[src] != part {
 				t.Fatalf("request of %+v shares %d tokens from sequence %d of %+v", part, n, src, parts[src])
@@ -448,6 +453,9 @@ func prefixScenario(t *testing.T, r *rand.Rand, policy Policy, ops int) {
 					s.l.Release() // the test gives up on it
 					running = slices.DeleteFunc(running, func(x *live) bool { return x == s })
 					break
+				}
+				for _, seq := range evictions(a) {
+					delete(kv, seq)
 				}
 				tok = []int32{int32(r.IntN(3))}
 			}

@@ -1,3 +1,13 @@
+// Package native is kvgate's decode worker: one goroutine that owns a
+// llama.cpp context (a Backend) and runs every admitted sequence in one
+// llama_decode per step. It is pure Go; package native/llama is the cgo
+// binding that implements Backend, and the worker's tests run against a
+// fake that checks llama.cpp's rules.
+//
+// A step is one-way: the worker reports what the last step did and what
+// the next one needs to the allocator in one Apply, carries out the answer
+// (evictions, preemptions, resumes), plans the batch (a planner: plain, or
+// ordered for deterministic mode), decodes it, and samples.
 package native
 
 import (
@@ -5,10 +15,10 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"runtime"
-	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/kvgate/kvgate/allocator"
 )
 
 // Errors that end a sequence early. They are domain errors; the service maps
@@ -23,49 +33,10 @@ var (
 	// KV slot even for the smallest batch: the last resort that keeps every
 	// other sequence running.
 	ErrSequenceAborted = errors.New("sequence aborted: no KV slot")
-	// ErrBadRequest reports a request the engine cannot run.
+	// ErrBadRequest reports a request the engine cannot run: a prompt
+	// token outside the vocabulary.
 	ErrBadRequest = errors.New("bad sequence request")
 )
-
-// Ledger is the engine's view of the allocator's account for one sequence.
-// Commit is called as tokens enter the KV cache; Finish exactly once when
-// the sequence ends. When Finish returns true the sequence's cells stay in
-// the KV cache (the allocator keeps them as prefix cache and will evict them
-// through Engine.Evict); otherwise the engine removes them.
-type Ledger interface {
-	Commit(tokens []int32) error
-	Finish() (keep bool)
-}
-
-// PrefixLedger is a Ledger whose sequence may start with cells shared from
-// another sequence: the engine copies positions [0, n) of sequence src
-// (llama_memory_seq_cp, which only tags the cells in a unified cache) and
-// then calls Copied.
-type PrefixLedger interface {
-	Ledger
-	Prefix() (src, n int)
-	Copied()
-}
-
-// GrowLedger is a Ledger under optimistic admission: the engine asks for
-// cells before decoding tokens, and preempts a sequence when Grow reports
-// that none are left (ok false). Requeue gives a preempted sequence's cells
-// back and queues it to run again with tokens as its prompt; resumed is
-// closed when it may, and SeqID then names its new sequence id.
-//
-// Load reports how far the sequence's tenant is over its fair share: the
-// cells its tenant holds divided by the tenant's weight. The engine preempts
-// from the tenant with the highest Load first (see Engine.victim), so all
-// of one tenant's sequences must report the same value at a given moment.
-// The engine calls it only when cells have run out; a NaN counts as the
-// highest load.
-type GrowLedger interface {
-	Ledger
-	Grow(n int) (ok bool, err error)
-	Requeue(tokens []int32) (keep bool, resumed <-chan struct{}, err error)
-	SeqID() int
-	Load() float64
-}
 
 // FinishReason says why a sequence ended normally.
 type FinishReason int
@@ -91,16 +62,11 @@ func (r FinishReason) String() string {
 	return "none"
 }
 
-// Request is one admitted sequence.
+// Request is one sequence to admit and run.
 type Request struct {
-	// Ctx ends the sequence at the next step when it is done.
-	Ctx context.Context
-	// SeqID is the llama.cpp sequence id the allocator assigned, in
-	// [0, MaxSequenceIDs).
-	SeqID int
-	// Priority orders preemption within a tenant: among the sequences of
-	// the most loaded tenant (GrowLedger.Load), the lowest priority, most
-	// recently started one goes first.
+	// Priority orders the queue of the request's tenant, and preemption
+	// within the tenant: among the sequences of the most loaded tenant,
+	// the lowest priority, most recently started one goes first.
 	Priority int32
 	// Prompt holds the prompt's token ids, all in the vocabulary.
 	Prompt []int32
@@ -112,15 +78,10 @@ type Request struct {
 	Stop []string
 	// IgnoreEOS keeps generating past end-of-generation tokens.
 	IgnoreEOS bool
-	// Ledger is charged for the sequence's cells and finished at its end.
-	Ledger Ledger
-
-	// Admission: what the allocator needs beyond the prompt and MaxTokens.
-
 	// NoCache keeps the sequence out of the prefix cache.
 	NoCache bool
-	// QueueTimeout bounds the time spent queued; 0 means as long as Ctx
-	// allows.
+	// QueueTimeout bounds the time spent queued; 0 means as long as the
+	// context allows.
 	QueueTimeout time.Duration
 	// Tenant names the sequence's tenant; CacheSalt partitions the prefix
 	// cache within it.
@@ -157,7 +118,12 @@ type Stream struct {
 	events chan Event
 	result Result
 	failed atomic.Bool
+	cached int
 }
+
+// CachedTokens returns the prompt tokens shared from the prefix cache at
+// admission.
+func (s *Stream) CachedTokens() int { return s.cached }
 
 // Events returns the stream's events, closed at the end.
 func (s *Stream) Events() <-chan Event { return s.events }
@@ -171,17 +137,18 @@ func (s *Stream) Failed() bool { return s.failed.Load() }
 
 // EngineConfig configures an Engine.
 type EngineConfig struct {
-	// Cells is the KV-cell pool size requested from llama.cpp.
-	Cells int
-	// Batch is the token budget of one decode step (n_batch).
-	Batch int
-	// MaxSequences bounds the sequences running at once. Sequence ids may
-	// go up to MaxSequenceIDs, for cached sequences.
-	MaxSequences int
-	// Threads is the CPU thread count; 0 means all CPUs.
-	Threads int
-	// KVType is the KV cache's element type: "f16" (default) or "f32".
-	KVType string
+	// Open creates the backend. The worker calls it on its own goroutine,
+	// locked to its OS thread, and closes the backend when it stops.
+	Open func() (Backend, error)
+	// Vocab is the model's vocabulary.
+	Vocab Vocab
+	// Admission configures the allocator the engine creates once the
+	// backend exists and admits every sequence with. The engine sets its
+	// Cells to the backend's cells (less the padding token's in
+	// deterministic mode), its Batch to the step's token budget and
+	// ReportsStepRate, and keeps Watermark below Cells. Its MaxRunning (or
+	// MaxSequences when 0) bounds the sequences running at once.
+	Admission allocator.Config
 	// StreamBuffer is how many events a stream may hold before its reader
 	// counts as too slow; 0 means 1024.
 	StreamBuffer int
@@ -204,10 +171,10 @@ type EngineConfig struct {
 	//     when its next token would land below its earlier ones, and
 	//     recomputes it from scratch when it has waited HoldLimit steps.
 	// It costs the padding token where a step has a single token, and held
-	// steps and recomputation when cells run short. Sequence ids must be
-	// below RetiredSequence, and prefix sharing (Ledger.Prefix) is not
-	// allowed, because a shared prefix pins a sequence's lowest cells where
-	// others put them.
+	// steps and recomputation when cells run short. It needs the prefix
+	// cache off (a shared prefix pins a sequence's lowest cells where
+	// others put them) and Admission.MaxSequences below RetiredSequence;
+	// NewEngine checks both.
 	Deterministic bool
 }
 
@@ -251,13 +218,13 @@ type EngineStats struct {
 	Held, Relocated, Padded, Disordered uint64
 }
 
-// Engine is the single decode worker. It owns the llama.cpp context and runs
-// every admitted sequence in one llama_decode per step: one token for each
-// decoding sequence plus prefill chunks of new prompts, up to the batch
-// budget.
+// Engine is the decode worker and the front door to it: Submit admits a
+// sequence with the engine's allocator and hands it to the worker, which
+// owns the backend and runs every sequence in one Decode per step.
 type Engine struct {
-	model  *Model
 	cfg    EngineConfig
+	vocab  Vocab
+	alloc  *allocator.Allocator
 	cells  int
 	batch  int
 	submit chan *sequence
@@ -274,82 +241,37 @@ type Engine struct {
 	// worker alone writes it.
 	stepNanos atomic.Uint64
 
-	evictMu sync.Mutex
-	evicts  []int // sequences to remove from the cache, in order
-
-	// Owned by the worker goroutine.
-	ctx     *Context
-	b       *Batch
-	active  []*sequence // in the order they (re)started
-	paused  []*sequence // preempted, waiting to resume
-	piece   []byte
-	drained []int
-	// Deterministic mode (EngineConfig.Deterministic): the mirror of
-	// llama.cpp's cells and scratch space for placing a batch.
-	cmap       *cellMap
-	order      []*sequence
-	bseq, bpos []int32
-	placed     []int32
-	outputs    int
-	padIdx     int
+	w worker // owned by the worker goroutine
 }
 
-type seqState int
-
-const (
-	statePrefill seqState = iota
-	stateDecode
-	statePaused
-)
-
-type sequence struct {
-	req       Request
-	stream    *Stream
-	sampler   *Sampler
-	seq       int // current llama.cpp sequence id
-	inCache   bool
-	toks      []int32 // prompt, then every generated token fed back
-	state     seqState
-	nPast     int // tokens in the cache
-	chunk     int // tokens of toks in the current batch
-	out       int // output index in the current batch, or -1
-	next      int32
-	one       [1]int32
-	generated int
-	ledgered  int  // tokens of toks committed to the Ledger
-	grown     bool // Grow gave a cell for the pending token
-	held      int  // steps in a row a deterministic engine held s back
-	skip      bool // held back this step
-	force     bool // may break its cell order this step, to make progress
-	moves     int  // times recomputed to keep order since its last token
-	resumed   <-chan struct{}
-	cancelled atomic.Bool
-	stopWatch func() bool
-	text      textBuffer
-}
-
-// NewEngine starts the decode worker for m. It returns once the context
-// exists, or with the error that prevented it. Close stops the worker.
-func NewEngine(m *Model, cfg EngineConfig) (*Engine, error) {
-	if cfg.MaxSequences <= 0 || cfg.MaxSequences > MaxSequenceIDs {
-		return nil, fmt.Errorf("engine: max sequences %d outside [1, %d]", cfg.MaxSequences, MaxSequenceIDs)
+// NewEngine starts the decode worker. It returns once the backend and the
+// allocator exist, or with the error that prevented them. Close stops the
+// worker.
+func NewEngine(cfg EngineConfig) (*Engine, error) {
+	ids := cfg.Admission.MaxSequences
+	running := cfg.Admission.MaxRunning
+	if running == 0 {
+		running = ids
 	}
-	if cfg.Deterministic && cfg.MaxSequences >= RetiredSequence {
-		return nil, fmt.Errorf("engine: deterministic: max sequences %d leaves no ids for padding and retired cells (want < %d)", cfg.MaxSequences, RetiredSequence)
-	}
-	if cfg.Batch < cfg.MaxSequences {
-		cfg.Batch = cfg.MaxSequences
-	}
-	if cfg.Deterministic {
-		cfg.Batch++ // room for the padding token
+	switch {
+	case cfg.Open == nil || cfg.Vocab == nil:
+		return nil, errors.New("engine: Open and Vocab are required")
+	case ids <= 0 || ids > MaxSequenceIDs:
+		return nil, fmt.Errorf("engine: max sequences %d outside [1, %d]", ids, MaxSequenceIDs)
+	case running < 0 || running > ids:
+		return nil, fmt.Errorf("engine: max running %d outside [1, %d]", running, ids)
+	case cfg.Deterministic && ids >= RetiredSequence:
+		return nil, fmt.Errorf("engine: deterministic: max sequences %d leaves no ids for padding and retired cells (want < %d)", ids, RetiredSequence)
+	case cfg.Deterministic && cfg.Admission.PrefixCache:
+		return nil, errDeterministicPrefix
 	}
 	if cfg.StreamBuffer <= 0 {
 		cfg.StreamBuffer = 1024
 	}
 	e := &Engine{
-		model:  m,
 		cfg:    cfg,
-		submit: make(chan *sequence, cfg.MaxSequences),
+		vocab:  cfg.Vocab,
+		submit: make(chan *sequence, running),
 		quit:   make(chan struct{}),
 		done:   make(chan struct{}),
 	}
@@ -360,6 +282,10 @@ func NewEngine(m *Model, cfg EngineConfig) (*Engine, error) {
 	}
 	return e, nil
 }
+
+// errDeterministicPrefix refuses a deterministic engine with a prefix
+// cache: a misconfigured server, not a bad request.
+var errDeterministicPrefix = errors.New("engine: a deterministic engine cannot share prefixes; turn the prefix cache off")
 
 // StepRateWeight is the weight of the newest step in the moving average
 // behind Engine.StepRate.
@@ -396,6 +322,10 @@ func (e *Engine) Cells() int { return e.cells }
 // Batch returns the per-step token budget.
 func (e *Engine) Batch() int { return e.batch }
 
+// Allocator returns the allocator that admits the engine's sequences, for
+// its statistics, Drain, Idle and FlushCache.
+func (e *Engine) Allocator() *allocator.Allocator { return e.alloc }
+
 // Stats returns the worker's counters.
 func (e *Engine) Stats() EngineStats {
 	return EngineStats{
@@ -415,7 +345,7 @@ func (e *Engine) Stats() EngineStats {
 	}
 }
 
-// Close ends every running sequence with ErrEngineClosed, frees the context
+// Close ends every running sequence with ErrEngineClosed, frees the backend
 // and waits for the worker to exit. It is idempotent.
 func (e *Engine) Close() {
 	if e.closed.CompareAndSwap(false, true) {
@@ -424,806 +354,36 @@ func (e *Engine) Close() {
 	<-e.done
 }
 
-// Evict removes a cached sequence's cells from the KV cache before the
-// next decode and before any sequence started after the call. It does not
-// block; the allocator calls it when it evicts a prefix cache entry. An id
-// outside [0, MaxSequenceIDs) is ignored.
-func (e *Engine) Evict(seq int) {
-	if !validSeq(seq) {
-		return
+// Submit admits req with the engine's allocator, blocking while it is
+// queued, and hands it to the worker: it is where a request is admitted.
+// ctx ends the sequence, queued or running, at the next step when it is
+// done. A refusal is the allocator's (*allocator.RejectError, or an error
+// wrapping allocator.ErrInvalidRequest); a prompt token outside the
+// vocabulary wraps ErrBadRequest and ErrTokenOutOfRange.
+func (e *Engine) Submit(ctx context.Context, req Request) (*Stream, error) {
+	if i := e.vocab.ValidTokens(req.Prompt); i >= 0 {
+		return nil, fmt.Errorf("%w: %w: prompt[%d] = %d", ErrBadRequest, ErrTokenOutOfRange, i, req.Prompt[i])
 	}
-	e.evictMu.Lock()
-	e.evicts = append(e.evicts, seq)
-	e.evictMu.Unlock()
-}
-
-// removeEvicted carries out pending evictions. It runs on the worker.
-func (e *Engine) removeEvicted() {
-	e.evictMu.Lock()
-	e.drained, e.evicts = e.evicts, e.drained[:0]
-	e.evictMu.Unlock()
-	for _, seq := range e.drained {
-		e.seqRemove(seq)
-		e.evicted.Add(1)
+	if e.closed.Load() {
+		return nil, ErrEngineClosed
 	}
-}
-
-// seqRemove removes seq's tokens from the cache (and from the mirror).
-func (e *Engine) seqRemove(seq int) {
-	e.ctx.SeqRemove(seq, -1, -1)
-	if e.cmap != nil {
-		e.cmap.remove(seq)
-	}
-}
-
-// release takes seq's tokens out of the cache when the sequence is done
-// with them. A deterministic engine moves the cells to RetiredSequence
-// instead (seq_cp then seq_rm frees nothing and leaves llama.cpp's head
-// alone), so that no hole opens below a running sequence.
-func (e *Engine) release(seq int) {
-	if e.cmap == nil {
-		e.seqRemove(seq)
-		return
-	}
-	if e.cmap.maxCell[seq] >= 0 {
-		e.ctx.SeqCopy(seq, RetiredSequence, -1, -1)
-		e.cmap.copyPrefix(seq, RetiredSequence, math.MaxInt32)
-	}
-	e.seqRemove(seq)
-}
-
-// retired reports whether RetiredSequence holds cells.
-func (e *Engine) retired() bool { return e.cmap != nil && e.cmap.maxCell[RetiredSequence] >= 0 }
-
-// freeRetired frees the cells of RetiredSequence.
-func (e *Engine) freeRetired() {
-	if e.retired() {
-		e.seqRemove(RetiredSequence)
-	}
-}
-
-// Start hands an admitted sequence to the worker. The engine finishes the
-// sequence's Ledger when the sequence ends, also when Start fails.
-func (e *Engine) Start(req Request) (*Stream, error) {
-	fail := func(err error) (*Stream, error) {
-		if req.Ledger != nil {
-			req.Ledger.Finish()
-		}
+	lease, err := e.alloc.Admit(ctx, allocator.Request{
+		Prompt: req.Prompt, NoCache: req.NoCache, MaxTokens: req.MaxTokens, Priority: req.Priority,
+		Tenant: req.Tenant, CacheSalt: req.CacheSalt, QueueTimeout: req.QueueTimeout,
+	})
+	if err != nil {
 		return nil, err
 	}
-	switch {
-	case req.Ledger == nil || req.Ctx == nil:
-		return fail(fmt.Errorf("%w: ledger and context are required", ErrBadRequest))
-	case req.SeqID < 0 || req.SeqID >= MaxSequenceIDs:
-		return fail(fmt.Errorf("%w: sequence id %d outside [0, %d)", ErrBadRequest, req.SeqID, MaxSequenceIDs))
-	case e.cfg.Deterministic && req.SeqID >= RetiredSequence:
-		return fail(fmt.Errorf("%w: sequence id %d is reserved by the deterministic engine", ErrBadRequest, req.SeqID))
-	case len(req.Prompt) == 0:
-		return fail(fmt.Errorf("%w: empty prompt", ErrBadRequest))
-	case req.MaxTokens <= 0:
-		return fail(fmt.Errorf("%w: max tokens %d", ErrBadRequest, req.MaxTokens))
-	case len(req.Prompt)+req.MaxTokens > e.cells:
-		return fail(fmt.Errorf("%w: %d prompt + %d max tokens exceed %d cells", ErrBadRequest, len(req.Prompt), req.MaxTokens, e.cells))
-	}
-	if i := e.model.ValidTokens(req.Prompt); i >= 0 {
-		return fail(fmt.Errorf("%w: %w: prompt[%d] = %d", ErrBadRequest, ErrTokenOutOfRange, i, req.Prompt[i]))
-	}
-	s := &sequence{req: req, stream: &Stream{events: make(chan Event, e.cfg.StreamBuffer)}, out: -1, seq: req.SeqID}
-	s.stopWatch = context.AfterFunc(req.Ctx, func() { s.cancelled.Store(true) })
+	s := &sequence{req: req, ctx: ctx, lease: lease, out: -1,
+		stream: &Stream{events: make(chan Event, e.cfg.StreamBuffer), cached: lease.CachedTokens()}}
+	s.seq, s.src, s.shared = lease.Prepared()
+	s.stopWatch = context.AfterFunc(ctx, func() { s.cancelled.Store(true) })
 	select {
 	case e.submit <- s:
 		return s.stream, nil
 	case <-e.quit:
 		s.stopWatch()
-		return fail(ErrEngineClosed)
+		lease.Release()
+		return nil, ErrEngineClosed
 	}
-}
-
-func (e *Engine) run(ready chan<- error) {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	defer close(e.done)
-	ctx, err := NewContext(e.model, ContextParams{
-		Cells: e.cfg.Cells, Batch: e.cfg.Batch, MaxSequences: e.cfg.MaxSequences, Threads: e.cfg.Threads,
-		KVType: e.cfg.KVType,
-	})
-	if err != nil {
-		ready <- err
-		return
-	}
-	e.ctx, e.cells, e.batch = ctx, ctx.Cells(), ctx.BatchSize()
-	e.b = NewBatch(e.batch)
-	if e.cfg.Deterministic {
-		e.cmap = newCellMap(ctx.Cells(), min(ctx.BatchSize(), 512))
-		e.cells-- // the padding token's cell
-		e.order = make([]*sequence, 0, e.cfg.MaxSequences)
-		e.bseq = make([]int32, 0, e.batch)
-		e.bpos = make([]int32, 0, e.batch)
-		e.placed = make([]int32, 0, e.batch)
-		e.batch-- // the padding token's room
-	}
-	e.piece = make([]byte, 0, 256)
-	ready <- nil
-
-	defer func() {
-		for len(e.active) > 0 {
-			e.finish(e.active[0], FinishNone, "", ErrEngineClosed)
-		}
-		for len(e.paused) > 0 {
-			e.finish(e.paused[0], FinishNone, "", ErrEngineClosed)
-		}
-		// Sequences handed over but never taken.
-		for {
-			select {
-			case s := <-e.submit:
-				e.add(s)
-				e.finish(s, FinishNone, "", ErrEngineClosed)
-				continue
-			default:
-			}
-			break
-		}
-		e.b.Free()
-		e.ctx.Close()
-	}()
-
-	var incoming []*sequence
-	for {
-		incoming = incoming[:0]
-		if len(e.active) == 0 && len(e.paused) == 0 {
-			e.freeRetired() // nothing runs that a hole could disorder
-			select {
-			case s := <-e.submit:
-				incoming = append(incoming, s)
-			case <-e.quit:
-				return
-			}
-		}
-	drain:
-		for {
-			select {
-			case s := <-e.submit:
-				incoming = append(incoming, s)
-			case <-e.quit:
-				return
-			default:
-				break drain
-			}
-		}
-		// Evictions made before these sequences were admitted come first:
-		// one may have freed the sequence id a newcomer uses.
-		e.removeEvicted()
-		for _, s := range incoming {
-			e.add(s)
-		}
-		e.reap()
-		e.resume()
-		if len(e.active) > 0 {
-			e.step()
-		} else if len(e.paused) > 0 {
-			time.Sleep(time.Millisecond) // nothing runs; wait for a resume
-		}
-	}
-}
-
-// add takes a newly admitted sequence: it builds its sampler and copies the
-// cached prefix the allocator found for it.
-func (e *Engine) add(s *sequence) {
-	s.sampler = NewSampler(s.req.Sampling)
-	if s.req.Sampling.HasPenalties() {
-		for _, t := range s.req.Prompt {
-			s.sampler.Accept(t)
-		}
-	}
-	s.toks = append(make([]int32, 0, len(s.req.Prompt)+min(s.req.MaxTokens, 4096)), s.req.Prompt...)
-	s.text.reset(s.req.Stop)
-	s.stream.result.Started = time.Now()
-	s.stream.result.PromptTokens = len(s.req.Prompt)
-	s.inCache = true
-	n := e.copyPrefix(s)
-	e.active = append(e.active, s)
-	e.running.Add(1)
-	if n < 0 {
-		e.finish(s, FinishNone, "", errDeterministicPrefix)
-		return
-	}
-	s.stream.result.CachedTokens = n
-}
-
-// errDeterministicPrefix ends a sequence offered a shared prefix by a
-// deterministic engine: a misconfigured server, not a bad request.
-var errDeterministicPrefix = errors.New("engine: a deterministic engine cannot share prefixes; turn the prefix cache off")
-
-// copyPrefix shares the cached cells the allocator chose for s and returns
-// how many tokens they hold.
-func (e *Engine) copyPrefix(s *sequence) int {
-	s.nPast = 0
-	pl, ok := s.req.Ledger.(PrefixLedger)
-	src, n := -1, 0
-	if ok {
-		src, n = pl.Prefix()
-	}
-	if n <= 0 || src < 0 {
-		src, n = -1, 0
-	}
-	if n > 0 && e.cmap != nil {
-		// A shared prefix pins the sequence's first cells wherever its
-		// owner put them; the caller was told not to offer one.
-		pl.Copied()
-		return -1
-	}
-	// A fresh sequence owns no cells but its prefix. Stale ones under its
-	// id (an eviction the allocator did not send) would break the copy
-	// below (llama.cpp asserts that no cell holds dst already) and make its
-	// first decode fail for the whole batch.
-	switch {
-	case src == s.seq:
-		e.ctx.SeqRemove(s.seq, n, -1) // its own cells are the prefix
-	case e.ctx.SeqPosMax(s.seq) >= 0:
-		e.seqRemove(s.seq)
-	}
-	if n > 0 {
-		e.ctx.SeqCopy(src, s.seq, 0, n)
-		s.nPast = n
-	}
-	if ok {
-		pl.Copied()
-	}
-	return s.nPast
-}
-
-// reap ends sequences whose client went away.
-func (e *Engine) reap() {
-	for _, list := range []*[]*sequence{&e.active, &e.paused} {
-		for i := 0; i < len(*list); {
-			s := (*list)[i]
-			if s.cancelled.Load() {
-				e.finish(s, FinishNone, "", context.Cause(s.req.Ctx))
-				continue // finish removed it
-			}
-			i++
-		}
-	}
-}
-
-// resume restarts preempted sequences the allocator has readmitted: they
-// recompute their tokens, sharing whatever prefix is still cached.
-func (e *Engine) resume() {
-	if len(e.paused) == 0 {
-		return
-	}
-	// A resumed sequence may get the id of a sequence evicted a moment ago:
-	// remove that one's cells before copying a prefix into the id.
-	e.removeEvicted()
-	for i := 0; i < len(e.paused); {
-		s := e.paused[i]
-		select {
-		case <-s.resumed:
-		default:
-			i++
-			continue
-		}
-		e.paused = append(e.paused[:i], e.paused[i+1:]...)
-		s.resumed = nil
-		s.seq = s.req.Ledger.(GrowLedger).SeqID()
-		if !validSeq(s.seq) || (e.cmap != nil && s.seq >= RetiredSequence) {
-			// One bad id in a batch would fail the whole decode step.
-			e.finish(s, FinishNone, "", fmt.Errorf("%w: resumed with sequence id %d", ErrBadRequest, s.seq))
-			continue
-		}
-		s.inCache = true
-		n := e.copyPrefix(s)
-		s.state = statePrefill
-		e.active = append(e.active, s)
-		e.running.Add(1)
-		if n < 0 {
-			e.finish(s, FinishNone, "", errDeterministicPrefix)
-		}
-	}
-}
-
-// target is how many tokens must be in the cache before s samples or
-// decodes: all of s.toks. (A sequence that has sampled holds its last
-// sampled token in s.next; the next decode step feeds it.)
-func (s *sequence) target() int { return len(s.toks) }
-
-// grow makes sure every decoding sequence has a cell for its next token,
-// preempting sequences when an optimistic pool runs dry.
-func (e *Engine) grow() {
-	for i := 0; i < len(e.active); {
-		s := e.active[i]
-		gl, ok := s.req.Ledger.(GrowLedger)
-		if !ok || s.state != stateDecode || s.grown {
-			i++
-			continue
-		}
-		got, err := gl.Grow(1)
-		if err != nil {
-			e.finish(s, FinishNone, "", err)
-			continue
-		}
-		if got {
-			s.grown = true // until the token is decoded; it may be held back
-			i++
-			continue
-		}
-		v := e.victim()
-		e.preempt(v)
-		if v == s {
-			continue // s left e.active; e.active[i] is the next one
-		}
-		if idx := position(e.active, s); idx >= 0 {
-			i = idx // retry s, which may have moved
-		}
-	}
-}
-
-func position(list []*sequence, s *sequence) int {
-	for i, x := range list {
-		if x == s {
-			return i
-		}
-	}
-	return -1
-}
-
-// victim picks the sequence to preempt among those with a GrowLedger (the
-// only ones that can be requeued; grow calls victim for one of them, so
-// there is one): those of the most loaded tenant (the highest
-// GrowLedger.Load), among them the lowest priority, and among those the
-// most recently started. One tenant's requests therefore cannot preempt
-// another tenant's while that one is within its share, and priority orders
-// only within a tenant. It does not allocate.
-func (e *Engine) victim() *sequence {
-	var v *sequence
-	var vLoad float64
-	// From the newest: later ones replace v only when strictly better, so
-	// ties go to the most recently started.
-	for i := len(e.active) - 1; i >= 0; i-- {
-		s := e.active[i]
-		gl, ok := s.req.Ledger.(GrowLedger)
-		if !ok {
-			continue
-		}
-		load := gl.Load()
-		if math.IsNaN(load) {
-			load = math.Inf(1)
-		}
-		if v == nil || load > vLoad || (load == vLoad && s.req.Priority < v.req.Priority) {
-			v, vLoad = s, load
-		}
-	}
-	return v
-}
-
-// preempt frees s's cells and queues it to run again later; its stream
-// stays open and simply pauses.
-func (e *Engine) preempt(s *sequence) {
-	gl := s.req.Ledger.(GrowLedger)
-	// Everything in s.toks is recomputed on resume, less any prefix that is
-	// still cached then.
-	keep, resumed, err := gl.Requeue(s.toks)
-	if err != nil {
-		e.finish(s, FinishNone, "", err)
-		return
-	}
-	if !keep {
-		e.release(s.seq)
-	}
-	e.preempted.Add(1)
-	s.stream.result.Preempted++
-	s.inCache = false
-	s.state, s.resumed, s.chunk, s.out, s.nPast = statePaused, resumed, 0, -1, 0
-	s.ledgered, s.grown, s.held = 0, false, 0 // the allocator starts s afresh
-	i := position(e.active, s)
-	e.active = append(e.active[:i], e.active[i+1:]...)
-	e.paused = append(e.paused, s)
-	e.running.Add(-1)
-}
-
-// fill builds the step's batch: one token per decoding sequence, then
-// chunks of the tokens that prefilling sequences still lack, up to budget
-// tokens.
-func (e *Engine) fill(budget int) {
-	e.b.Reset()
-	if e.cmap != nil {
-		e.fillOrdered(budget)
-		return
-	}
-	for _, s := range e.active {
-		s.out, s.chunk = -1, 0
-		if s.state == stateDecode {
-			s.out = e.b.Add(s.next, s.nPast, s.seq, true)
-		}
-	}
-	for _, s := range e.active {
-		if s.state != statePrefill {
-			continue
-		}
-		room := budget - e.b.Len()
-		if room <= 0 {
-			break
-		}
-		n := min(room, s.target()-s.nPast)
-		last := s.nPast+n == s.target()
-		for i := range n {
-			idx := e.b.Add(s.toks[s.nPast+i], s.nPast+i, s.seq, last && i == n-1)
-			if last && i == n-1 {
-				s.out = idx
-			}
-		}
-		s.chunk = n
-	}
-}
-
-// put adds a token to a deterministic engine's batch and to its record of
-// the batch's sequences and positions.
-func (e *Engine) put(tok int32, pos, seq int, logits bool) int {
-	e.bseq = append(e.bseq, int32(seq))
-	e.bpos = append(e.bpos, int32(pos))
-	if logits {
-		e.outputs++
-	}
-	return e.b.Add(tok, pos, seq, logits)
-}
-
-// fillOrdered is fill for a deterministic engine. It leaves out sequences
-// held back this step, puts each sequence's tokens together, the sequences
-// whose highest cell is lowest first (new ones, with no cells, lead: they
-// may fill holes below everyone else), and pads the batch to two tokens
-// and, if any token asks for logits, two outputs.
-func (e *Engine) fillOrdered(budget int) {
-	e.order = e.order[:0]
-	room := budget
-	for _, s := range e.active {
-		s.out, s.chunk = -1, 0
-		if !s.skip && s.state == stateDecode {
-			room--
-			e.order = append(e.order, s)
-		}
-	}
-	for _, s := range e.active {
-		if s.skip || s.state != statePrefill || room <= 0 {
-			continue
-		}
-		s.chunk = min(room, s.target()-s.nPast)
-		room -= s.chunk
-		e.order = append(e.order, s)
-	}
-	top := func(s *sequence) int32 { return e.cmap.maxCell[s.seq] }
-	for i := 1; i < len(e.order); i++ {
-		for j := i; j > 0 && top(e.order[j]) < top(e.order[j-1]); j-- {
-			e.order[j], e.order[j-1] = e.order[j-1], e.order[j]
-		}
-	}
-	e.bseq, e.bpos, e.outputs, e.padIdx = e.bseq[:0], e.bpos[:0], 0, -1
-	for _, s := range e.order {
-		if s.state == stateDecode {
-			s.out = e.put(s.next, s.nPast, s.seq, true)
-			continue
-		}
-		last := s.nPast+s.chunk == s.target()
-		for i := range s.chunk {
-			out := last && i == s.chunk-1
-			if idx := e.put(s.toks[s.nPast+i], s.nPast+i, s.seq, out); out {
-				s.out = idx
-			}
-		}
-	}
-	if n := e.b.Len(); n > 0 && (n < 2 || e.outputs == 1) {
-		e.padIdx = e.put(0, 0, PadSequence, true)
-	}
-}
-
-// plan builds a deterministic engine's batch. Placing it on the mirror of
-// llama.cpp's cells, it holds back every sequence whose tokens would land
-// below cells it already holds, until the rest fits in order. A sequence
-// held HoldLimit steps in a row, or one whose hold would leave the step
-// empty, is recomputed from its first token, which lets it go wherever
-// there is room; one that still cannot go anywhere in order runs out of
-// order (counted in Disordered) so that the engine never stalls. plan
-// returns false when no sequence can run this step.
-func (e *Engine) plan(budget int) bool {
-	for _, s := range e.active {
-		s.skip, s.force = false, false
-		if s.held >= HoldLimit && e.cmap.maxCell[s.seq] >= 0 && s.moves < MoveLimit {
-			e.relocate(s)
-		}
-	}
-	for {
-		e.removeEvicted() // before placing: an eviction moves llama.cpp's head
-		e.fill(budget)
-		if e.b.Len() == 0 {
-			// Everyone is held: free the one held longest.
-			var v *sequence
-			for _, s := range e.active {
-				if s.skip && (v == nil || s.held > v.held) {
-					v = s
-				}
-			}
-			if v == nil {
-				return false
-			}
-			v.skip = false
-			if e.cmap.maxCell[v.seq] >= 0 && v.moves < MoveLimit {
-				e.relocate(v)
-			} else {
-				v.force = true
-				e.disordered.Add(1)
-			}
-			continue
-		}
-		e.cmap.mark()
-		var broken seqSet
-		var fits bool
-		e.placed, fits = e.cmap.place(e.bseq, e.bpos, e.placed[:0], PadSequence, &broken)
-		if !fits && e.retired() {
-			// The allocator counts retired cells as free: free them now.
-			e.cmap.rollback()
-			e.freeRetired()
-			continue
-		}
-		if !fits {
-			break // llama.cpp will say so too; step rolls back and shrinks
-		}
-		held := false
-		for _, s := range e.active {
-			if s.skip || s.force || !broken.has(s.seq) {
-				continue
-			}
-			if s.moves >= MoveLimit && s.held >= HoldLimit {
-				s.force = true // recomputed often enough: go on out of order
-				e.disordered.Add(1)
-				continue
-			}
-			s.skip, held = true, true
-		}
-		if !held {
-			break
-		}
-		e.cmap.rollback()
-	}
-	for _, s := range e.active {
-		switch {
-		case s.skip:
-			s.held++
-			e.held.Add(1)
-		case s.out >= 0 || s.chunk > 0:
-			s.held = 0
-		}
-	}
-	return true
-}
-
-// relocate drops s's cells and sends it back to prefill: it recomputes its
-// prompt and generated tokens (bit-identically, in a deterministic engine)
-// in whatever cells are free, which keeps them in order. Its ledger keeps
-// its cells counted; it does not commit its tokens again.
-func (e *Engine) relocate(s *sequence) {
-	// Freed, not retired: s's own recompute, which goes first in the
-	// batch, is what fills these cells.
-	e.seqRemove(s.seq)
-	s.nPast, s.state, s.held = 0, statePrefill, 0
-	s.moves++
-	e.relocated.Add(1)
-}
-
-func (e *Engine) decoding() int {
-	n := 0
-	for _, s := range e.active {
-		if s.state == stateDecode {
-			n++
-		}
-	}
-	return n
-}
-
-func (e *Engine) step() {
-	start := time.Now()
-	e.grow()
-	if len(e.active) == 0 {
-		return
-	}
-	defer func() { e.recordStep(time.Since(start)) }()
-	budget := e.batch
-	for {
-		if e.cmap != nil {
-			if !e.plan(budget) {
-				return
-			}
-		} else {
-			e.fill(budget)
-			// Cells the allocator freed by eviction must be free in
-			// llama.cpp before this decode uses them.
-			e.removeEvicted()
-		}
-		err := e.ctx.Decode(e.b)
-		if e.cmap != nil {
-			if err != nil {
-				e.cmap.rollback()
-			}
-			if e.padIdx >= 0 {
-				e.seqRemove(PadSequence)
-				e.padded.Add(1)
-			}
-		}
-		if err == nil {
-			break
-		}
-		if errors.Is(err, ErrNoKVSlot) {
-			// The allocator's bound makes this impossible; if it happens
-			// anyway, count it, shrink the batch, and as a last resort end
-			// only the newest sequence.
-			e.nokvslot.Add(1)
-			if floor := e.decoding() + 1; budget > floor {
-				budget = max(floor, budget/2)
-				continue
-			}
-			e.aborted.Add(1)
-			e.finish(e.active[len(e.active)-1], FinishNone, "", ErrSequenceAborted)
-			if len(e.active) == 0 {
-				return
-			}
-			continue
-		}
-		// A failed computation: roll back what this step put in the cache
-		// and end the sequences that were in the batch.
-		for i := 0; i < len(e.active); {
-			s := e.active[i]
-			if s.out >= 0 || s.chunk > 0 {
-				e.finish(s, FinishNone, "", fmt.Errorf("decode step: %w", err))
-				continue
-			}
-			i++
-		}
-		return
-	}
-	step := e.steps.Add(1)
-	if e.cfg.OnStep != nil {
-		seqs := 0
-		for _, s := range e.active {
-			if s.out >= 0 || s.chunk > 0 {
-				seqs++
-			}
-		}
-		e.cfg.OnStep(e.b.Len(), seqs)
-	}
-	for i := 0; i < len(e.active); {
-		s := e.active[i]
-		if e.advance(s, step) {
-			i++
-		}
-	}
-}
-
-// advance accounts for s's part of the step and samples its next token. It
-// returns false when s ended (and was removed from e.active).
-func (e *Engine) advance(s *sequence, step uint64) bool {
-	switch {
-	case s.state == statePrefill && s.chunk > 0:
-		s.nPast += s.chunk
-		e.prefill.Add(uint64(s.chunk))
-		// A sequence recomputed to keep its cells in order has committed
-		// its tokens already.
-		if from := max(s.nPast-s.chunk, s.ledgered); from < s.nPast {
-			if err := s.req.Ledger.Commit(s.toks[from:s.nPast]); err != nil {
-				e.finish(s, FinishNone, "", err)
-				return false
-			}
-			s.ledgered = s.nPast
-		}
-		if s.nPast < s.target() {
-			return true
-		}
-		if s.generated > 0 {
-			// A resumed sequence has recomputed its cells; it goes on
-			// with the token it had sampled.
-			s.state = stateDecode
-			return true
-		}
-	case s.state == stateDecode && s.out >= 0:
-		s.nPast++
-		s.grown = false
-		s.toks = append(s.toks, s.next)
-		s.one[0] = s.next
-		if err := s.req.Ledger.Commit(s.one[:]); err != nil {
-			e.finish(s, FinishNone, "", err)
-			return false
-		}
-		s.ledgered = s.nPast
-	default:
-		return true // waiting for room in the batch
-	}
-	tok, err := s.sampler.Sample(e.ctx, s.out)
-	if err != nil {
-		// Only this sequence ends (ErrNoValidToken for parameters that left
-		// nothing to draw); the others go on.
-		e.finish(s, FinishNone, "", fmt.Errorf("sample after %d tokens: %w", s.generated, err))
-		return false
-	}
-	return e.accept(s, tok, step)
-}
-
-// accept streams a sampled token and decides whether s goes on.
-func (e *Engine) accept(s *sequence, tok int32, step uint64) bool {
-	s.generated++
-	s.moves = 0
-	e.generated.Add(1)
-	if s.generated == 1 {
-		s.stream.result.FirstToken = time.Now()
-	}
-	if !s.req.IgnoreEOS && e.model.IsEOG(tok) {
-		e.finish(s, FinishEOS, "", nil)
-		return false
-	}
-	e.piece = e.model.AppendPiece(e.piece[:0], tok, false, false)
-	if at, stop := s.text.push(tok, e.piece); at >= 0 {
-		if at > 0 && !e.emit(s, at, false, step) {
-			return false
-		}
-		s.text.take(len(s.text.pend), true) // drop the stop string and what follows
-		e.finish(s, FinishStop, stop, nil)
-		return false
-	}
-	if s.generated >= s.req.MaxTokens {
-		e.finish(s, FinishLength, "", nil)
-		return false
-	}
-	if n := s.text.safeLen(); n > 0 && !e.emit(s, n, false, step) {
-		return false
-	}
-	s.next = tok
-	s.state = stateDecode
-	return true
-}
-
-// emit sends the first n pending bytes without blocking. A full buffer ends
-// the sequence with ErrSlowConsumer, and emit returns false.
-func (e *Engine) emit(s *sequence, n int, all bool, step uint64) bool {
-	text, ids := s.text.take(n, all)
-	if text == "" && len(ids) == 0 {
-		return true
-	}
-	select {
-	case s.stream.events <- Event{Text: text, Tokens: ids, Step: step}:
-		return true
-	default:
-		e.slow.Add(1)
-		e.finish(s, FinishNone, "", ErrSlowConsumer)
-		return false
-	}
-}
-
-// finish ends s: it flushes held-back text on a normal end, settles the
-// sequence's cells with the allocator and in llama.cpp, and closes the
-// stream.
-func (e *Engine) finish(s *sequence, reason FinishReason, stop string, err error) {
-	if i := position(e.active, s); i >= 0 {
-		e.active = append(e.active[:i], e.active[i+1:]...)
-		e.running.Add(-1)
-	} else if i := position(e.paused, s); i >= 0 {
-		e.paused = append(e.paused[:i], e.paused[i+1:]...)
-	}
-	if err == nil && len(s.text.pend)+len(s.text.toks) > 0 {
-		if !e.emit(s, len(s.text.pend), true, e.steps.Load()) {
-			return // emit ended s as a slow consumer
-		}
-	}
-	if err != nil {
-		s.stream.failed.Store(true)
-	}
-	if keep := s.req.Ledger.Finish(); !keep && s.inCache {
-		e.release(s.seq)
-	}
-	s.inCache = false
-	if s.sampler != nil {
-		s.sampler.Free()
-		s.sampler = nil
-	}
-	s.stopWatch()
-	r := &s.stream.result
-	r.Reason, r.StopString, r.Err = reason, stop, err
-	r.CompletionTokens = s.generated
-	r.Ended = time.Now()
-	close(s.stream.events)
 }

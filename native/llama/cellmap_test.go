@@ -1,7 +1,9 @@
-package native
+package llama
 
 import (
 	"errors"
+	"github.com/kvgate/kvgate/native"
+	"github.com/kvgate/kvgate/native/cellmap"
 	"math/rand/v2"
 	"slices"
 	"testing"
@@ -28,15 +30,15 @@ func TestCellMapMatchesLlama(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			cm := newCellMap(c.Cells(), min(c.BatchSize(), 512))
-			b := NewBatch(cfg.batch)
+			cm := cellmap.New(c.Cells(), min(c.BatchSize(), 512))
+			b := native.NewBatch(cfg.batch)
 			next := make([]int, seqs) // next position of each sequence
 			var bs, bp, cells []int32
 			inOrder := make([]bool, seqs) // each sequence's cells ascend in position (a copy inherits its source's order)
-			var broken seqSet
+			var broken cellmap.SeqSet
 			ops := map[string]int{}
 			for op := range cfg.ops {
-				broken = seqSet{} // only a decode breaks order
+				broken = cellmap.SeqSet{} // only a decode breaks order
 				decoded := false
 				switch k := r.IntN(10); {
 				case k < 5: // decode tokens of a few sequences, interleaved
@@ -50,10 +52,10 @@ func TestCellMapMatchesLlama(t *testing.T) {
 						bs, bp = append(bs, int32(s)), append(bp, int32(next[s]+take[s]))
 						take[s]++
 					}
-					cm.mark()
+					cm.Mark()
 					var fits bool
-					broken = seqSet{}
-					cells, fits = cm.place(bs, bp, cells[:0], -1, &broken)
+					broken = cellmap.SeqSet{}
+					cells, fits = cm.Place(bs, bp, cells[:0], -1, &broken)
 					err := c.Decode(b)
 					switch {
 					case err == nil && fits:
@@ -66,8 +68,8 @@ func TestCellMapMatchesLlama(t *testing.T) {
 						}
 						ops["decode"]++
 					case errors.Is(err, ErrNoKVSlot) && !fits:
-						cm.rollback()
-						broken = seqSet{}
+						cm.Rollback()
+						broken = cellmap.SeqSet{}
 						ops["no slot"]++
 					default:
 						t.Fatalf("seed %d op %d: llama.cpp says %v, the cell map says fits=%v", seed, op, err, fits)
@@ -75,7 +77,7 @@ func TestCellMapMatchesLlama(t *testing.T) {
 				case k < 7: // a sequence leaves
 					s := r.IntN(seqs)
 					c.SeqRemove(s, -1, -1)
-					cm.remove(s)
+					cm.Remove(s)
 					next[s] = 0
 					ops["remove"]++
 				default: // an empty sequence shares another's prefix
@@ -84,15 +86,15 @@ func TestCellMapMatchesLlama(t *testing.T) {
 						continue
 					}
 					c.SeqRemove(dst, -1, -1) // copies go into an empty sequence
-					cm.remove(dst)
+					cm.Remove(dst)
 					n := 1 + r.IntN(next[src]-1)
 					c.SeqCopy(src, dst, 0, n)
-					cm.copyPrefix(src, dst, n)
+					cm.CopyPrefix(src, dst, n)
 					next[dst] = n
 					ops["copy"]++
 				}
 				for s := range seqs {
-					want := cm.ordered(s)
+					want := cm.Ordered(s)
 					if len(want) == 0 {
 						if c.SeqPosMax(s) >= 0 {
 							t.Fatalf("seed %d op %d: seq %d has cells in llama.cpp, none in the map", seed, op, s)
@@ -109,8 +111,8 @@ func TestCellMapMatchesLlama(t *testing.T) {
 					}
 					// place flags exactly the sequences a batch puts out of order.
 					ascending := slices.IsSorted(got)
-					if decoded && inOrder[s] && ascending == broken.has(s) {
-						t.Fatalf("seed %d op %d: seq %d: in order %v, but place flagged it broken: %v", seed, op, s, ascending, broken.has(s))
+					if decoded && inOrder[s] && ascending == broken.Has(s) {
+						t.Fatalf("seed %d op %d: seq %d: in order %v, but place flagged it broken: %v", seed, op, s, ascending, broken.Has(s))
 					}
 					inOrder[s] = ascending
 					if !ascending {
@@ -118,7 +120,6 @@ func TestCellMapMatchesLlama(t *testing.T) {
 					}
 				}
 			}
-			b.Free()
 			c.Close()
 			t.Logf("%d cells, batch %d, seed %d: %v", cfg.cells, cfg.batch, seed, ops)
 			if cfg.batch > 512 && ops["decode of two ubatches"] == 0 {
@@ -129,16 +130,4 @@ func TestCellMapMatchesLlama(t *testing.T) {
 			}
 		}
 	}
-}
-
-// ordered returns the positions of seq's cells in cell order: what flash
-// attention visits.
-func (m *cellMap) ordered(seq int) []int32 {
-	var out []int32
-	for i := 0; i <= int(m.maxCell[seq]); i++ {
-		if m.seqs[i].has(seq) {
-			out = append(out, m.pos[i])
-		}
-	}
-	return out
 }

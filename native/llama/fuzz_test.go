@@ -1,7 +1,8 @@
-package native
+package llama
 
 import (
 	"errors"
+	"github.com/kvgate/kvgate/native"
 	"math"
 	"os"
 	"os/exec"
@@ -9,11 +10,11 @@ import (
 	"testing"
 )
 
-// fuzzParams builds SamplingParams straight from raw fuzzed values, with no
+// fuzzParams builds native.SamplingParams straight from raw fuzzed values, with no
 // validation in front: every float32 bit pattern (NaN payloads, infinities,
 // subnormals, extremes) and every int32 reaches NewSampler.
-func fuzzParams(temp, topP, minP, repeat, freq, presence uint32, topK, lastN int32, seed uint32, hasSeed bool) SamplingParams {
-	return SamplingParams{
+func fuzzParams(temp, topP, minP, repeat, freq, presence uint32, topK, lastN int32, seed uint32, hasSeed bool) native.SamplingParams {
+	return native.SamplingParams{
 		Temperature:      math.Float32frombits(temp),
 		TopK:             topK,
 		TopP:             math.Float32frombits(topP),
@@ -29,7 +30,7 @@ func fuzzParams(temp, topP, minP, repeat, freq, presence uint32, topK, lastN int
 
 // FuzzSampler samples real logits of stories260K with arbitrary sampling
 // parameters. For every input, Sample must give a token in the vocabulary or
-// ErrNoValidToken, never anything else, and the process must not abort
+// native.ErrNoValidToken, never anything else, and the process must not abort
 // (an abort kills the fuzz worker, which fails the run). It builds a
 // sampler as the engine does (accepting the prompt when a penalty is on),
 // then samples count%16+1 tokens in a row from different rows of logits,
@@ -68,7 +69,7 @@ func FuzzSampler(f *testing.F) {
 				switch {
 				case err == nil && (tok < 0 || tok >= vocab):
 					bad = "token outside the vocabulary"
-				case err != nil && !errors.Is(err, ErrNoValidToken):
+				case err != nil && !errors.Is(err, native.ErrNoValidToken):
 					bad = err.Error()
 				case err != nil && tok != -1:
 					bad = "an error with a token"
@@ -95,14 +96,14 @@ func FuzzSampler(f *testing.F) {
 func TestChainSamplerAborts(t *testing.T) {
 	tests := []struct {
 		name string
-		p    SamplingParams
+		p    native.SamplingParams
 		out  int // -1: the last row of the rig
 	}{
-		{"temperature 1e-40", SamplingParams{Temperature: 1e-40}, -1},
-		{"repetition penalty 1e-45", SamplingParams{Temperature: 1, RepeatPenalty: 1e-45}, -1},
-		{"frequency penalty -3.4e38", SamplingParams{Temperature: 1, FrequencyPenalty: -3.4e38}, -1},
-		{"presence penalty -3.4e38", SamplingParams{Temperature: 0.5, PresencePenalty: -3.4e38}, -1},
-		{"output without logits", SamplingParams{}, 1 << 20},
+		{"temperature 1e-40", native.SamplingParams{Temperature: 1e-40}, -1},
+		{"repetition penalty 1e-45", native.SamplingParams{Temperature: 1, RepeatPenalty: 1e-45}, -1},
+		{"frequency penalty -3.4e38", native.SamplingParams{Temperature: 1, FrequencyPenalty: -3.4e38}, -1},
+		{"presence penalty -3.4e38", native.SamplingParams{Temperature: 0.5, PresencePenalty: -3.4e38}, -1},
+		{"output without logits", native.SamplingParams{}, 1 << 20},
 	}
 	if name := os.Getenv("KVGATE_CHAIN_ABORT_CHILD"); name != "" {
 		for _, tc := range tests {

@@ -1,7 +1,8 @@
-package native
+package llama
 
 import (
 	"errors"
+	"github.com/kvgate/kvgate/native"
 	"math"
 	"runtime"
 	"strings"
@@ -30,8 +31,7 @@ func TestContextGuards(t *testing.T) {
 			return
 		}
 		defer c.Close()
-		b := NewBatch(16)
-		defer b.Free()
+		b := native.NewBatch(16)
 		wantInvalid := func(name string, fill func()) {
 			b.Reset()
 			fill()
@@ -45,7 +45,7 @@ func TestContextGuards(t *testing.T) {
 		wantInvalid("negative position", func() { b.Add(1, -1, 0, true) })
 		wantInvalid("position past int32", func() { b.Add(1, math.MaxInt32+5, 0, true) })
 		wantInvalid("negative sequence id", func() { b.Add(1, 0, -1, true) })
-		wantInvalid("sequence id 256", func() { b.Add(1, 0, MaxSequenceIDs, true) })
+		wantInvalid("sequence id 256", func() { b.Add(1, 0, native.MaxSequenceIDs, true) })
 		wantInvalid("sequence id past int32", func() { b.Add(1, 0, math.MaxInt32+1, true) })
 		wantInvalid("token id outside the vocabulary", func() { b.Add(int32(m.Info().VocabSize), 0, 0, true) })
 		wantInvalid("more tokens than n_batch", func() {
@@ -53,7 +53,7 @@ func TestContextGuards(t *testing.T) {
 				b.Add(1, i, 0, i == 8)
 			}
 		})
-		for _, seq := range []int{-2, math.MinInt32, MaxSequenceIDs, 1 << 40} {
+		for _, seq := range []int{-2, math.MinInt32, native.MaxSequenceIDs, 1 << 40} {
 			if c.SeqRemove(seq, -1, -1) {
 				check("SeqRemove", errors.New("accepted a bad sequence id"))
 			}
@@ -80,13 +80,13 @@ func TestContextGuards(t *testing.T) {
 		if c.SeqPosMax(1) != 2 {
 			check("SeqCopy", errors.New("sequence 1 did not get the copied cells"))
 		}
-		s := NewSampler(SamplingParams{})
+		s := NewSampler(native.SamplingParams{})
 		defer s.Free()
 		if _, err := s.Sample(c, 2); err != nil {
 			check("sample after the refusals", err)
 		}
-		if _, err := s.Sample(c, 1); !errors.Is(err, ErrNoLogits) {
-			check("sample a token without logits", errors.New("want ErrNoLogits, got "+errString(err)))
+		if _, err := s.Sample(c, 1); !errors.Is(err, native.ErrNoLogits) {
+			check("sample a token without logits", errors.New("want native.ErrNoLogits, got "+errString(err)))
 		}
 	}()
 	for _, r := range <-done {

@@ -1,4 +1,4 @@
-package native
+package llama
 
 /*
 #include <stdlib.h>
@@ -9,82 +9,10 @@ import "C"
 import (
 	"errors"
 	"fmt"
+	"github.com/kvgate/kvgate/native"
 	"math/rand/v2"
 	"unsafe"
 )
-
-// ErrNoValidToken ends a sequence whose sampling parameters, applied to the
-// step's logits, left no candidate with a finite logit to draw from (for
-// example a temperature so small that every logit divided by it overflows
-// to -inf, or penalties that push every candidate to -inf or NaN).
-var ErrNoValidToken = errors.New("the sampling parameters left no token with a finite probability")
-
-// ErrNoLogits reports a Sample from an output index that the last Decode did
-// not compute logits for.
-var ErrNoLogits = errors.New("no logits for that output of the last decode")
-
-// MaxPenaltyLastN is the largest penalty window NewSampler builds. llama.cpp
-// allocates the window's ring buffer (4 bytes a token) up front, with no
-// bound of its own, so NewSampler clamps SamplingParams.PenaltyLastN to this;
-// the service refuses larger values before they get here.
-const MaxPenaltyLastN = 1 << 16
-
-// DefaultPenaltyLastN is the penalty window when SamplingParams.PenaltyLastN
-// is 0.
-const DefaultPenaltyLastN = 64
-
-// SamplingParams chooses how each next token is drawn. The zero value is
-// greedy decoding. NewSampler accepts any values, NaN, infinities and
-// subnormals included: values that leave no token to draw make Sample fail
-// with ErrNoValidToken instead of reaching llama.cpp's asserts.
-type SamplingParams struct {
-	// Temperature; 0 or less means greedy. NaN makes every logit NaN, so
-	// Sample fails with ErrNoValidToken.
-	Temperature float32
-	// TopK keeps the k most likely tokens; 0 or less disables.
-	TopK int32
-	// TopP keeps the smallest set reaching this probability; a value
-	// outside (0, 1), or NaN, disables.
-	TopP float32
-	// MinP drops tokens below MinP times the best one; a value of 0 or
-	// less, or NaN, disables.
-	MinP float32
-	// RepeatPenalty over the last PenaltyLastN tokens; 0 or 1 disables.
-	RepeatPenalty float32
-	// FrequencyPenalty; 0 disables.
-	FrequencyPenalty float32
-	// PresencePenalty; 0 disables.
-	PresencePenalty float32
-	// PenaltyLastN is the penalty window: 0 means DefaultPenaltyLastN,
-	// values above MaxPenaltyLastN mean MaxPenaltyLastN, and a negative
-	// value turns the penalties off (llama.cpp's llama_sampler_init_penalties
-	// takes a negative window as 0, which disables them).
-	PenaltyLastN int32
-	// Seed of the draw, used when HasSeed is set; otherwise a random seed.
-	// llama.cpp reads seed 0xFFFFFFFF (LLAMA_DEFAULT_SEED) as "pick one at
-	// random", so that seed draws as 0xFFFFFFFE does.
-	Seed    uint32
-	HasSeed bool
-}
-
-// HasPenalties reports whether any penalty is active.
-func (p SamplingParams) HasPenalties() bool {
-	return (p.RepeatPenalty != 0 && p.RepeatPenalty != 1) || p.FrequencyPenalty != 0 || p.PresencePenalty != 0
-}
-
-// penaltyWindow returns the window NewSampler gives llama.cpp's penalties
-// sampler: 0 (off) for a negative value, the default for 0, and at most
-// MaxPenaltyLastN.
-func (p SamplingParams) penaltyWindow() int32 {
-	switch n := p.PenaltyLastN; {
-	case n < 0:
-		return 0
-	case n == 0:
-		return DefaultPenaltyLastN
-	default:
-		return min(n, MaxPenaltyLastN)
-	}
-}
 
 // llamaDefaultSeed is LLAMA_DEFAULT_SEED: llama_sampler_init_dist replaces
 // it with a seed from std::random_device, which throws (and aborts the
@@ -93,7 +21,7 @@ const llamaDefaultSeed = 0xFFFFFFFF
 
 // drawSeed returns the seed kvgate gives llama_sampler_init_dist: never
 // LLAMA_DEFAULT_SEED.
-func (p SamplingParams) drawSeed() uint32 {
+func drawSeed(p native.SamplingParams) uint32 {
 	seed := p.Seed
 	if !p.HasSeed {
 		seed = rand.Uint32()
@@ -124,9 +52,9 @@ type Sampler struct {
 // top_p → min_p → temp → dist, or penalties → greedy when the temperature
 // is 0 or less. A stage a parameter disables is left out, which is what it
 // would do in the chain.
-func samplerStages(p SamplingParams, add func(*C.struct_llama_sampler)) {
+func samplerStages(p native.SamplingParams, add func(*C.struct_llama_sampler)) {
 	if p.HasPenalties() {
-		if lastN := p.penaltyWindow(); lastN > 0 {
+		if lastN := p.PenaltyWindow(); lastN > 0 {
 			repeat := p.RepeatPenalty
 			if repeat == 0 {
 				repeat = 1
@@ -149,12 +77,12 @@ func samplerStages(p SamplingParams, add func(*C.struct_llama_sampler)) {
 		add(C.llama_sampler_init_min_p(C.float(p.MinP), 1))
 	}
 	add(C.llama_sampler_init_temp(C.float(p.Temperature)))
-	add(C.llama_sampler_init_dist(C.uint32_t(p.drawSeed())))
+	add(C.llama_sampler_init_dist(C.uint32_t(drawSeed(p))))
 }
 
 // NewSampler builds the samplers for p (see samplerStages). It accepts any
 // p; Sample reports parameters that leave nothing to draw.
-func NewSampler(p SamplingParams) *Sampler {
+func NewSampler(p native.SamplingParams) *Sampler {
 	s := &Sampler{}
 	samplerStages(p, func(smpl *C.struct_llama_sampler) {
 		s.stages[s.n] = smpl
@@ -173,12 +101,12 @@ func (s *Sampler) Accept(tok int32) {
 
 // Sample draws the next token from output i of c's last Decode and accepts
 // it. It reuses c's candidate buffer, so it does not allocate. It fails with
-// ErrNoValidToken when the parameters left no candidate with a finite
-// logit, and with ErrNoLogits when output i has no logits; the token is then
+// native.ErrNoValidToken when the parameters left no candidate with a finite
+// logit, and with native.ErrNoLogits when output i has no logits; the token is then
 // -1 and nothing is accepted.
 func (s *Sampler) Sample(c *Context, i int) (int32, error) {
 	if !c.hasOutput(i) {
-		return -1, fmt.Errorf("%w: index %d", ErrNoLogits, i)
+		return -1, fmt.Errorf("%w: index %d", native.ErrNoLogits, i)
 	}
 	if s.n == 0 {
 		return -1, errors.New("sample: the sampler was freed")
@@ -189,9 +117,9 @@ func (s *Sampler) Sample(c *Context, i int) (int32, error) {
 	case tok >= 0 && int(tok) < vocab:
 		return int32(tok), nil
 	case tok == C.KV_SAMPLE_NO_FINITE:
-		return -1, ErrNoValidToken
+		return -1, native.ErrNoValidToken
 	case tok == C.KV_SAMPLE_NO_LOGITS:
-		return -1, fmt.Errorf("%w: index %d", ErrNoLogits, i)
+		return -1, fmt.Errorf("%w: index %d", native.ErrNoLogits, i)
 	default:
 		return -1, fmt.Errorf("sample: the samplers selected no token (code %d)", int(tok))
 	}
@@ -214,7 +142,7 @@ type chainSampler struct {
 	ptr *C.struct_llama_sampler
 }
 
-func newChainSampler(p SamplingParams) *chainSampler {
+func newChainSampler(p native.SamplingParams) *chainSampler {
 	chain := C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
 	samplerStages(p, func(smpl *C.struct_llama_sampler) { C.llama_sampler_chain_add(chain, smpl) })
 	return &chainSampler{ptr: chain}
@@ -252,3 +180,20 @@ func sanitizeCandidates(logits []float32, sorted bool) (bool, int) {
 	}
 	return bool(cur.sorted), int(finite)
 }
+
+// NewSampler returns a sampler of p that draws from c's outputs, as the
+// decode worker uses it (native.Backend).
+func (c *Context) NewSampler(p native.SamplingParams) native.Sampler {
+	return boundSampler{NewSampler(p), c}
+}
+
+// boundSampler is a Sampler with the context it samples from.
+type boundSampler struct {
+	*Sampler
+	c *Context
+}
+
+// Sample draws from output out of the context's last Decode.
+func (b boundSampler) Sample(out int) (int32, error) { return b.Sampler.Sample(b.c, out) }
+
+var _ native.Backend = (*Context)(nil)

@@ -1,8 +1,13 @@
-package native
+// Package llamatest holds a plain greedy reference decoder on llama.cpp,
+// one sequence per context, that the tests of the decode worker and the
+// server compare their output with.
+package llamatest
 
 import (
 	"context"
 	"fmt"
+	"github.com/kvgate/kvgate/native"
+	"github.com/kvgate/kvgate/native/llama"
 	"runtime"
 )
 
@@ -11,7 +16,7 @@ import (
 // the logits in Go. It shares no code with the Engine's batching or
 // sampling, so tests use it as an independent oracle. It stops at an
 // end-of-generation token, which it does not return.
-func GreedyReference(ctx context.Context, m *Model, prompt []int32, maxTokens int) ([]int32, error) {
+func GreedyReference(ctx context.Context, m *llama.Model, prompt []int32, maxTokens int) ([]int32, error) {
 	toks, _, err := GreedyMargins(ctx, m, prompt, maxTokens)
 	return toks, err
 }
@@ -20,7 +25,7 @@ func GreedyReference(ctx context.Context, m *Model, prompt []int32, maxTokens in
 // token, the gap between the best and the second-best logit: where it is
 // tiny, floating-point rounding (a different order of summation over KV
 // cells, say) can flip greedy decoding.
-func GreedyMargins(ctx context.Context, m *Model, prompt []int32, maxTokens int) ([]int32, []float32, error) {
+func GreedyMargins(ctx context.Context, m *llama.Model, prompt []int32, maxTokens int) ([]int32, []float32, error) {
 	if maxTokens <= 0 {
 		return nil, nil, fmt.Errorf("greedy reference: max tokens %d", maxTokens)
 	}
@@ -34,12 +39,12 @@ func GreedyMargins(ctx context.Context, m *Model, prompt []int32, maxTokens int)
 // A continuation whose deficits are all tiny is greedy up to floating-point
 // rounding; one with a large deficit anywhere is not greedy there. Unlike
 // GreedyReference it does not stop at an end-of-generation token.
-func GreedyDeficits(ctx context.Context, m *Model, prompt, tokens []int32) ([]float32, error) {
+func GreedyDeficits(ctx context.Context, m *llama.Model, prompt, tokens []int32) ([]float32, error) {
 	if len(tokens) == 0 {
 		return nil, fmt.Errorf("greedy deficits: no tokens")
 	}
 	if i := m.ValidTokens(tokens); i >= 0 {
-		return nil, fmt.Errorf("greedy deficits: %w: tokens[%d] = %d", ErrTokenOutOfRange, i, tokens[i])
+		return nil, fmt.Errorf("greedy deficits: %w: tokens[%d] = %d", native.ErrTokenOutOfRange, i, tokens[i])
 	}
 	r, err := reference(ctx, m, prompt, len(tokens), tokens)
 	return r.deficits, err
@@ -54,12 +59,12 @@ type referenceResult struct {
 
 // reference runs the reference decode on a goroutine locked to its OS
 // thread, as every llama.cpp call for a context must be.
-func reference(ctx context.Context, m *Model, prompt []int32, n int, forced []int32) (referenceResult, error) {
+func reference(ctx context.Context, m *llama.Model, prompt []int32, n int, forced []int32) (referenceResult, error) {
 	if len(prompt) == 0 {
 		return referenceResult{}, fmt.Errorf("greedy reference: empty prompt")
 	}
 	if i := m.ValidTokens(prompt); i >= 0 {
-		return referenceResult{}, fmt.Errorf("greedy reference: %w: prompt[%d] = %d", ErrTokenOutOfRange, i, prompt[i])
+		return referenceResult{}, fmt.Errorf("greedy reference: %w: prompt[%d] = %d", native.ErrTokenOutOfRange, i, prompt[i])
 	}
 	type result struct {
 		r   referenceResult
@@ -79,15 +84,14 @@ func reference(ctx context.Context, m *Model, prompt []int32, n int, forced []in
 // greedy decodes up to n tokens after prompt, one per step. With forced nil
 // it follows the argmax and stops at end of generation; otherwise it feeds
 // forced[i] at step i and records how far that token was below the best.
-func greedy(ctx context.Context, m *Model, prompt []int32, n int, forced []int32) (referenceResult, error) {
+func greedy(ctx context.Context, m *llama.Model, prompt []int32, n int, forced []int32) (referenceResult, error) {
 	var r referenceResult
-	c, err := NewContext(m, ContextParams{Cells: len(prompt) + n, Batch: max(len(prompt), 1), MaxSequences: 1, Threads: 1, KVType: "f32"})
+	c, err := llama.NewContext(m, llama.ContextParams{Cells: len(prompt) + n, Batch: max(len(prompt), 1), MaxSequences: 1, Threads: 1, KVType: "f32"})
 	if err != nil {
 		return r, err
 	}
 	defer c.Close()
-	b := NewBatch(max(len(prompt), 1))
-	defer b.Free()
+	b := native.NewBatch(max(len(prompt), 1))
 	for i, t := range prompt {
 		b.Add(t, i, 0, i == len(prompt)-1)
 	}

@@ -1,4 +1,4 @@
-package native
+package llama
 
 /*
 #include <stdlib.h>
@@ -13,15 +13,15 @@ import (
 	"math"
 	"runtime"
 	"unsafe"
+
+	"github.com/kvgate/kvgate/native"
 )
 
 // Decode errors. llama_decode's return codes map onto these; errors.Is
 // tells them apart.
 var (
-	// ErrNoKVSlot is llama_decode's return 1: no free KV cells for the
-	// batch. The cache is left unchanged. With kvgate's allocator this is a
-	// bug, never an expected outcome.
-	ErrNoKVSlot = errors.New("llama_decode: no KV slot for the batch")
+	// ErrNoKVSlot is native.ErrNoKVSlot: llama_decode's return 1.
+	ErrNoKVSlot = native.ErrNoKVSlot
 	// ErrDecodeAborted is llama_decode's return 2: the abort callback fired.
 	ErrDecodeAborted = errors.New("llama_decode: aborted")
 	// ErrInvalidBatch is llama_decode's return -1: the batch was rejected.
@@ -47,7 +47,7 @@ func decodeError(rc int) error {
 	case rc == 0:
 		return nil
 	case rc == 1:
-		return &DecodeError{Code: rc, kind: ErrNoKVSlot}
+		return &DecodeError{Code: rc, kind: native.ErrNoKVSlot}
 	case rc == 2:
 		return &DecodeError{Code: rc, kind: ErrDecodeAborted}
 	case rc == -1:
@@ -72,10 +72,6 @@ type ContextParams struct {
 	KVType string
 }
 
-// MaxSequenceIDs is llama.cpp's LLAMA_MAX_SEQ: sequence ids of a unified
-// cache lie in [0, 256).
-const MaxSequenceIDs = 256
-
 // Context is a llama.cpp context with a unified KV cache. It is not safe for
 // concurrent use: create it, use it and close it on one goroutine locked to
 // its OS thread (runtime.LockOSThread).
@@ -93,6 +89,8 @@ type Context struct {
 	// aborts the process (GGML_ABORT: libllama is built without NDEBUG)
 	// for any other index, so Logits and Sampler.Sample check it first.
 	outputs []bool
+	// cbatch is the llama_batch Decode fills from a native.Batch.
+	cbatch C.struct_llama_batch
 }
 
 // NewContext creates a context for m with kv_unified = true: one pool of
@@ -101,8 +99,8 @@ func NewContext(m *Model, p ContextParams) (*Context, error) {
 	if p.Cells <= 0 || p.Batch <= 0 {
 		return nil, fmt.Errorf("new context: cells (%d) and batch (%d) must be positive", p.Cells, p.Batch)
 	}
-	if p.MaxSequences <= 0 || p.MaxSequences > MaxSequenceIDs {
-		return nil, fmt.Errorf("new context: max sequences %d outside [1, %d]", p.MaxSequences, MaxSequenceIDs)
+	if p.MaxSequences <= 0 || p.MaxSequences > native.MaxSequenceIDs {
+		return nil, fmt.Errorf("new context: max sequences %d outside [1, %d]", p.MaxSequences, native.MaxSequenceIDs)
 	}
 	threads := p.Threads
 	if threads <= 0 {
@@ -146,6 +144,7 @@ func NewContext(m *Model, p ContextParams) (*Context, error) {
 			ErrModelUnsupported, m.path, m.info.Architecture)
 	}
 	c.outputs = make([]bool, 0, c.batch)
+	c.cbatch = C.llama_batch_init(C.int32_t(c.batch), 0, 1)
 	c.cand = (*C.llama_token_data)(C.malloc(C.size_t(m.info.VocabSize) * C.size_t(unsafe.Sizeof(C.llama_token_data{}))))
 	if c.cand == nil {
 		C.llama_free(ptr)
@@ -170,6 +169,10 @@ func (c *Context) Close() {
 		C.free(unsafe.Pointer(c.cand))
 		c.cand = nil
 	}
+	if c.cbatch.token != nil {
+		C.llama_batch_free(c.cbatch)
+		c.cbatch = C.struct_llama_batch{}
+	}
 }
 
 // Decode runs the model on b. See the Err* variables for its failures. A
@@ -177,21 +180,38 @@ func (c *Context) Close() {
 // invalid, fails with ErrInvalidBatch before llama.cpp sees it (llama_decode
 // asserts n_tokens <= n_batch). An empty batch is a no-op that leaves the
 // last decode's outputs as they are.
-func (c *Context) Decode(b *Batch) error {
-	n := int(b.b.n_tokens)
+func (c *Context) Decode(b *native.Batch) error {
+	n := b.Len()
 	if n == 0 {
 		return nil
 	}
 	c.outputs = c.outputs[:0]
-	if b.bad || n > c.batch || n > b.cap {
+	if b.Invalid() || n > c.batch {
 		return &DecodeError{Code: -1, kind: ErrInvalidBatch}
 	}
-	if err := decodeError(int(C.llama_decode(c.ptr, b.b))); err != nil {
+	// The C batch's arrays are C memory, written from Go without a cgo
+	// call per token.
+	cb := &c.cbatch
+	tok := unsafe.Slice((*int32)(unsafe.Pointer(cb.token)), n)
+	pos := unsafe.Slice((*int32)(unsafe.Pointer(cb.pos)), n)
+	nseq := unsafe.Slice((*int32)(unsafe.Pointer(cb.n_seq_id)), n)
+	seqs := unsafe.Slice(cb.seq_id, n)
+	logits := unsafe.Slice((*int8)(unsafe.Pointer(cb.logits)), n)
+	copy(tok, b.Tokens)
+	copy(pos, b.Pos)
+	for i := range n {
+		nseq[i] = 1
+		*(*int32)(unsafe.Pointer(seqs[i])) = b.Seq[i]
+		logits[i] = 0
+		if b.Logits[i] {
+			logits[i] = 1
+		}
+	}
+	cb.n_tokens = C.int32_t(n)
+	if err := decodeError(int(C.llama_decode(c.ptr, *cb))); err != nil {
 		return err
 	}
-	for _, l := range unsafe.Slice((*int8)(unsafe.Pointer(b.b.logits)), n) {
-		c.outputs = append(c.outputs, l != 0)
-	}
+	c.outputs = append(c.outputs, b.Logits...)
 	return nil
 }
 
@@ -214,7 +234,7 @@ func (c *Context) Logits(i int) []float32 {
 
 // validSeq reports whether seq is a sequence id llama.cpp's memory calls
 // accept: they GGML_ASSERT 0 <= seq < LLAMA_MAX_SEQ.
-func validSeq(seq int) bool { return seq >= 0 && seq < MaxSequenceIDs }
+func validSeq(seq int) bool { return seq >= 0 && seq < native.MaxSequenceIDs }
 
 // clampPos converts a position bound for llama.cpp: negative stays -1
 // (open, as llama.cpp reads it), and a bound past int32 becomes MaxInt32,
@@ -232,7 +252,7 @@ func clampPos(p int) C.llama_pos {
 // SeqRemove removes sequence seq's tokens with positions in [p0, p1); a
 // negative bound is open, and seq -1 means every sequence. It returns false
 // when a partial removal is impossible, or when seq is outside [-1,
-// MaxSequenceIDs), which it leaves alone. A cell is freed only when its last
+// native.MaxSequenceIDs), which it leaves alone. A cell is freed only when its last
 // sequence leaves it.
 func (c *Context) SeqRemove(seq, p0, p1 int) bool {
 	if seq != -1 && !validSeq(seq) {
@@ -243,7 +263,7 @@ func (c *Context) SeqRemove(seq, p0, p1 int) bool {
 
 // SeqCopy adds sequence dst to the cells of src with positions in [p0, p1).
 // In a unified cache nothing is copied: the cells are shared. Ids outside
-// [0, MaxSequenceIDs) make it a no-op. No cell in the range may hold dst
+// [0, native.MaxSequenceIDs) make it a no-op. No cell in the range may hold dst
 // already: llama.cpp asserts that (assert(!seq[i].test(seq_id)) in
 // llama_kv_cells::seq_add); a dst that holds no cells is always safe.
 func (c *Context) SeqCopy(src, dst, p0, p1 int) {
@@ -254,7 +274,7 @@ func (c *Context) SeqCopy(src, dst, p0, p1 int) {
 }
 
 // SeqKeep removes every sequence but seq. An id outside [0,
-// MaxSequenceIDs) makes it a no-op.
+// native.MaxSequenceIDs) makes it a no-op.
 func (c *Context) SeqKeep(seq int) {
 	if validSeq(seq) {
 		C.llama_memory_seq_keep(c.mem, C.llama_seq_id(seq))
@@ -262,7 +282,7 @@ func (c *Context) SeqKeep(seq int) {
 }
 
 // SeqPosMin returns the smallest position of seq in the cache, or -1 (also
-// for an id outside [0, MaxSequenceIDs)).
+// for an id outside [0, native.MaxSequenceIDs)).
 func (c *Context) SeqPosMin(seq int) int {
 	if !validSeq(seq) {
 		return -1
@@ -271,7 +291,7 @@ func (c *Context) SeqPosMin(seq int) int {
 }
 
 // SeqPosMax returns the largest position of seq in the cache, or -1 (also
-// for an id outside [0, MaxSequenceIDs)).
+// for an id outside [0, native.MaxSequenceIDs)).
 func (c *Context) SeqPosMax(seq int) int {
 	if !validSeq(seq) {
 		return -1
@@ -282,70 +302,13 @@ func (c *Context) SeqPosMax(seq int) int {
 // Clear empties the cache.
 func (c *Context) Clear() { C.llama_memory_clear(c.mem, C.bool(false)) }
 
-// Batch is a llama_batch of fixed capacity, reused across steps.
-type Batch struct {
-	b   C.struct_llama_batch
-	cap int
-	// bad is set by an Add that llama.cpp would not survive, until Reset;
-	// Decode then refuses the batch.
-	bad bool
-}
-
-// NewBatch allocates a batch for up to capacity tokens, one sequence id each.
-// Free must be called.
-func NewBatch(capacity int) *Batch {
-	return &Batch{b: C.llama_batch_init(C.int32_t(capacity), 0, 1), cap: capacity}
-}
-
-// Len returns the number of tokens in the batch.
-func (b *Batch) Len() int { return int(b.b.n_tokens) }
-
-// Cap returns the batch's capacity.
-func (b *Batch) Cap() int { return b.cap }
-
-// Reset empties the batch.
-func (b *Batch) Reset() { b.b.n_tokens, b.bad = 0, false }
-
-// Add appends a token of sequence seq at position pos. When logits is true,
-// its logits are computed; Add returns the token's index in the batch, which
-// is the output index to sample from. A position outside [0, MaxInt32) or a
-// sequence id outside [0, MaxSequenceIDs) makes the batch invalid: Decode
-// refuses it. (llama.cpp checks token and sequence ids itself, but not
-// negative positions, which break its cell bookkeeping's asserts.) Add
-// panics when the batch is full: the caller owns the batch's capacity.
-func (b *Batch) Add(tok int32, pos, seq int, logits bool) int {
-	i := int(b.b.n_tokens)
-	if i >= b.cap {
-		panic("native: batch overflow")
-	}
-	if pos < 0 || pos >= math.MaxInt32 || !validSeq(seq) {
-		b.bad = true
-	}
-	var l C.int8_t
-	if logits {
-		l = 1
-	}
-	C.kv_batch_set(&b.b, C.int32_t(i), C.llama_token(tok), C.llama_pos(pos), C.llama_seq_id(seq), l)
-	b.b.n_tokens++
-	return i
-}
-
-// Free releases the batch's memory. It is idempotent.
-func (b *Batch) Free() {
-	if b.cap > 0 {
-		C.llama_batch_free(b.b)
-		b.cap = 0
-		b.b = C.struct_llama_batch{}
-	}
-}
-
 // cellOrder returns the positions of seq's cells in cell order, read back
 // from llama.cpp's state of the sequence (llama_state_seq_get_data writes a
 // position and the sequence ids for every cell, in cell order, before the
 // tensors). It copies the sequence's K and V too, so it is for tests.
 func (c *Context) cellOrder(seq int) ([]int32, error) {
 	if !validSeq(seq) {
-		return nil, fmt.Errorf("cell order: sequence id %d outside [0, %d)", seq, MaxSequenceIDs)
+		return nil, fmt.Errorf("cell order: sequence id %d outside [0, %d)", seq, native.MaxSequenceIDs)
 	}
 	n := C.llama_state_seq_get_size(c.ptr, C.llama_seq_id(seq))
 	buf := make([]byte, int(n))

@@ -1,6 +1,7 @@
-package native
+package llama
 
 import (
+	"github.com/kvgate/kvgate/native"
 	"math"
 	"math/rand/v2"
 	"testing"
@@ -108,8 +109,7 @@ func soloLogits(t *testing.T, m *Model, prompt []int32, n int, padded bool) ([]i
 		t.Fatal(err)
 	}
 	defer c.Close()
-	b := NewBatch(len(prompt) + 1)
-	defer b.Free()
+	b := native.NewBatch(len(prompt) + 1)
 	pad := 0 // the next position of the padding sequence
 	add := func(tok int32, pos int) int {
 		idx := b.Add(tok, pos, 0, true)
@@ -148,12 +148,10 @@ func driftOf(t *testing.T, m *Model, tc driftCase, r *rand.Rand, prompt, toks []
 		t.Fatal(err)
 	}
 	defer c.Close()
-	b := NewBatch(64)
-	defer b.Free()
-	ob := NewBatch(64)
-	defer ob.Free()
+	b := native.NewBatch(64)
+	ob := native.NewBatch(64)
 	pos := make([]int, tc.others+1) // next position of each other sequence
-	decode := func(b *Batch) {
+	decode := func(b *native.Batch) {
 		t.Helper()
 		if err := c.Decode(b); err != nil {
 			t.Fatal(err)
@@ -161,7 +159,7 @@ func driftOf(t *testing.T, m *Model, tc driftCase, r *rand.Rand, prompt, toks []
 	}
 	// others adds a token for every other sequence, to b when they ride with
 	// the sequence and to a call of their own otherwise.
-	others := func(b *Batch) {
+	others := func(b *native.Batch) {
 		dst := b
 		if !tc.together {
 			dst = ob

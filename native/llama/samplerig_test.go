@@ -1,7 +1,8 @@
-package native
+package llama
 
 import (
 	"fmt"
+	"github.com/kvgate/kvgate/native"
 	"runtime"
 	"sync"
 	"testing"
@@ -92,8 +93,7 @@ func buildRig(m *Model) (*samplingRig, error) {
 			return
 		}
 		r.ctx = c
-		b := NewBatch(n)
-		defer b.Free()
+		b := native.NewBatch(n)
 		for seq, ids := range r.prompts {
 			for i, tok := range ids {
 				out := i >= len(ids)-3

@@ -1,8 +1,10 @@
-package native
+package llama
 
 import (
 	"errors"
+	"github.com/kvgate/kvgate/native"
 	"math"
+	"slices"
 	"testing"
 )
 
@@ -48,16 +50,16 @@ func TestPenaltyWindowAndSeed(t *testing.T) {
 	windows := []struct {
 		lastN, want int32
 	}{
-		{0, DefaultPenaltyLastN},
+		{0, native.DefaultPenaltyLastN},
 		{1, 1},
-		{MaxPenaltyLastN, MaxPenaltyLastN},
-		{MaxPenaltyLastN + 1, MaxPenaltyLastN},
-		{math.MaxInt32, MaxPenaltyLastN},
+		{native.MaxPenaltyLastN, native.MaxPenaltyLastN},
+		{native.MaxPenaltyLastN + 1, native.MaxPenaltyLastN},
+		{math.MaxInt32, native.MaxPenaltyLastN},
 		{-1, 0},
 		{math.MinInt32, 0},
 	}
 	for _, w := range windows {
-		if got := (SamplingParams{PenaltyLastN: w.lastN}).penaltyWindow(); got != w.want {
+		if got := (native.SamplingParams{PenaltyLastN: w.lastN}).PenaltyWindow(); got != w.want {
 			t.Errorf("PenaltyLastN %d: window %d, want %d", w.lastN, got, w.want)
 		}
 	}
@@ -70,12 +72,12 @@ func TestPenaltyWindowAndSeed(t *testing.T) {
 		{llamaDefaultSeed, llamaDefaultSeed - 1},
 	}
 	for _, s := range seeds {
-		if got := (SamplingParams{Seed: s.seed, HasSeed: true}).drawSeed(); got != s.want {
+		if got := drawSeed(native.SamplingParams{Seed: s.seed, HasSeed: true}); got != s.want {
 			t.Errorf("seed %#x: draws with %#x, want %#x", s.seed, got, s.want)
 		}
 	}
 	for range 1000 {
-		if (SamplingParams{}).drawSeed() == llamaDefaultSeed {
+		if drawSeed(native.SamplingParams{}) == llamaDefaultSeed {
 			t.Fatal("a random seed was LLAMA_DEFAULT_SEED")
 		}
 	}
@@ -88,22 +90,22 @@ func TestPenaltyWindowAndSeed(t *testing.T) {
 func TestSamplerMatchesChain(t *testing.T) {
 	tests := []struct {
 		name string
-		p    SamplingParams
+		p    native.SamplingParams
 	}{
-		{"greedy", SamplingParams{}},
-		{"greedy with penalties", SamplingParams{RepeatPenalty: 1.3, FrequencyPenalty: 0.5, PresencePenalty: 0.4, PenaltyLastN: 16}},
-		{"temperature 1", SamplingParams{Temperature: 1, Seed: 1, HasSeed: true}},
-		{"temperature 0.7", SamplingParams{Temperature: 0.7, Seed: 2, HasSeed: true}},
-		{"temperature 1.8", SamplingParams{Temperature: 1.8, Seed: 3, HasSeed: true}},
-		{"top-k 40", SamplingParams{Temperature: 0.9, TopK: 40, Seed: 4, HasSeed: true}},
-		{"top-k 200 (bucket sort)", SamplingParams{Temperature: 1.2, TopK: 200, Seed: 5, HasSeed: true}},
-		{"top-p 0.9", SamplingParams{Temperature: 1, TopP: 0.9, Seed: 6, HasSeed: true}},
-		{"min-p 0.05", SamplingParams{Temperature: 1, MinP: 0.05, Seed: 7, HasSeed: true}},
-		{"everything", SamplingParams{Temperature: 0.8, TopK: 50, TopP: 0.95, MinP: 0.02, RepeatPenalty: 1.1,
+		{"greedy", native.SamplingParams{}},
+		{"greedy with penalties", native.SamplingParams{RepeatPenalty: 1.3, FrequencyPenalty: 0.5, PresencePenalty: 0.4, PenaltyLastN: 16}},
+		{"temperature 1", native.SamplingParams{Temperature: 1, Seed: 1, HasSeed: true}},
+		{"temperature 0.7", native.SamplingParams{Temperature: 0.7, Seed: 2, HasSeed: true}},
+		{"temperature 1.8", native.SamplingParams{Temperature: 1.8, Seed: 3, HasSeed: true}},
+		{"top-k 40", native.SamplingParams{Temperature: 0.9, TopK: 40, Seed: 4, HasSeed: true}},
+		{"top-k 200 (bucket sort)", native.SamplingParams{Temperature: 1.2, TopK: 200, Seed: 5, HasSeed: true}},
+		{"top-p 0.9", native.SamplingParams{Temperature: 1, TopP: 0.9, Seed: 6, HasSeed: true}},
+		{"min-p 0.05", native.SamplingParams{Temperature: 1, MinP: 0.05, Seed: 7, HasSeed: true}},
+		{"everything", native.SamplingParams{Temperature: 0.8, TopK: 50, TopP: 0.95, MinP: 0.02, RepeatPenalty: 1.1,
 			FrequencyPenalty: 0.3, PresencePenalty: 0.2, PenaltyLastN: 64, Seed: 8, HasSeed: true}},
-		{"penalties, default window", SamplingParams{Temperature: 1, RepeatPenalty: 1.5, Seed: 9, HasSeed: true}},
-		{"negative penalties", SamplingParams{Temperature: 1, FrequencyPenalty: -1, PresencePenalty: -2, Seed: 10, HasSeed: true}},
-		{"seed 0", SamplingParams{Temperature: 1, TopK: 10, HasSeed: true}},
+		{"penalties, default window", native.SamplingParams{Temperature: 1, RepeatPenalty: 1.5, Seed: 9, HasSeed: true}},
+		{"negative penalties", native.SamplingParams{Temperature: 1, FrequencyPenalty: -1, PresencePenalty: -2, Seed: 10, HasSeed: true}},
+		{"seed 0", native.SamplingParams{Temperature: 1, TopK: 10, HasSeed: true}},
 	}
 	const steps = 48
 	forEachRig(t, func(t *testing.T, r *samplingRig) {
@@ -162,7 +164,7 @@ func forEachRig(t *testing.T, f func(t *testing.T, r *samplingRig)) {
 
 // TestSamplerExtremes samples with values that used to abort the process
 // in llama.cpp's samplers. Each must give a token in the vocabulary or
-// ErrNoValidToken, and the ones that leave nothing finite must give the
+// native.ErrNoValidToken, and the ones that leave nothing finite must give the
 // error.
 func TestSamplerExtremes(t *testing.T) {
 	nan, inf := float32(math.NaN()), float32(math.Inf(1))
@@ -173,40 +175,40 @@ func TestSamplerExtremes(t *testing.T) {
 	)
 	tests := []struct {
 		name string
-		p    SamplingParams
+		p    native.SamplingParams
 		want int
 	}{
 		// The four crashers found by hand (GGML_ASSERT(found) in the notes;
 		// it is assert(found) in llama_sampler_dist_apply).
-		{"temperature 1e-40", SamplingParams{Temperature: 1e-40}, either},
-		{"repetition penalty 1e-45", SamplingParams{Temperature: 1, RepeatPenalty: 1e-45}, token},
-		{"frequency penalty -3.4e38", SamplingParams{Temperature: 1, FrequencyPenalty: -3.4e38}, token},
-		{"presence penalty -3.4e38", SamplingParams{Temperature: 1, PresencePenalty: -3.4e38}, token},
-		{"temperature NaN", SamplingParams{Temperature: nan}, noToken},
-		{"temperature +inf", SamplingParams{Temperature: inf}, token},
-		{"temperature -inf is greedy", SamplingParams{Temperature: -inf}, token},
-		{"temperature subnormal", SamplingParams{Temperature: math.SmallestNonzeroFloat32}, either},
-		{"temperature MaxFloat32", SamplingParams{Temperature: math.MaxFloat32}, token},
-		{"top-p NaN", SamplingParams{Temperature: 1, TopP: nan}, token},
-		{"top-p subnormal", SamplingParams{Temperature: 1, TopP: 1e-45}, token},
-		{"min-p +inf", SamplingParams{Temperature: 1, MinP: inf}, token},
-		{"min-p NaN", SamplingParams{Temperature: 1, MinP: nan}, token},
-		{"min-p subnormal", SamplingParams{Temperature: 1, MinP: 1e-45}, token},
-		{"top-k MaxInt32", SamplingParams{Temperature: 1, TopK: math.MaxInt32}, token},
-		{"top-k MinInt32", SamplingParams{Temperature: 1, TopK: math.MinInt32}, token},
-		{"repetition penalty NaN", SamplingParams{Temperature: 1, RepeatPenalty: nan}, token},
-		{"repetition penalty +inf", SamplingParams{Temperature: 1, RepeatPenalty: inf}, token},
-		{"repetition penalty -inf", SamplingParams{Temperature: 1, RepeatPenalty: -inf}, either},
-		{"greedy, repetition penalty 1e-45", SamplingParams{RepeatPenalty: 1e-45}, token},
-		{"frequency penalty +3.4e38", SamplingParams{Temperature: 1, FrequencyPenalty: 3.4e38}, token},
-		{"frequency penalty NaN", SamplingParams{Temperature: 1, FrequencyPenalty: nan}, token},
-		{"frequency +inf, presence -inf", SamplingParams{Temperature: 1, FrequencyPenalty: inf, PresencePenalty: -inf}, token},
-		{"greedy, presence penalty -inf", SamplingParams{PresencePenalty: -inf}, token},
-		{"everything NaN", SamplingParams{Temperature: nan, TopP: nan, MinP: nan, RepeatPenalty: nan, FrequencyPenalty: nan,
+		{"temperature 1e-40", native.SamplingParams{Temperature: 1e-40}, either},
+		{"repetition penalty 1e-45", native.SamplingParams{Temperature: 1, RepeatPenalty: 1e-45}, token},
+		{"frequency penalty -3.4e38", native.SamplingParams{Temperature: 1, FrequencyPenalty: -3.4e38}, token},
+		{"presence penalty -3.4e38", native.SamplingParams{Temperature: 1, PresencePenalty: -3.4e38}, token},
+		{"temperature NaN", native.SamplingParams{Temperature: nan}, noToken},
+		{"temperature +inf", native.SamplingParams{Temperature: inf}, token},
+		{"temperature -inf is greedy", native.SamplingParams{Temperature: -inf}, token},
+		{"temperature subnormal", native.SamplingParams{Temperature: math.SmallestNonzeroFloat32}, either},
+		{"temperature MaxFloat32", native.SamplingParams{Temperature: math.MaxFloat32}, token},
+		{"top-p NaN", native.SamplingParams{Temperature: 1, TopP: nan}, token},
+		{"top-p subnormal", native.SamplingParams{Temperature: 1, TopP: 1e-45}, token},
+		{"min-p +inf", native.SamplingParams{Temperature: 1, MinP: inf}, token},
+		{"min-p NaN", native.SamplingParams{Temperature: 1, MinP: nan}, token},
+		{"min-p subnormal", native.SamplingParams{Temperature: 1, MinP: 1e-45}, token},
+		{"top-k MaxInt32", native.SamplingParams{Temperature: 1, TopK: math.MaxInt32}, token},
+		{"top-k MinInt32", native.SamplingParams{Temperature: 1, TopK: math.MinInt32}, token},
+		{"repetition penalty NaN", native.SamplingParams{Temperature: 1, RepeatPenalty: nan}, token},
+		{"repetition penalty +inf", native.SamplingParams{Temperature: 1, RepeatPenalty: inf}, token},
+		{"repetition penalty -inf", native.SamplingParams{Temperature: 1, RepeatPenalty: -inf}, either},
+		{"greedy, repetition penalty 1e-45", native.SamplingParams{RepeatPenalty: 1e-45}, token},
+		{"frequency penalty +3.4e38", native.SamplingParams{Temperature: 1, FrequencyPenalty: 3.4e38}, token},
+		{"frequency penalty NaN", native.SamplingParams{Temperature: 1, FrequencyPenalty: nan}, token},
+		{"frequency +inf, presence -inf", native.SamplingParams{Temperature: 1, FrequencyPenalty: inf, PresencePenalty: -inf}, token},
+		{"greedy, presence penalty -inf", native.SamplingParams{PresencePenalty: -inf}, token},
+		{"everything NaN", native.SamplingParams{Temperature: nan, TopP: nan, MinP: nan, RepeatPenalty: nan, FrequencyPenalty: nan,
 			PresencePenalty: nan}, noToken},
-		{"penalty window MaxInt32", SamplingParams{Temperature: 1, RepeatPenalty: 2, PenaltyLastN: math.MaxInt32}, token},
-		{"penalty window MinInt32", SamplingParams{Temperature: 1, RepeatPenalty: 2, PenaltyLastN: math.MinInt32}, token},
-		{"seed LLAMA_DEFAULT_SEED", SamplingParams{Temperature: 1, Seed: llamaDefaultSeed, HasSeed: true}, token},
+		{"penalty window MaxInt32", native.SamplingParams{Temperature: 1, RepeatPenalty: 2, PenaltyLastN: math.MaxInt32}, token},
+		{"penalty window MinInt32", native.SamplingParams{Temperature: 1, RepeatPenalty: 2, PenaltyLastN: math.MinInt32}, token},
+		{"seed LLAMA_DEFAULT_SEED", native.SamplingParams{Temperature: 1, Seed: llamaDefaultSeed, HasSeed: true}, token},
 	}
 	forEachRig(t, func(t *testing.T, r *samplingRig) {
 		vocab := int32(r.model.Info().VocabSize)
@@ -231,14 +233,14 @@ func TestSamplerExtremes(t *testing.T) {
 					switch {
 					case err == nil && (toks[i] < 0 || toks[i] >= vocab):
 						t.Errorf("sample %d: token %d outside the vocabulary", i, toks[i])
-					case err != nil && !errors.Is(err, ErrNoValidToken):
-						t.Errorf("sample %d: %v, want a token or ErrNoValidToken", i, err)
+					case err != nil && !errors.Is(err, native.ErrNoValidToken):
+						t.Errorf("sample %d: %v, want a token or native.ErrNoValidToken", i, err)
 					case err != nil && toks[i] != -1:
 						t.Errorf("sample %d: error %v with token %d, want -1", i, err, toks[i])
 					case tc.want == token && err != nil:
 						t.Errorf("sample %d: %v, want a token", i, err)
 					case tc.want == noToken && err == nil:
-						t.Errorf("sample %d: token %d, want ErrNoValidToken", i, toks[i])
+						t.Errorf("sample %d: token %d, want native.ErrNoValidToken", i, toks[i])
 					}
 				}
 				t.Logf("tokens %v", toks)
@@ -252,7 +254,7 @@ func TestSampleAllocations(t *testing.T) {
 	r := newSamplingRig(t)
 	var allocs float64
 	r.do(func() {
-		s := NewSampler(SamplingParams{Temperature: 0.8, TopK: 40, TopP: 0.9, RepeatPenalty: 1.1, Seed: 1, HasSeed: true})
+		s := NewSampler(native.SamplingParams{Temperature: 0.8, TopK: 40, TopP: 0.9, RepeatPenalty: 1.1, Seed: 1, HasSeed: true})
 		defer s.Free()
 		out, _ := r.row(0)
 		allocs = testing.AllocsPerRun(50, func() {
@@ -274,16 +276,18 @@ func TestSampleBadOutput(t *testing.T) {
 		var err error
 		var logits []float32
 		r.do(func() {
-			s := NewSampler(SamplingParams{})
+			s := NewSampler(native.SamplingParams{})
 			defer s.Free()
 			_, err = s.Sample(r.ctx, i)
 			logits = r.ctx.Logits(i)
 		})
-		if !errors.Is(err, ErrNoLogits) {
-			t.Errorf("Sample(%d) error = %v, want ErrNoLogits", i, err)
+		if !errors.Is(err, native.ErrNoLogits) {
+			t.Errorf("Sample(%d) error = %v, want native.ErrNoLogits", i, err)
 		}
 		if logits != nil {
 			t.Errorf("Logits(%d) returned %d values", i, len(logits))
 		}
 	}
 }
+
+func equal(a, b []int32) bool { return slices.Equal(a, b) }

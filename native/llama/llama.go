@@ -1,5 +1,6 @@
-// Package native binds kvgate to llama.cpp through cgo and runs the decode
-// worker that owns the llama.cpp context.
+// Package llama binds kvgate to llama.cpp through cgo: the model, the
+// context (a native.Backend), the sampler and the ABI check. It is thin:
+// the scheduling is the decode worker's, in package native.
 //
 // llama.cpp is linked from the Go module github.com/ollama/ollama v0.17.4,
 // whose package llama/llama.cpp/src builds libllama and ggml's CPU backend.
@@ -10,9 +11,9 @@
 // Threading: vocabulary operations (tokenize, detokenize) are thread-safe in
 // llama.cpp and may be called from any goroutine. Everything that touches a
 // context (decode, memory, sampling) runs on the Engine's worker goroutine,
-// which is locked to its OS thread for its whole life. Every C object is
+// which is locked to its OS thread for its whole life (native.Engine). Every C object is
 // freed explicitly by its owner; no finalizers are used.
-package native
+package llama
 
 /*
 #cgo CFLAGS: -std=c11
@@ -26,6 +27,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/kvgate/kvgate/native"
 	"io"
 	"os"
 	"runtime/cgo"
@@ -103,27 +105,9 @@ type Model struct {
 	ptr   *C.struct_llama_model
 	vocab *C.struct_llama_vocab
 	path  string
-	info  ModelInfo
+	info  native.ModelInfo
 
 	closeOnce sync.Once
-}
-
-// ModelInfo describes a loaded model.
-type ModelInfo struct {
-	Path            string
-	Architecture    string
-	Description     string
-	ParameterCount  uint64
-	SizeBytes       uint64
-	TrainingContext int
-	VocabSize       int
-	EmbeddingSize   int
-	Layers          int
-	Heads           int
-	HeadsKV         int
-	HasChatTemplate bool
-	AddBOS          bool
-	BOS, EOS        int32
 }
 
 // loadProgress is what the progress callback of one load sees.
@@ -304,10 +288,10 @@ func (m *Model) metaString(key string) string {
 	return C.GoString(&buf[0])
 }
 
-func (m *Model) readInfo() ModelInfo {
+func (m *Model) readInfo() native.ModelInfo {
 	var desc [256]C.char
 	C.llama_model_desc(m.ptr, &desc[0], C.size_t(len(desc)))
-	return ModelInfo{
+	return native.ModelInfo{
 		Path:            m.path,
 		Architecture:    m.metaString("general.architecture"),
 		Description:     C.GoString(&desc[0]),
@@ -327,7 +311,7 @@ func (m *Model) readInfo() ModelInfo {
 }
 
 // Info returns the model's metadata.
-func (m *Model) Info() ModelInfo { return m.info }
+func (m *Model) Info() native.ModelInfo { return m.info }
 
 // Close frees the model. It is idempotent.
 func (m *Model) Close() {
@@ -339,9 +323,6 @@ func (m *Model) Close() {
 		}
 	})
 }
-
-// ErrTokenOutOfRange reports a token id outside [0, vocab size).
-var ErrTokenOutOfRange = errors.New("token id out of range")
 
 // ValidTokens returns the index of the first token id outside the
 // vocabulary, or -1 when every id is valid.
@@ -419,21 +400,12 @@ func (m *Model) AppendPiece(dst []byte, tok int32, renderSpecial bool, lstrip bo
 	return append(dst, big[:n]...)
 }
 
-// DetokenizeOptions controls Detokenize.
-type DetokenizeOptions struct {
-	// RenderSpecial renders special tokens (BOS, EOS, control tokens) as text.
-	RenderSpecial bool
-	// StripLeadingSpace drops the space a SentencePiece vocabulary puts
-	// before the first word.
-	StripLeadingSpace bool
-}
-
 // Detokenize returns the concatenated pieces of ids: the same text that
 // Generate streams for them. Invalid UTF-8 is replaced by U+FFFD. It returns
-// ErrTokenOutOfRange for an id outside the vocabulary.
-func (m *Model) Detokenize(ids []int32, opts DetokenizeOptions) (string, error) {
+// native.ErrTokenOutOfRange for an id outside the vocabulary.
+func (m *Model) Detokenize(ids []int32, opts native.DetokenizeOptions) (string, error) {
 	if i := m.ValidTokens(ids); i >= 0 {
-		return "", fmt.Errorf("%w: ids[%d] = %d, vocabulary size %d", ErrTokenOutOfRange, i, ids[i], m.info.VocabSize)
+		return "", fmt.Errorf("%w: ids[%d] = %d, vocabulary size %d", native.ErrTokenOutOfRange, i, ids[i], m.info.VocabSize)
 	}
 	var out []byte
 	for i, id := range ids {
@@ -449,3 +421,5 @@ func (m *Model) Detokenize(ids []int32, opts DetokenizeOptions) (string, error) 
 func (m *Model) IsEOG(tok int32) bool {
 	return bool(C.llama_vocab_is_eog(m.vocab, C.llama_token(tok)))
 }
+
+var _ native.Vocab = (*Model)(nil)

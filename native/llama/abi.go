@@ -1,4 +1,4 @@
-package native
+package llama
 
 /*
 #include "llama_api.h"
