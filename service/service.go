@@ -296,7 +296,6 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 	}
 	ci.PromptTokens = len(r.prompt)
 	out, err := s.engine.Submit(ctx, native.Request{
-		Ctx:          ctx,
 		Priority:     r.priority,
 		Prompt:       r.prompt,
 		MaxTokens:    r.maxTokens,
