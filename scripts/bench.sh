@@ -5,7 +5,7 @@
 # mkmodel` into a scratch directory, serves it on loopback, drives it with
 # `kvgate bench --json` (1, 4, 16, 32 streams at 128/128 tokens; a mixed
 # workload; a shared-prefix workload with the prefix cache on and off), runs
-# the in-process engine benchmark (native/engine_bench_test.go) on the same
+# the in-process engine benchmark (native/bench_ext_test.go) on the same
 # file, and prints a markdown table with the gRPC / in-process ratio on
 # stdout. Progress goes to stderr.
 #
