@@ -296,13 +296,17 @@ func (e *Engine) copyPrefix(s *sequence) int {
 	return s.nPast
 }
 
-// reap ends sequences whose client went away.
+// reap ends sequences whose client went away. It asks each context
+// itself as well as the flag its AfterFunc sets: that function runs on a
+// goroutine of its own, which may get to run only steps after the cancel
+// (the worker never blocks while it has work), and Submit promises the end
+// at the next step.
 func (e *Engine) reap() {
 	w := &e.w
 	for _, list := range []*[]*sequence{&w.active, &w.paused} {
 		for i := 0; i < len(*list); {
 			s := (*list)[i]
-			if s.cancelled.Load() {
+			if s.cancelled.Load() || s.ctx.Err() != nil {
 				e.finish(s, FinishNone, "", context.Cause(s.ctx))
 				continue // finish removed it
 			}

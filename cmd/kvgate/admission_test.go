@@ -19,7 +19,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
-	"github.com/kvgate/kvgate/native"
+	"github.com/kvgate/kvgate/native/llama"
 )
 
 func cacheStats(t testing.TB, s *server) *kvgatev1.GetCacheStatsResponse {
@@ -304,7 +304,7 @@ func TestBatchingIsReal(t *testing.T) {
 	wg.Wait()
 	end := cacheStats(t, s).GetDecodeStepsTotal()
 	steps, after := end-before, end-joined
-	m, err := native.LoadModel(testModel(t, "stories260K.gguf"), native.LoadOptions{})
+	m, err := llama.LoadModel(testModel(t, "stories260K.gguf"), llama.LoadOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

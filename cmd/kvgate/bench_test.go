@@ -23,6 +23,7 @@ import (
 	"github.com/kvgate/kvgate/internal/bench"
 	mk "github.com/kvgate/kvgate/internal/mkmodel"
 	"github.com/kvgate/kvgate/native"
+	"github.com/kvgate/kvgate/native/llama"
 	"github.com/kvgate/kvgate/service"
 )
 
@@ -225,7 +226,7 @@ func benchModelFile(b *testing.B) string {
 
 var (
 	inprocOnce  sync.Once
-	inprocModel *native.Model
+	inprocModel *llama.Model
 	inprocErr   error
 )
 
@@ -235,8 +236,8 @@ var (
 func inProcessServer(b *testing.B, maxSeqs, cells int) *grpc.ClientConn {
 	b.Helper()
 	inprocOnce.Do(func() {
-		native.Init(native.LogError)
-		inprocModel, inprocErr = native.LoadModel(benchModelFile(b), native.LoadOptions{})
+		llama.Init(llama.LogError)
+		inprocModel, inprocErr = llama.LoadModel(benchModelFile(b), llama.LoadOptions{})
 	})
 	if inprocErr != nil {
 		b.Fatal(inprocErr)

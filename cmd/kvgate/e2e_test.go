@@ -16,7 +16,9 @@ import (
 	"google.golang.org/grpc/status"
 
 	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
+	"github.com/kvgate/kvgate/internal/llamatest"
 	"github.com/kvgate/kvgate/native"
+	"github.com/kvgate/kvgate/native/llama"
 )
 
 // TestGenerateEndToEnd streams a greedy completion from a real server and
@@ -54,7 +56,7 @@ func TestGenerateEndToEnd(t *testing.T) {
 	}
 
 	// 2. Greedy decoding through native/ directly.
-	m, err := native.LoadModel(modelPath, native.LoadOptions{})
+	m, err := llama.LoadModel(modelPath, llama.LoadOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -63,7 +65,7 @@ func TestGenerateEndToEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ref, err := native.GreedyReference(ctx, m, prompt, 32)
+	ref, err := llamatest.GreedyReference(ctx, m, prompt, 32)
 	if err != nil {
 		t.Fatal(err)
 	}

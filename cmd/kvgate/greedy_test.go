@@ -4,7 +4,8 @@ import (
 	"context"
 	"testing"
 
-	"github.com/kvgate/kvgate/native"
+	"github.com/kvgate/kvgate/internal/llamatest"
+	"github.com/kvgate/kvgate/native/llama"
 )
 
 // tieTolerance is how far below the best logit a streamed token's logit may
@@ -19,10 +20,10 @@ const tieTolerance = 0.1
 // sameOrTie compares a greedy stream with its solo run and reports whether
 // they are equal token for token. Either way, every token of both must be
 // the greedy choice of an independent teacher-forced decode
-// (native.GreedyDeficits), or lie within tieTolerance of it: so two runs
+// (llamatest.GreedyDeficits), or lie within tieTolerance of it: so two runs
 // may part only at a near-tie, and a duplicated, skipped or garbled token,
 // which lies far from greedy, fails the test wherever it comes.
-func sameOrTie(ctx context.Context, t *testing.T, m *native.Model, prompt []int32, label string, solo, got streamResult) bool {
+func sameOrTie(ctx context.Context, t *testing.T, m *llama.Model, prompt []int32, label string, solo, got streamResult) bool {
 	t.Helper()
 	for _, run := range []struct {
 		name string
@@ -32,7 +33,7 @@ func sameOrTie(ctx context.Context, t *testing.T, m *native.Model, prompt []int3
 			t.Errorf("%s, %s run: no tokens", label, run.name)
 			continue
 		}
-		deficits, err := native.GreedyDeficits(ctx, m, prompt, run.ids)
+		deficits, err := llamatest.GreedyDeficits(ctx, m, prompt, run.ids)
 		if err != nil {
 			t.Fatalf("%s, %s run: reference: %v", label, run.name, err)
 		}

@@ -12,6 +12,7 @@ import (
 
 	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
 	"github.com/kvgate/kvgate/native"
+	"github.com/kvgate/kvgate/native/llama"
 )
 
 func tokensRequest(ids []int32, maxTokens uint32) *kvgatev1.GenerateRequest {
@@ -226,7 +227,7 @@ func preemptionStress(t *testing.T, deterministic bool, flags ...string) {
 	if preempted == 0 {
 		t.Fatal("no preemption happened: the test pool is too big")
 	}
-	m, err := native.LoadModel(testModel(t, "stories260K.gguf"), native.LoadOptions{})
+	m, err := llama.LoadModel(testModel(t, "stories260K.gguf"), llama.LoadOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

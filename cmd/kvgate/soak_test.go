@@ -15,7 +15,7 @@ import (
 	"time"
 
 	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
-	"github.com/kvgate/kvgate/native"
+	"github.com/kvgate/kvgate/native/llama"
 )
 
 // soakRequests is the number of requests TestSoak sends:
@@ -199,7 +199,7 @@ func soak(t *testing.T, policy string) {
 
 	// Greedy output equals a fresh server's.
 	fresh := startServer(t, args...)
-	m, err := native.LoadModel(model, native.LoadOptions{})
+	m, err := llama.LoadModel(model, llama.LoadOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

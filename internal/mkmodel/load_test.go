@@ -12,9 +12,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kvgate/kvgate/internal/llamatest"
 	"github.com/kvgate/kvgate/internal/mkmodel"
 	"github.com/kvgate/kvgate/internal/testmodels"
 	"github.com/kvgate/kvgate/native"
+	"github.com/kvgate/kvgate/native/llama"
 )
 
 // Tokenizers of the TestLoadInLlamaCPP cases.
@@ -142,7 +144,7 @@ func TestLoadInLlamaCPP(t *testing.T) {
 			defer os.Remove(path)
 
 			start = time.Now()
-			m, err := native.LoadModel(path, native.LoadOptions{})
+			m, err := llama.LoadModel(path, llama.LoadOptions{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -213,7 +215,7 @@ func TestLoadInLlamaCPP(t *testing.T) {
 				}
 			}
 
-			out, err := native.GreedyReference(context.Background(), m, toks[:min(len(toks), 12)], 4)
+			out, err := llamatest.GreedyReference(context.Background(), m, toks[:min(len(toks), 12)], 4)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -249,12 +251,12 @@ func TestVocabOnlyRefused(t *testing.T) {
 			if _, err := mkmodel.WriteVocabFile(context.Background(), path, v); err != nil {
 				t.Fatal(err)
 			}
-			m, err := native.LoadModel(path, native.LoadOptions{})
+			m, err := llama.LoadModel(path, llama.LoadOptions{})
 			if err == nil {
 				m.Close()
 				t.Fatalf("LoadModel(%s) succeeded", path)
 			}
-			if !errors.Is(err, native.ErrModelInvalid) {
+			if !errors.Is(err, llama.ErrModelInvalid) {
 				t.Errorf("LoadModel error = %v, want ErrModelInvalid", err)
 			}
 			if strings.Contains(err.Error(), "\n") {
@@ -268,17 +270,16 @@ func TestVocabOnlyRefused(t *testing.T) {
 // checkLogits decodes toks and checks that the logits of the last token are
 // finite and spread: a model whose activations overflowed would give NaN,
 // and GreedyReference's argmax would not notice.
-func checkLogits(t *testing.T, m *native.Model, toks []int32) {
+func checkLogits(t *testing.T, m *llama.Model, toks []int32) {
 	t.Helper()
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	c, err := native.NewContext(m, native.ContextParams{Cells: len(toks), Batch: len(toks), MaxSequences: 1})
+	c, err := llama.NewContext(m, llama.ContextParams{Cells: len(toks), Batch: len(toks), MaxSequences: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
 	b := native.NewBatch(len(toks))
-	defer b.Free()
 	for i, tok := range toks {
 		b.Add(tok, i, 0, i == len(toks)-1)
 	}
