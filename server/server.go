@@ -49,8 +49,9 @@ type Server struct {
 	// metrics servers and the load reporter. Close waits for them.
 	wg sync.WaitGroup
 
-	ready chan struct{} // closed once the model serves
-	done  chan struct{} // closed on the first failure
+	ready   chan struct{} // closed once the model serves
+	done    chan struct{} // closed on the first failure
+	closing chan struct{} // closed when Close begins: a drain stops waiting
 
 	drainOnce sync.Once
 	closeOnce sync.Once
@@ -77,7 +78,7 @@ type Server struct {
 func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s := &Server{
 		cfg: cfg, log: cfg.Logger, gate: &service.Gate{},
-		ready: make(chan struct{}), done: make(chan struct{}),
+		ready: make(chan struct{}), done: make(chan struct{}), closing: make(chan struct{}),
 	}
 	if s.log == nil {
 		s.log = slog.Default()
@@ -308,13 +309,11 @@ func (s *Server) drain(ctx context.Context, timeout time.Duration) error {
 	}
 	s.health.Shutdown()
 	p.stopAdmitting()
-	t := time.NewTimer(timeout)
-	defer t.Stop()
 	var err error
 	select {
 	case <-p.idle():
 	default:
-		err = s.waitIdle(ctx, p, t.C)
+		err = s.waitIdle(ctx, p, timeout)
 	}
 	// Closing the engine ends whatever still runs with UNAVAILABLE; the
 	// prefix cache goes with the context.
@@ -324,27 +323,37 @@ func (s *Server) drain(ctx context.Context, timeout time.Duration) error {
 	return err
 }
 
-// waitIdle waits until p is idle, timeout fires or ctx is done, and
-// returns ctx.Err() in the last case.
-func (s *Server) waitIdle(ctx context.Context, p *parts, timeout <-chan time.Time) error {
-	select {
-	case <-p.idle():
-	case <-timeout:
-		running, _ := p.load()
-		s.log.Warn("drain timeout: cancelling running streams", "running", running)
-	case <-ctx.Done():
-		running, _ := p.load()
-		s.log.Warn("drain cut short: cancelling running streams", "running", running)
-		return ctx.Err()
+// waitIdle waits until p is idle, timeout passes, ctx is done or Close
+// begins, and returns ctx.Err() when ctx ended the wait.
+func (s *Server) waitIdle(ctx context.Context, p *parts, timeout time.Duration) error {
+	if timeout > 0 {
+		t := time.NewTimer(timeout)
+		defer t.Stop()
+		select {
+		case <-p.idle():
+			return nil
+		case <-ctx.Done():
+			running, _ := p.load()
+			s.log.Warn("drain cut short: cancelling running streams", "running", running)
+			return ctx.Err()
+		case <-s.closing:
+			running, _ := p.load()
+			s.log.Warn("closed while draining: cancelling running streams", "running", running)
+			return nil
+		case <-t.C:
+		}
 	}
+	running, _ := p.load()
+	s.log.Warn("drain timeout: cancelling running streams", "running", running)
 	return nil
 }
 
 // Close stops the server: it stops the load if one runs, ends the streams
-// still running (Drain first to let them finish), stops the gRPC and
-// metrics servers, waits for every goroutine Start started, logs "stopped"
-// with the cells still in use, and frees the model. It returns the
-// failure of a listener, if one failed. Every call returns the same.
+// still running (Drain first to let them finish; a Drain under way stops
+// waiting for them), stops the gRPC and metrics servers, waits for every
+// goroutine Start started, logs "stopped" with the cells still in use, and
+// frees the model. It returns the failure of a listener, if one failed.
+// Every call returns the same.
 func (s *Server) Close() error {
 	s.closeOnce.Do(s.close)
 	s.mu.Lock()
@@ -352,7 +361,9 @@ func (s *Server) Close() error {
 	return s.serveErr
 }
 
+// close is Close's first call.
 func (s *Server) close() {
+	close(s.closing)
 	s.cancelLoad(errClosed)
 	s.drainOnce.Do(func() { _ = s.drain(context.Background(), 0) })
 	s.endAux()

@@ -24,10 +24,17 @@ import (
 	"google.golang.org/grpc/status"
 
 	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
+	"github.com/kvgate/kvgate/internal/mkmodel"
 	"github.com/kvgate/kvgate/internal/models"
 	"github.com/kvgate/kvgate/internal/testmodels"
 	"github.com/kvgate/kvgate/service"
 )
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	testmodels.Cleanup()
+	os.Exit(code)
+}
 
 // stalledProxy is a Go module proxy serving a module zip that holds the
 // real stories260K at the default model's path, but only once release is
@@ -381,6 +388,98 @@ func TestStopWhileLoading(t *testing.T) {
 			t.Errorf("a server that never served logged stopped:\n%s", logs.String())
 		}
 	})
+}
+
+// TestCloseEndsStreams checks that Close ends the streams still running,
+// both under a Drain that would wait for them for ten minutes (which stops
+// waiting) and without one, and that no cell is in use afterwards.
+func TestCloseEndsStreams(t *testing.T) {
+	spec, err := mkmodel.Preset("tiny")
+	if err != nil {
+		t.Fatal(err)
+	}
+	model := testmodels.Random(t, "tiny-16k", spec)
+	for _, drain := range []bool{true, false} {
+		t.Run(map[bool]string{true: "during Drain", false: "without Drain"}[drain], func(t *testing.T) {
+			var logs syncBuffer
+			cfg := testConfig(&logs)
+			cfg.Model = model
+			cfg.Ctx = 16384
+			cfg.MaxSeqs = 1
+			cfg.DrainTimeout = 10 * time.Minute
+			s, err := Start(t.Context(), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+			defer cancel()
+			select {
+			case <-s.Ready():
+			case <-s.Done():
+				t.Fatalf("the load failed: %v", s.Err())
+			case <-ctx.Done():
+				t.Fatal("not ready")
+			}
+			stream, err := kvgatev1.NewGenerateServiceClient(dial(t, s.Addr())).Generate(ctx, &kvgatev1.GenerateRequest{
+				Prompt: &kvgatev1.GenerateRequest_Text{Text: "Once upon a time"}, MaxTokens: 16000, IgnoreEos: true,
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for tokens := 0; tokens == 0; { // the stream runs
+				resp, err := stream.Recv()
+				if err != nil {
+					t.Fatal(err)
+				}
+				tokens += len(resp.GetChunk().GetTokenIds())
+			}
+			drained := make(chan error, 1)
+			if drain {
+				go func() { drained <- s.Drain(context.Background()) }()
+				for deadline := time.Now().Add(time.Minute); !strings.Contains(logs.String(), "msg=draining"); {
+					if time.Now().After(deadline) {
+						t.Fatalf("the drain did not start\n%s", logs.String())
+					}
+					time.Sleep(10 * time.Millisecond)
+				}
+			}
+			start := time.Now()
+			if err := s.Close(); err != nil {
+				t.Errorf("Close: %v", err)
+			}
+			if took := time.Since(start); took > 30*time.Second {
+				t.Errorf("Close took %v", took)
+			}
+			if drain {
+				if err := <-drained; err != nil {
+					t.Errorf("Drain: %v", err)
+				}
+			}
+			for {
+				_, err := stream.Recv()
+				if err == nil {
+					continue
+				}
+				if status.Code(err) != codes.Unavailable {
+					t.Errorf("the stream ended with %v, want UNAVAILABLE", err)
+				}
+				break
+			}
+			out := logs.String()
+			want := "msg=\"closed while draining: cancelling running streams\" running=1"
+			if !drain {
+				want = "msg=draining timeout=0s running=1"
+			}
+			if !strings.Contains(out, want) {
+				t.Errorf("the log lacks %s:\n%s", want, out)
+			}
+			lines := strings.Split(strings.TrimSpace(out), "\n")
+			if last := lines[len(lines)-1]; !strings.Contains(last, "msg=stopped cells_in_use=0 ") || !strings.HasSuffix(last, " running=0") {
+				t.Errorf("last log line: %s", last)
+			}
+		})
+	}
 }
 
 // TestStartInvalid checks that Start refuses a configuration Validate
