@@ -137,8 +137,8 @@ func build(ctx context.Context, c *Config, log *slog.Logger, path string, d buil
 	}, nil
 }
 
-// load returns the requests running and queued.
-func (p *parts) load() (running, queued int) {
+// requests returns the requests running and queued.
+func (p *parts) requests() (running, queued int) {
 	st := p.alloc.Stats()
 	return st.Running, st.Queued
 }

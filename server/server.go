@@ -75,7 +75,7 @@ type Server struct {
 // stops the load and closes Done, with an Err that wraps ctx.Err(). Once
 // the server is ready, ctx is no longer used; stop the server with Drain
 // and Close. The caller must Close every Server that Start returns.
-func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
+func Start(ctx context.Context, cfg Config) (*Server, error) {
 	s := &Server{
 		cfg: cfg, log: cfg.Logger, gate: &service.Gate{},
 		ready: make(chan struct{}), done: make(chan struct{}), closing: make(chan struct{}),
@@ -86,8 +86,9 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	log := s.log
 	// On failure, close what was opened (the listener given in cfg too).
 	tcp := cfg.Listener
+	started := false
 	defer func() {
-		if err == nil {
+		if started {
 			return
 		}
 		if tcp != nil {
@@ -101,6 +102,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	// Read the credentials before the slow part, so a typo fails fast.
+	var err error
 	if s.sec, err = loadSecurity(&cfg); err != nil {
 		return nil, err
 	}
@@ -166,6 +168,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	loadCtx, cancelLoad := context.WithCancelCause(ctx)
 	s.cancelLoad = cancelLoad
 	s.wg.Go(func() { s.load(loadCtx) })
+	started = true
 	return s, nil
 }
 
@@ -302,7 +305,7 @@ func (s *Server) drain(ctx context.Context, timeout time.Duration) error {
 		s.health.Shutdown()
 		return nil
 	}
-	running, queued := p.load()
+	running, queued := p.requests()
 	s.log.Info("draining", "timeout", timeout, "running", running, "queued", queued)
 	if s.metrics != nil {
 		s.metrics.SetDraining(true)
@@ -333,17 +336,17 @@ func (s *Server) waitIdle(ctx context.Context, p *parts, timeout time.Duration) 
 		case <-p.idle():
 			return nil
 		case <-ctx.Done():
-			running, _ := p.load()
+			running, _ := p.requests()
 			s.log.Warn("drain cut short: cancelling running streams", "running", running)
 			return ctx.Err()
 		case <-s.closing:
-			running, _ := p.load()
+			running, _ := p.requests()
 			s.log.Warn("closed while draining: cancelling running streams", "running", running)
 			return nil
 		case <-t.C:
 		}
 	}
-	running, _ := p.load()
+	running, _ := p.requests()
 	s.log.Warn("drain timeout: cancelling running streams", "running", running)
 	return nil
 }
