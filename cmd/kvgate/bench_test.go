@@ -5,12 +5,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"math"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,13 +18,10 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/test/bufconn"
 
-	"github.com/kvgate/kvgate/allocator"
 	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
 	"github.com/kvgate/kvgate/internal/bench"
 	mk "github.com/kvgate/kvgate/internal/mkmodel"
-	"github.com/kvgate/kvgate/native"
-	"github.com/kvgate/kvgate/native/llama"
-	"github.com/kvgate/kvgate/service"
+	kvserver "github.com/kvgate/kvgate/server"
 )
 
 // runBench runs the built kvgate bench against s with --json and returns
@@ -224,63 +221,47 @@ func benchModelFile(b *testing.B) string {
 	return path
 }
 
-var (
-	inprocOnce  sync.Once
-	inprocModel *llama.Model
-	inprocErr   error
-)
-
 // inProcessServer serves kvgate over an in-memory connection, wired as
-// kvgate serve wires it (reserve admission, no prefix cache), and returns
-// the client connection. Everything stops when b ends.
+// kvgate serve wires it (package server, with reserve admission and no
+// prefix cache), and returns the client connection. Everything stops when
+// b ends.
 func inProcessServer(b *testing.B, maxSeqs, cells int) *grpc.ClientConn {
 	b.Helper()
-	inprocOnce.Do(func() {
-		llama.Init(llama.LogError)
-		inprocModel, inprocErr = llama.LoadModel(benchModelFile(b), llama.LoadOptions{})
-	})
-	if inprocErr != nil {
-		b.Fatal(inprocErr)
-	}
-	m := inprocModel
-	eng, err := native.NewEngine(m, native.EngineConfig{Cells: cells, Batch: 512, MaxSequences: maxSeqs})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(eng.Close)
-	limits := service.DefaultLimits()
-	limits.MaxSequenceTokens = min(eng.Cells(), m.Info().TrainingContext)
-	alloc, err := allocator.New(allocator.Config{
-		Cells: eng.Cells(), MaxSequences: maxSeqs, MaxQueue: 256, MaxSequenceTokens: limits.MaxSequenceTokens,
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	svc := service.New(service.Config{Limits: limits, Cells: eng.Cells(), MaxSequences: maxSeqs, MaxQueue: 256}, m, engineAdapter{alloc: alloc, eng: eng})
 	lis := bufconn.Listen(1 << 20)
-	srv := grpc.NewServer()
-	svc.Register(srv)
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		_ = srv.Serve(lis)
-	}()
+	cfg := kvserver.DefaultConfig()
+	cfg.Listener = lis
+	cfg.Model = benchModelFile(b)
+	cfg.Ctx = cells
+	cfg.MaxSeqs = maxSeqs
+	cfg.PrefixCache = false
+	cfg.Logger = slog.New(slog.DiscardHandler)
+	srv, err := kvserver.Start(context.Background(), cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		if err := srv.Close(); err != nil {
+			b.Error(err)
+		}
+	})
+	select {
+	case <-srv.Ready():
+	case <-srv.Done():
+		b.Fatal(srv.Err())
+	}
 	conn, err := grpc.NewClient("passthrough:///bufnet",
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
 		grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() {
-		conn.Close()
-		srv.Stop()
-		<-served
-	})
+	b.Cleanup(func() { conn.Close() })
 	return conn
 }
 
 // BenchmarkGRPCInProcess runs the whole serving path (gRPC over an
-// in-memory connection, the service, the allocator, the engine) in one
+// in-memory connection, the interceptors, the service, the allocator, the
+// engine) in one
 // process, so that a CPU profile shows where a token's time goes, gRPC
 // included:
 //

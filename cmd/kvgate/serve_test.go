@@ -6,7 +6,8 @@ import (
 )
 
 // TestServeCheck covers the flag combinations serve refuses before it loads
-// a model.
+// a model: the flags parse into a server.Config that Config.Validate
+// refuses, with a message naming the flags.
 func TestServeCheck(t *testing.T) {
 	tests := []struct {
 		args []string
@@ -40,16 +41,16 @@ func TestServeCheck(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
-			var c serveConfig
-			if err := serveFlags(&c).Parse(tc.args); err != nil {
+			var o serveOptions
+			if err := serveFlags(&o).Parse(tc.args); err != nil {
 				t.Fatal(err)
 			}
-			err := c.check()
+			err := o.Validate()
 			switch {
 			case tc.want == "" && err != nil:
-				t.Errorf("check: %v, want accepted", err)
+				t.Errorf("Validate: %v, want accepted", err)
 			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
-				t.Errorf("check: %v, want an error containing %q", err, tc.want)
+				t.Errorf("Validate: %v, want an error containing %q", err, tc.want)
 			}
 		})
 	}

@@ -379,8 +379,8 @@ func TestServeHelpListsEnvironment(t *testing.T) {
 	if !ok {
 		t.Fatalf("serve -h has no Environment section:\n%s", out)
 	}
-	var c serveConfig
-	fs := serveFlags(&c)
+	var o serveOptions
+	fs := serveFlags(&o)
 	want := []string{"KVGATE_CACHE_DIR", "GOPROXY", "GOMODCACHE"}
 	fs.VisitAll(func(f *flag.Flag) { want = append(want, envName(f.Name)) })
 	for _, name := range want {

@@ -6,7 +6,7 @@ import (
 	"runtime"
 	"runtime/debug"
 
-	"github.com/kvgate/kvgate/native"
+	llamacpp "github.com/kvgate/kvgate/native/llama"
 )
 
 // llamaCommit is the llama.cpp commit that the ollama module pinned in
@@ -36,7 +36,7 @@ func versionInfo() (kvgate, llama, goVersion, system string) {
 			}
 		}
 	}
-	return kvgate, llama, runtime.Version(), native.SystemInfo()
+	return kvgate, llama, runtime.Version(), llamacpp.SystemInfo()
 }
 
 // printVersion writes versionInfo, one item a line.

@@ -1,10 +1,9 @@
-package main
+package server
 
 import (
 	"context"
 	"fmt"
 	"log/slog"
-	"os"
 	"time"
 
 	"google.golang.org/grpc"
@@ -20,74 +19,14 @@ import (
 	"github.com/kvgate/kvgate/service"
 )
 
-// security is what --auth-tokens and --tls-* configure. Both parts are
-// optional and reloaded on SIGHUP.
-type security struct {
-	tokens *obs.Tokens       // nil without --auth-tokens
-	certs  *obs.CertReloader // nil without --tls-cert
-}
-
-// loadSecurity reads the token file and the server's key pair.
-func loadSecurity(c *serveConfig) (*security, error) {
-	var sec security
-	var err error
-	if c.authTokens != "" {
-		if sec.tokens, err = obs.LoadTokens(c.authTokens); err != nil {
-			return nil, fmt.Errorf("--auth-tokens: %w", err)
-		}
-	}
-	if c.tlsCert != "" {
-		if sec.certs, err = obs.NewCertReloader(c.tlsCert, c.tlsKey); err != nil {
-			return nil, fmt.Errorf("--tls-cert: %w", err)
-		}
-	}
-	return &sec, nil
-}
-
-// reload rereads the token file and the key pair, keeping the old ones
-// where a file cannot be read.
-func (s *security) reload(log *slog.Logger) {
-	if s.tokens != nil {
-		if n, err := s.tokens.Reload(); err != nil {
-			log.Error("auth tokens not reloaded; the previous ones stay in force", "err", err)
-		} else {
-			log.Info("auth tokens reloaded", "tokens", n)
-			if n == 0 {
-				log.Warn("the auth token file holds no token: every authenticated call will be refused")
-			}
-		}
-	}
-	if s.certs != nil {
-		if err := s.certs.Reload(); err != nil {
-			log.Error("TLS certificate not reloaded; the previous one stays in use", "err", err)
-		} else {
-			log.Info("TLS certificate reloaded")
-		}
-	}
-}
-
-// reloadOnHangup reloads the credentials on every SIGHUP received on hup
-// until ctx is done. Without credentials a SIGHUP is logged and otherwise
-// ignored.
-func reloadOnHangup(ctx context.Context, log *slog.Logger, sec *security, hup <-chan os.Signal) {
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-hup:
-			if sec.tokens == nil && sec.certs == nil {
-				log.Info("SIGHUP: nothing to reload")
-				continue
-			}
-			sec.reload(log)
-		}
-	}
-}
+// servedNames are the health service names kvgate reports: the server as a
+// whole ("") and each kvgate service.
+var servedNames = []string{"", kvgatev1.GenerateService_ServiceDesc.ServiceName, kvgatev1.CacheService_ServiceDesc.ServiceName}
 
 // serverDeps are what newGRPCServer wires together.
 type serverDeps struct {
 	log      *slog.Logger
-	metrics  *obs.Metrics // nil without --metrics-listen
+	metrics  *obs.Metrics // nil without MetricsListen
 	security *security
 	load     *obs.LoadReporter
 	shutdown context.Context // done when auxiliary streams must end
@@ -102,16 +41,16 @@ type registrar interface {
 // newGRPCServer builds the gRPC server: transport security, keepalive and
 // message limits, the interceptor chain, and the kvgate, health,
 // reflection and ORCA services. Health reports NOT_SERVING for the server
-// and the kvgate services until serve sets them SERVING, once the model is
-// ready.
-func newGRPCServer(c *serveConfig, d serverDeps) (*grpc.Server, *health.Server, error) {
+// and the kvgate services until the loader sets them SERVING, once the
+// model is ready.
+func newGRPCServer(c *Config, d serverDeps) (*grpc.Server, *health.Server, error) {
 	opts := []grpc.ServerOption{
-		grpc.MaxRecvMsgSize(c.maxRecvMsgSize),
+		grpc.MaxRecvMsgSize(c.MaxRecvMsgSize),
 		// Bounds on what one client holds: calls per connection (a
 		// grpc-go client queues beyond it, a raw HTTP/2 client is
 		// refused), and the time to finish the handshake.
-		grpc.MaxConcurrentStreams(uint32(c.maxStreamsPerConn)),
-		grpc.ConnectionTimeout(c.handshakeTimeout),
+		grpc.MaxConcurrentStreams(uint32(c.MaxStreamsPerConn)),
+		grpc.ConnectionTimeout(c.HandshakeTimeout),
 		// Clients may ping every 10 s, also between calls; a client that
 		// pings more often is disconnected.
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
@@ -123,16 +62,16 @@ func newGRPCServer(c *serveConfig, d serverDeps) (*grpc.Server, *health.Server, 
 			// streams already on it have the grace to finish. The grace
 			// must outlast the longest generation, or streams get cut. An
 			// age of 0 means connections never age.
-			MaxConnectionAge:      c.maxConnAge,
+			MaxConnectionAge:      c.MaxConnAge,
 			MaxConnectionAgeGrace: c.connectionGrace(),
 			// A connection with no call for this long is closed.
-			MaxConnectionIdle: c.maxConnIdle,
+			MaxConnectionIdle: c.MaxConnIdle,
 		}),
 	}
 	if d.security.certs != nil {
-		tcfg, err := obs.ServerTLSConfig(d.security.certs, c.clientCA)
+		tcfg, err := obs.ServerTLSConfig(d.security.certs, c.ClientCA)
 		if err != nil {
-			return nil, nil, err
+			return nil, nil, err // names --client-ca where that is at fault
 		}
 		opts = append(opts, grpc.Creds(credentials.NewTLS(tcfg)))
 	}
@@ -177,5 +116,21 @@ func annotateGenerate(ctx context.Context, fullMethod string) (context.Context, 
 			CompletionTokens: ci.CompletionTokens,
 			QueueWait:        ci.QueueWait,
 		}
+	}
+}
+
+// stopServer stops srv gracefully, waiting at most 5 s for calls to end
+// (after the drain and the end of the auxiliary streams only unary calls
+// can still be running) before it closes every connection.
+func stopServer(srv *grpc.Server) {
+	stopped := make(chan struct{})
+	go func() { srv.GracefulStop(); close(stopped) }()
+	t := time.NewTimer(5 * time.Second)
+	defer t.Stop()
+	select {
+	case <-stopped:
+	case <-t.C:
+		srv.Stop()
+		<-stopped
 	}
 }

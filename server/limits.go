@@ -1,20 +1,19 @@
-package main
+package server
 
 import (
 	"context"
 	"net"
 	"sync"
 
-	"github.com/kvgate/kvgate/allocator"
 	"github.com/kvgate/kvgate/internal/obs"
 	"github.com/kvgate/kvgate/service"
 )
 
 // tenantPolicy resolves a tenant's limits: those its token-file lines set,
-// else the server-wide flags. Without --auth-tokens every call belongs to
-// obs.DefaultTenant.
+// else the server-wide settings. Without an auth token file every call
+// belongs to obs.DefaultTenant.
 type tenantPolicy struct {
-	tokens      *obs.Tokens // nil without --auth-tokens
+	tokens      *obs.Tokens // nil without Config.AuthTokens
 	maxPriority int32
 	maxShare    float64
 	maxQueued   int
@@ -51,12 +50,6 @@ func (p tenantPolicy) of(ctx context.Context) service.Tenant {
 	return service.Tenant{Name: t.Name, MaxPriority: *t.MaxPriority}
 }
 
-// limits returns the allocator's view of a tenant.
-func (p tenantPolicy) limits(name string) allocator.TenantLimits {
-	t := p.tenant(name)
-	return allocator.TenantLimits{Weight: t.Weight, MaxShare: t.MaxShare, MaxQueued: t.MaxQueued}
-}
-
 // limitListener accepts at most n connections at once. A connection past
 // the limit is closed as soon as it is accepted, so that it costs nothing
 // but the accept, and its client sees UNAVAILABLE and backs off, instead
@@ -64,7 +57,7 @@ func (p tenantPolicy) limits(name string) allocator.TenantLimits {
 type limitListener struct {
 	net.Listener
 	slots   chan struct{}
-	metrics *obs.Metrics // nil without --metrics-listen
+	metrics *obs.Metrics // nil without Config.MetricsListen
 }
 
 func newLimitListener(l net.Listener, n int, m *obs.Metrics) *limitListener {
