@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -231,6 +232,7 @@ type Engine struct {
 	quit   chan struct{}
 	done   chan struct{}
 	closed atomic.Bool
+	mu     sync.RWMutex // Submit's hand-over (read) against Close (write)
 
 	steps, prefill, generated, nokvslot, slow, aborted atomic.Uint64
 	preempted, evicted                                 atomic.Uint64
@@ -348,9 +350,11 @@ func (e *Engine) Stats() EngineStats {
 // Close ends every running sequence with ErrEngineClosed, frees the backend
 // and waits for the worker to exit. It is idempotent.
 func (e *Engine) Close() {
+	e.mu.Lock()
 	if e.closed.CompareAndSwap(false, true) {
 		close(e.quit)
 	}
+	e.mu.Unlock()
 	<-e.done
 }
 
@@ -364,9 +368,6 @@ func (e *Engine) Submit(ctx context.Context, req Request) (*Stream, error) {
 	if i := e.vocab.ValidTokens(req.Prompt); i >= 0 {
 		return nil, fmt.Errorf("%w: %w: prompt[%d] = %d", ErrBadRequest, ErrTokenOutOfRange, i, req.Prompt[i])
 	}
-	if e.closed.Load() {
-		return nil, ErrEngineClosed
-	}
 	lease, err := e.alloc.Admit(ctx, allocator.Request{
 		Prompt: req.Prompt, NoCache: req.NoCache, MaxTokens: req.MaxTokens, Priority: req.Priority,
 		Tenant: req.Tenant, CacheSalt: req.CacheSalt, QueueTimeout: req.QueueTimeout,
@@ -377,13 +378,16 @@ func (e *Engine) Submit(ctx context.Context, req Request) (*Stream, error) {
 	s := &sequence{req: req, ctx: ctx, lease: lease, out: -1,
 		stream: &Stream{events: make(chan Event, e.cfg.StreamBuffer), cached: lease.CachedTokens()}}
 	s.seq, s.src, s.shared = lease.Prepared()
-	s.stopWatch = context.AfterFunc(ctx, func() { s.cancelled.Store(true) })
-	select {
-	case e.submit <- s:
-		return s.stream, nil
-	case <-e.quit:
-		s.stopWatch()
+	// The read lock keeps Close from closing the worker's door while the
+	// sequence goes through it: the worker takes every sequence handed
+	// over before it stops.
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	if e.closed.Load() {
 		lease.Release()
 		return nil, ErrEngineClosed
 	}
+	s.stopWatch = context.AfterFunc(ctx, func() { s.cancelled.Store(true) })
+	e.submit <- s
+	return s.stream, nil
 }
