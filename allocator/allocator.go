@@ -179,6 +179,8 @@ type Stats struct {
 	// Tenants holds, for every tenant with running leases or queued
 	// requests, its part of the snapshot. It is a fresh copy on each call.
 	Tenants map[string]TenantStats
+	// Applies counts Apply calls: the decode worker makes one per step.
+	Applies uint64
 }
 
 // Allocator owns every cell of a KV cache pool and admits sequences under
@@ -563,6 +565,7 @@ func (a *Allocator) Stats() Stats {
 		Rejected:            rej,
 		DrainCellsPerSecond: a.drained.rate(a.start, a.now()),
 		Tenants:             tenants,
+		Applies:             a.applies,
 	}
 }
 
