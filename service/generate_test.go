@@ -68,6 +68,7 @@ func (fakeModel) AppendPiece(dst []byte, tok int32, _, _ bool) []byte {
 // end.
 type fakeStream struct {
 	req    native.Request
+	ctx    context.Context // Submit's ctx: the sequence's context
 	events chan native.Event
 	cached int
 	failed atomic.Bool
@@ -159,8 +160,8 @@ func newFakeEngine(buffer, cached int) *fakeEngine {
 
 // Submit records the request and returns a new stream, or the refusal.
 // A refused call's stream is handed over already ended, for its request.
-func (e *fakeEngine) Submit(_ context.Context, req native.Request) (Stream, error) {
-	s := &fakeStream{req: req, events: make(chan native.Event, e.buffer), cached: e.cached}
+func (e *fakeEngine) Submit(ctx context.Context, req native.Request) (Stream, error) {
+	s := &fakeStream{req: req, ctx: ctx, events: make(chan native.Event, e.buffer), cached: e.cached}
 	if e.refuse != nil {
 		s.ended = true
 		e.submitted <- s
@@ -599,8 +600,8 @@ func TestGenerateEventOrder(t *testing.T) {
 				t.Errorf("Submit got prompt %v max_tokens %d stop %q priority %d tenant %q no_cache %v salt %q queue_timeout %v; want them from %v with prompt %v",
 					r.Prompt, r.MaxTokens, r.Stop, r.Priority, r.Tenant, r.NoCache, r.CacheSalt, r.QueueTimeout, tt.req, tt.prompt)
 			}
-			if r.Ctx == nil {
-				t.Fatal("Submit got no Ctx")
+			if s.ctx == nil {
+				t.Fatal("Submit got no ctx")
 			}
 
 			// Nothing has been emitted yet, so the first message can
@@ -843,7 +844,7 @@ func TestGenerateClientCancel(t *testing.T) {
 	defer cancel()
 	st := h.generate(t, ctx, tokens(200, 1, 2, 3))
 	s := h.engine.next(t)
-	if _, ok := s.req.Ctx.Deadline(); ok {
+	if _, ok := s.ctx.Deadline(); ok {
 		t.Error("a call without a deadline handed the engine one")
 	}
 	recvStarted(t, st)
@@ -854,13 +855,13 @@ func TestGenerateClientCancel(t *testing.T) {
 			t.Fatalf("chunk %q %v, want %q %v", c.GetText(), c.GetTokenIds(), ev.Text, ev.Tokens)
 		}
 	}
-	if err := s.req.Ctx.Err(); err != nil {
+	if err := s.ctx.Err(); err != nil {
 		t.Fatalf("the engine's context ended before the client cancelled: %v", err)
 	}
 
 	cancel()
-	waitDone(t, s.req.Ctx, "the context handed to Submit")
-	cause := context.Cause(s.req.Ctx)
+	waitDone(t, s.ctx, "the context handed to Submit")
+	cause := context.Cause(s.ctx)
 	if !errors.Is(cause, context.Canceled) {
 		t.Errorf("the engine's context ended with %v, want context.Canceled", cause)
 	}
@@ -888,7 +889,7 @@ func TestGenerateDeadline(t *testing.T) {
 	clientDeadline, _ := ctx.Deadline()
 	st := h.generate(t, ctx, tokens(200, 1, 2))
 	s := h.engine.next(t)
-	engineDeadline, ok := s.req.Ctx.Deadline()
+	engineDeadline, ok := s.ctx.Deadline()
 	if !ok {
 		t.Fatal("the context handed to Submit has no deadline")
 	}
@@ -902,8 +903,8 @@ func TestGenerateDeadline(t *testing.T) {
 		t.Fatalf("chunk %q %v, want %q %v", c.GetText(), c.GetTokenIds(), ev.Text, ev.Tokens)
 	}
 
-	waitDone(t, s.req.Ctx, "the context handed to Submit")
-	cause := context.Cause(s.req.Ctx)
+	waitDone(t, s.ctx, "the context handed to Submit")
+	cause := context.Cause(s.ctx)
 	if !errors.Is(cause, context.DeadlineExceeded) {
 		t.Errorf("the engine's context ended with %v, want context.DeadlineExceeded", cause)
 	}
