@@ -222,6 +222,12 @@ type Allocator struct {
 	wake     chan struct{}
 	stepRate float64
 	applies  uint64
+	// Apply pumps the queue once, at its end (deferPump is set until
+	// then); holdPreempted keeps the leases it preempted from resuming in
+	// that pumping, and yieldedTo lists the waiters its Grows yielded to,
+	// which that pumping admits first.
+	deferPump, holdPreempted bool
+	yieldedTo                []*waiter
 	// usedFrac is the moving average of the fraction of MaxTokens that
 	// finished leases generated; it starts at 1.
 	usedFrac float64

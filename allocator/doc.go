@@ -83,12 +83,14 @@
 // always run at least one request that fits the pool.
 //
 // Under the optimistic policy Lease.Grow yields to the fair pick: it
-// reports ErrNoCells when the next waiter belongs to another tenant that
-// holds less than its fair share, the growing lease's tenant holds more
-// than its own, and the growth would leave the waiter no room. The engine
-// then preempts a sequence of the most loaded tenant, whose cells go to the
-// waiter. Two tenants within their shares never make each other yield, so
-// they cannot preempt each other back and forth.
+// reports ErrNoCells when the next waiter belongs to another tenant that,
+// with the waiter admitted, would hold less than its fair share, the
+// growing lease's tenant holds more than its own, and the growth would
+// leave the waiter no room. The engine then preempts a sequence of the most
+// loaded tenant, whose cells go to the waiter. Two tenants within their
+// shares never make each other yield, so they cannot preempt each other
+// back and forth; nor do two tenants whose sequences outgrow their shares,
+// since neither's waiter would stay within its share.
 //
 // A new request is admitted at once only when it would be the waiter
 // pumping admits next and it fits: no preempted sequence waits, its tenant

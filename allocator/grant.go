@@ -54,11 +54,17 @@ func (w *waiter) partition() partition { return partition{tenant: w.tenant, salt
 
 // sourceLocked returns the entry to copy a prefix ending in node n from:
 // of the entries whose path includes n, the one that pinning would keep
-// from eviction the fewest extra cells for (a running one costs none).
+// from eviction the fewest extra cells for (a running one costs none). An
+// entry whose own prefix has not been copied yet is no source: its path
+// names cells its sequence does not hold in the KV cache until the owner
+// copies them (its source, which is pinned, holds them).
 func (a *Allocator) sourceLocked(n *node) *entry {
 	var best *entry
 	bestCost := 0
 	for _, e := range a.entries {
+		if e.lease != nil && !e.lease.copied {
+			continue
+		}
 		through, cost := false, 0
 		for _, pn := range e.path {
 			if pn == n {
@@ -256,6 +262,10 @@ func (a *Allocator) freeIDLocked(seq int) { a.seqUsed[seq/64] &^= 1 << (seq % 64
 // always kept.
 func (a *Allocator) endLocked(l *Lease, keep, countDrain bool) bool {
 	e := l.entry
+	// A lease that ends before its owner copied its prefix (one resumed
+	// and ended by the same Apply, say) holds none of its entry's cells in
+	// the KV cache: it cannot stay as cache.
+	copied := l.copied
 	if !l.copied {
 		l.copied = true
 		a.unpinLocked(l.src)
@@ -268,7 +278,7 @@ func (a *Allocator) endLocked(l *Lease, keep, countDrain bool) bool {
 		t.running--
 		a.tidyTenantLocked(l.tenant)
 	}
-	keep = (keep && a.cfg.PrefixCache && !l.noCache && e.depth > 0) || e.pins > 0
+	keep = (keep && copied && a.cfg.PrefixCache && !l.noCache && e.depth > 0) || e.pins > 0
 	freed := 0
 	if keep {
 		for _, n := range e.path {

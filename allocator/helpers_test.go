@@ -273,7 +273,8 @@ func (a *Allocator) checkLocked() error {
 
 	// Pumping has run to its end: the waiter it would admit next does not
 	// fit. The next waiter is picked here independently of pickLocked.
-	if next := a.nextWaiterForTest(); next != nil && a.fitsLocked(next.need) {
+	// A sequence the last Apply preempted may wait until the next one.
+	if next := a.nextWaiterForTest(); next != nil && a.fitsLocked(next.need) && (next.resume == nil || next.resume.mark != a.applies) {
 		return fmt.Errorf("next waiter (tenant %q) needs %d cells and fits (%d free, %d running) but waits", next.tenant, next.need, a.freeLocked(), a.running)
 	}
 	return nil

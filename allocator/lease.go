@@ -278,9 +278,16 @@ func (l *Lease) endLocked(keep bool) bool {
 func (l *Lease) Requeue(tokens []int32) (keep bool, resumed <-chan struct{}, err error) {
 	l.a.mu.Lock()
 	defer l.a.mu.Unlock()
-	return l.requeueLocked(tokens)
+	keep, resumed, err = l.requeueLocked(tokens)
+	if err == nil {
+		l.a.pumpLocked()
+	}
+	return keep, resumed, err
 }
 
+// requeueLocked requeues l without pumping the queue: the caller pumps.
+// Apply pumps only after every Grow, so that a sequence it preempts cannot
+// be admitted again with the very cells its preemption freed for a Grow.
 func (l *Lease) requeueLocked(tokens []int32) (keep bool, resumed <-chan struct{}, err error) {
 	a := l.a
 	if l.released || l.entry == nil {
@@ -308,7 +315,6 @@ func (l *Lease) requeueLocked(tokens []int32) (keep bool, resumed <-chan struct{
 	}
 	a.enqueueLocked(w)
 	l.waiter = w
-	a.pumpLocked()
 	return keep, w.ready, nil
 }
 

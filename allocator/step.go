@@ -3,6 +3,7 @@ package allocator
 import (
 	"errors"
 	"math"
+	"slices"
 )
 
 // Step is one decode step's exchange between the KV cache's owner (the
@@ -91,13 +92,18 @@ type Preemption struct {
 // prefixes copied, charges the commits, ends the ended leases, and finds a
 // cell for each Grow, preempting Running sequences when the pool is dry
 // under PolicyOptimistic. A Grow whose lease was preempted in the same call
-// is skipped. It then reports the evictions and resumes since the last
-// Apply. Apply does not block.
+// is skipped. Only then does it admit waiters, the ones a Grow yielded to
+// first, and no lease it preempted resumes before the next Apply. It then
+// reports the evictions and resumes since the last Apply. Apply does not
+// block.
 func (a *Allocator) Apply(s *Step) {
 	s.Evicted, s.Kept, s.Failed, s.Preempted, s.Resumed = s.Evicted[:0], s.Kept[:0], s.Failed[:0], s.Preempted[:0], s.Resumed[:0]
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.applies++
+	// The queue is pumped once, after the Grows: the running sequences'
+	// next tokens come before admitting or resuming waiters.
+	a.deferPump = true
 	if s.StepRate > 0 && !math.IsNaN(s.StepRate) {
 		a.stepRate = s.StepRate
 	}
@@ -115,6 +121,30 @@ func (a *Allocator) Apply(s *Step) {
 	for _, l := range s.Grow {
 		a.growStepLocked(s, l)
 	}
+	a.deferPump = false
+	// What the Grows left goes first to the waiters a Grow yielded to,
+	// whom its preemptions were for, then to the other waiters, but not
+	// to the sequences this Apply preempted: one that took back the cells
+	// its preemption freed would grow short, or yield, again at the next
+	// step, and be preempted again before making progress. The next Apply
+	// lets them resume; the owner is woken for it.
+	now := a.now()
+	for _, w := range a.yieldedTo {
+		if !w.resolved {
+			a.admitWaiterLocked(w, now)
+		}
+	}
+	a.holdPreempted = true
+	a.pumpLocked()
+	a.holdPreempted = false
+	if len(s.Preempted) > 0 && slices.ContainsFunc(a.resumes, func(w *waiter) bool { return w.resume.mark == a.applies }) {
+		select {
+		case a.wake <- struct{}{}:
+		default:
+		}
+	}
+	clear(a.yieldedTo)
+	a.yieldedTo = a.yieldedTo[:0]
 	for _, id := range a.evicted {
 		a.evictSet[id/64] &^= 1 << (id % 64)
 	}
@@ -136,6 +166,9 @@ func (a *Allocator) growStepLocked(s *Step, l *Lease) {
 		if !errors.Is(err, ErrNoCells) {
 			s.Failed = append(s.Failed, Failure{l, err})
 			return
+		}
+		if w := a.yieldToLocked(l.tenant, 1); w != nil && !slices.Contains(a.yieldedTo, w) {
+			a.yieldedTo = append(a.yieldedTo, w)
 		}
 		v := a.victimLocked(s.Running)
 		if v < 0 {
@@ -194,8 +227,9 @@ func (a *Allocator) noteEvictedLocked(seq int) {
 }
 
 // Resumes returns a channel that receives a value when a lease requeued
-// by Apply is admitted again: an owner with nothing to run waits on it
-// beside its other work, then calls Apply to learn which.
+// by Apply is admitted again, or may be at the next Apply: an owner with
+// nothing to run waits on it beside its other work, then calls Apply to
+// learn which.
 func (a *Allocator) Resumes() <-chan struct{} { return a.wake }
 
 // PrefixCache reports whether the Allocator keeps a prefix cache.

@@ -3,6 +3,7 @@ package allocator
 import (
 	"math"
 	"slices"
+	"time"
 )
 
 // TenantLimits are the limits of one tenant; Config.Tenants returns them.
@@ -191,11 +192,12 @@ func (a *Allocator) dequeueLocked(w *waiter) {
 }
 
 // headLocked returns the waiter tenant name would have admitted next: its
-// earliest preempted sequence waiting to resume, else the head of its
-// queue; nil when it has neither.
+// earliest preempted sequence waiting to resume (not one the current Apply
+// preempted, while Apply holds those back), else the head of its queue;
+// nil when it has neither.
 func (a *Allocator) headLocked(name string) *waiter {
 	for _, r := range a.resumes {
-		if r.tenant == name {
+		if r.tenant == name && !(a.holdPreempted && r.resume.mark == a.applies) {
 			return r
 		}
 	}
@@ -260,45 +262,70 @@ func before(w, v *waiter) bool {
 // at the first waiter that does not fit, so that a large request is not
 // starved by small ones.
 func (a *Allocator) pumpLocked() {
-	if a.queued == 0 {
+	if a.queued == 0 || a.deferPump {
 		return
 	}
 	now := a.now()
 	for {
 		w := a.nextLocked()
-		if w == nil {
+		if w == nil || !a.admitWaiterLocked(w, now) {
 			return
 		}
-		l := a.tryGrantLocked(w, now)
-		if l == nil {
-			return
-		}
-		if w.resume != nil {
-			i := slices.Index(a.resumes, w)
-			a.resumes = slices.Delete(a.resumes, i, i+1)
-		} else {
-			t := a.tenants[w.tenant]
-			t.queue = slices.Delete(t.queue, 0, 1)
-		}
-		a.queued--
-		w.lease, w.resolved = l, true
-		close(w.ready)
 	}
+}
+
+// admitWaiterLocked admits w, if it is queued and fits now, taking it out
+// of the queue, and reports whether it did.
+func (a *Allocator) admitWaiterLocked(w *waiter, now time.Time) bool {
+	queue := &a.resumes
+	if w.resume == nil {
+		t := a.tenants[w.tenant]
+		if t == nil {
+			return false
+		}
+		queue = &t.queue
+	}
+	i := slices.Index(*queue, w)
+	if i < 0 {
+		return false
+	}
+	l := a.tryGrantLocked(w, now)
+	if l == nil {
+		return false
+	}
+	*queue = slices.Delete(*queue, i, i+1)
+	a.queued--
+	w.lease, w.resolved = l, true
+	close(w.ready)
+	return true
 }
 
 // yieldLocked reports whether a lease of tenant name must not grow by more
 // cells because another tenant's next waiter needs them and the shares say
 // that tenant comes first: name holds more than its fair share of the pool
-// and the waiter's tenant less than its own. Under optimistic admission
-// growth would otherwise take every cell that preemption frees, and the
-// waiter would never fit. Two tenants within their shares never make each
-// other yield, so they cannot preempt each other back and forth.
+// and the waiter's tenant, with the waiter admitted, would still hold less
+// than its own. Under optimistic admission growth would otherwise take
+// every cell that preemption frees, and the waiter would never fit. Two
+// tenants within their shares never make each other yield, so they cannot
+// preempt each other back and forth; nor can two tenants whose sequences
+// each outgrow their share: a waiter that would hold its share or more
+// once admitted is not yielded to, because at its first growth it would
+// yield back, before either made progress.
 func (a *Allocator) yieldLocked(name string, more int) bool {
+	return a.yieldToLocked(name, more) != nil
+}
+
+// yieldToLocked returns the waiter a lease of tenant name growing by more
+// cells must yield to (see yieldLocked), or nil.
+func (a *Allocator) yieldToLocked(name string, more int) *waiter {
 	w := a.nextLocked()
 	if w == nil || w.tenant == name || more+w.need <= a.availLocked() {
-		return false
+		return nil
 	}
-	return a.heldLocked(name)+more > a.fairShareLocked(name) && a.heldLocked(w.tenant) < a.fairShareLocked(w.tenant)
+	if a.heldLocked(name)+more > a.fairShareLocked(name) && a.heldLocked(w.tenant)+w.need < a.fairShareLocked(w.tenant) {
+		return w
+	}
+	return nil
 }
 
 // heldLocked returns the cells tenant name's running leases hold.
