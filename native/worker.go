@@ -282,9 +282,9 @@ func (e *Engine) admit() {
 		s.stream.result.Started = time.Now()
 		s.stream.result.PromptTokens = len(s.req.Prompt)
 		if DebugTrace != nil {
-		DebugTrace("admit lease %p seq %d src %d shared %d", s.lease, s.seq, s.src, s.shared)
-	}
-	s.stream.result.CachedTokens = e.copyPrefix(s)
+			DebugTrace("admit lease %p seq %d src %d shared %d", s.lease, s.seq, s.src, s.shared)
+		}
+		s.stream.result.CachedTokens = e.copyPrefix(s)
 		w.active = append(w.active, s)
 		e.running.Add(1)
 	}
