@@ -227,7 +227,11 @@ func TestApplyYieldGoesToTheWaiter(t *testing.T) {
 func TestApplyEndBeforeCopyLeavesNoCache(t *testing.T) {
 	a := mustNew(t, Config{Cells: 64, MaxSequences: 4, MaxQueue: 4, Policy: PolicyOptimistic, PrefixCache: true})
 	p := seqTokens(0, 20)
+	// A lease holding id 0 until first has id 1, so that second gets id
+	// 0: among equally cheap sources the lowest id wins.
+	dummy := mustAdmit(t, a, Request{Prompt: seqTokens(100, 2), MaxTokens: 1, NoCache: true})
 	first := mustAdmit(t, a, Request{Prompt: p, MaxTokens: 4})
+	dummy.Release()
 	st := Step{Commits: []Commit{{first, p}}, Ends: []End{{first, true}}}
 	a.Apply(&st)
 	if !slices.Equal(st.Kept, []bool{true}) {

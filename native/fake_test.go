@@ -287,9 +287,6 @@ func (fb *fakeBackend) Decode(b *Batch) error {
 		return nil // llama.cpp is not called; the last outputs stay
 	}
 	fb.calls++
-	if DebugTrace != nil {
-		DebugTrace("Decode %d: seqs %v pos %v", fb.calls, b.Seq, b.Pos)
-	}
 	fb.outputs, fb.sampled = fb.outputs[:0], fb.sampled[:0]
 	switch {
 	case b.Invalid():
@@ -387,9 +384,6 @@ func inRange(pos int32, p0, p1 int) bool {
 // leaves the cells in the range; a cell left empty is freed, and the head
 // moves down to the first freed cell.
 func (fb *fakeBackend) SeqRemove(seq, p0, p1 int) bool {
-	if DebugTrace != nil {
-		DebugTrace("SeqRemove(%d, %d, %d)", seq, p0, p1)
-	}
 	if fb.closed {
 		fb.violate("SeqRemove after Close")
 	}
@@ -426,9 +420,6 @@ func (fb *fakeBackend) SeqRemove(seq, p0, p1 int) bool {
 // SeqCopy is llama_kv_cache::seq_cp in a unified cache: dst joins src's
 // cells in the range. llama.cpp asserts that none of them holds dst.
 func (fb *fakeBackend) SeqCopy(src, dst, p0, p1 int) {
-	if DebugTrace != nil {
-		DebugTrace("SeqCopy(%d, %d, %d, %d)", src, dst, p0, p1)
-	}
 	if fb.closed {
 		fb.violate("SeqCopy after Close")
 	}

@@ -178,27 +178,7 @@ func (e *Engine) apply() {
 		}
 	}
 	st.StepRate = e.StepRate()
-	if DebugTrace != nil {
-		for _, c := range st.Commits {
-			DebugTrace("commit lease %p %d toks", c.Lease, len(c.Tokens))
-		}
-		for _, c := range st.Ends {
-			DebugTrace("end lease %p seq?", c.Lease)
-		}
-		for _, c := range st.Copied {
-			DebugTrace("copied lease %p", c)
-		}
-	}
 	e.alloc.Apply(st)
-	if DebugTrace != nil {
-		DebugTrace("APPLY evicted %v kept %v failed %v preempted %v resumed %v", st.Evicted, st.Kept, st.Failed, st.Preempted, st.Resumed)
-		for _, s := range w.ended {
-			DebugTrace("  ended seq %d lease %p inCache %v", s.seq, s.lease, s.inCache)
-		}
-		for _, s := range w.active {
-			DebugTrace("  active seq %d lease %p state %d nPast %d", s.seq, s.lease, s.state, s.nPast)
-		}
-	}
 	st.Copied, st.Commits, st.Ends = st.Copied[:0], st.Commits[:0], st.Ends[:0]
 
 	for _, seq := range st.Evicted {
@@ -281,9 +261,6 @@ func (e *Engine) admit() {
 		s.text.reset(s.req.Stop)
 		s.stream.result.Started = time.Now()
 		s.stream.result.PromptTokens = len(s.req.Prompt)
-		if DebugTrace != nil {
-			DebugTrace("admit lease %p seq %d src %d shared %d", s.lease, s.seq, s.src, s.shared)
-		}
 		s.stream.result.CachedTokens = e.copyPrefix(s)
 		w.active = append(w.active, s)
 		e.running.Add(1)
@@ -362,9 +339,6 @@ func (e *Engine) resume(s *sequence) {
 	w := &e.w
 	w.paused, _ = remove(w.paused, s)
 	s.seq, s.src, s.shared = s.lease.Prepared()
-	if DebugTrace != nil {
-		DebugTrace("resume lease %p seq %d src %d shared %d", s.lease, s.seq, s.src, s.shared)
-	}
 	e.copyPrefix(s)
 	s.state = statePrefill
 	w.active = append(w.active, s)
@@ -571,5 +545,3 @@ func (e *Engine) finish(s *sequence, reason FinishReason, stop string, err error
 	// cache: the cache had no room for them.
 	w.step.Ends = append(w.step.Ends, allocator.End{Lease: s.lease, Normal: !errors.Is(err, ErrSequenceAborted)})
 }
-
-var DebugTrace func(format string, args ...any)

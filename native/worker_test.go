@@ -175,6 +175,8 @@ func spinUntil(cond func() bool) {
 	}
 }
 
+// mustSubmit submits req, or fails the test; call it on the test's
+// goroutine.
 func mustSubmit(t testing.TB, e *Engine, ctx context.Context, req Request) *Stream {
 	t.Helper()
 	s, err := e.Submit(ctx, req)
@@ -182,6 +184,18 @@ func mustSubmit(t testing.TB, e *Engine, ctx context.Context, req Request) *Stre
 		t.Fatalf("Submit: %v", err)
 	}
 	return s
+}
+
+// submitAndRead submits req and reads its stream to the end; unlike
+// mustSubmit it may run on any goroutine, and reports a refusal with
+// t.Errorf.
+func submitAndRead(t testing.TB, e *Engine, req Request) delivered {
+	s, err := e.Submit(context.Background(), req)
+	if err != nil {
+		t.Errorf("Submit: %v", err)
+		return delivered{res: Result{Err: err, PromptTokens: len(req.Prompt)}}
+	}
+	return readAll(s)
 }
 
 // eosPrompt returns a prompt of n tokens, drawn from r, whose solo run
@@ -437,14 +451,31 @@ func TestWorkerPreemption(t *testing.T) {
 			cfg := admission(4)
 			cfg.Policy, cfg.Watermark, cfg.PrefixCache = tc.policy, tc.watermark, tc.prefixCache
 			e := startEngine(t, fb, EngineConfig{Admission: cfg, OnStep: log.onStep})
+			// The first decode waits until every stream is handed over (or,
+			// under reserve admission, queued), so that they compete for the
+			// pool whatever the scheduling.
+			started, release := holdFirstDecode(fb)
+			defer release()
 			r := rand.New(rand.NewPCG(9, 10))
 			reqs := make([]Request, 4)
 			got := make([]delivered, 4)
 			var wg sync.WaitGroup
 			for i := range reqs {
 				reqs[i] = request(prompt(r, 8), 30)
-				wg.Go(func() { got[i] = readAll(mustSubmit(t, e, context.Background(), reqs[i])) })
+				if tc.policy == allocator.PolicyOptimistic || i == 0 {
+					s := mustSubmit(t, e, context.Background(), reqs[i])
+					wg.Go(func() { got[i] = readAll(s) })
+				} else {
+					wg.Go(func() { got[i] = submitAndRead(t, e, reqs[i]) })
+				}
+				if i == 0 {
+					<-started
+				}
 			}
+			if tc.policy == allocator.PolicyReserve {
+				spinUntil(func() bool { return e.Allocator().Stats().Queued == 3 })
+			}
+			release()
 			wg.Wait()
 			preempted := 0
 			for i := range reqs {
@@ -538,6 +569,10 @@ func TestWorkerDeterministic(t *testing.T) {
 			if e.Cells() != tc.cells-1 || e.Batch() != 16 {
 				t.Fatalf("cells %d, batch %d: want one of each for the padding token", e.Cells(), e.Batch())
 			}
+			// The first decode waits until every request is admitted or
+			// queued, so that they compete whatever the scheduling.
+			started, release := holdFirstDecode(fb)
+			defer release()
 			r := rand.New(rand.NewPCG(13, 14))
 			reqs := make([]Request, 10)
 			got := make([]delivered, len(reqs))
@@ -547,8 +582,16 @@ func TestWorkerDeterministic(t *testing.T) {
 				if tc.policy == allocator.PolicyReserve {
 					reqs[i].MaxTokens /= 2
 				}
-				wg.Go(func() { got[i] = readAll(mustSubmit(t, e, context.Background(), reqs[i])) })
+				if i == 0 {
+					s := mustSubmit(t, e, context.Background(), reqs[0])
+					wg.Go(func() { got[0] = readAll(s) })
+					<-started
+					continue
+				}
+				wg.Go(func() { got[i] = submitAndRead(t, e, reqs[i]) })
 			}
+			spinUntil(func() bool { st := e.Allocator().Stats(); return int(st.Admitted)+st.Queued == len(reqs) })
+			release()
 			wg.Wait()
 			for i := range reqs {
 				checkStream(t, "stream", reqs[i], got[i])
@@ -560,6 +603,9 @@ func TestWorkerDeterministic(t *testing.T) {
 			t.Logf("%d steps: preempted %d, held %d, relocated %d, padded %d, disordered %d", st.Steps, st.Preempted, st.Held, st.Relocated, st.Padded, st.Disordered)
 			if st.Disordered == 0 && len(fb.disorders) > 0 {
 				t.Errorf("cells out of position order after decodes (sequence: decodes) %v, yet no forced break counted", fb.disorders)
+			}
+			if tc.policy == allocator.PolicyOptimistic && (st.Preempted == 0 || st.Relocated == 0) {
+				t.Errorf("%d preemptions and %d relocations: the pool is too big for the test", st.Preempted, st.Relocated)
 			}
 			checkSettled(t, e)
 			checkClosedCells(t, e, fb)
@@ -662,11 +708,13 @@ func TestWorkerCancel(t *testing.T) {
 		// The first decode waits until the other two streams are handed
 		// over, the fifth until the second stream, having read three
 		// events, cancelled: that stream starts at step 2, its third token
-		// comes from step 4, and the cancel ends it after step 5, with
-		// four tokens.
+		// comes from step 4, and the cancel, made while step 5 decodes
+		// (after that step checked the contexts), ends it after step 5,
+		// with four tokens.
 		fb := newFakeBackend(256, 16)
 		e := startEngine(t, fb, EngineConfig{Admission: admission(4)})
-		reached, handedOver, cancelled := make(chan struct{}), make(chan struct{}), make(chan struct{})
+		reached, handedOver := make(chan struct{}), make(chan struct{})
+		atFifth, cancelled := make(chan struct{}), make(chan struct{})
 		handOver := sync.OnceFunc(func() { close(handedOver) })
 		markCancelled := sync.OnceFunc(func() { close(cancelled) })
 		defer handOver() // a failing test must not leave the worker held
@@ -677,6 +725,7 @@ func TestWorkerCancel(t *testing.T) {
 				close(reached)
 				<-handedOver
 			case 5:
+				close(atFifth)
 				<-cancelled
 			}
 			return nil
@@ -700,6 +749,7 @@ func TestWorkerCancel(t *testing.T) {
 					for range 3 {
 						got[i].add(<-s.Events())
 					}
+					<-atFifth // past the step's reap
 					cancel()
 					markCancelled()
 				}
