@@ -387,7 +387,6 @@ func (e *Engine) Submit(ctx context.Context, req Request) (*Stream, error) {
 		lease.Release()
 		return nil, ErrEngineClosed
 	}
-	s.stopWatch = context.AfterFunc(ctx, func() { s.cancelled.Store(true) })
 	e.submit <- s
 	return s.stream, nil
 }

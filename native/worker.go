@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
-	"sync/atomic"
 	"time"
 
 	"github.com/kvgate/kvgate/allocator"
@@ -52,8 +51,6 @@ type sequence struct {
 	generated int
 	committed int  // tokens of toks reported to the allocator
 	grown     bool // the allocator gave a cell for the pending token
-	cancelled atomic.Bool
-	stopWatch func() bool
 	text      textBuffer
 }
 
@@ -297,16 +294,15 @@ func (e *Engine) copyPrefix(s *sequence) int {
 }
 
 // reap ends sequences whose client went away. It asks each context
-// itself as well as the flag its AfterFunc sets: that function runs on a
-// goroutine of its own, which may get to run only steps after the cancel
-// (the worker never blocks while it has work), and Submit promises the end
-// at the next step.
+// directly, once per step: a flag set by context.AfterFunc would come from
+// a goroutine of its own, which may run only steps after the cancel, and
+// Submit promises the end at the next step.
 func (e *Engine) reap() {
 	w := &e.w
 	for _, list := range []*[]*sequence{&w.active, &w.paused} {
 		for i := 0; i < len(*list); {
 			s := (*list)[i]
-			if s.cancelled.Load() || s.ctx.Err() != nil {
+			if s.ctx.Err() != nil {
 				e.finish(s, FinishNone, "", context.Cause(s.ctx))
 				continue // finish removed it
 			}
@@ -535,7 +531,6 @@ func (e *Engine) finish(s *sequence, reason FinishReason, stop string, err error
 		s.sampler = nil
 	}
 	w.plan.forget(s.seq)
-	s.stopWatch()
 	r := &s.stream.result
 	r.Reason, r.StopString, r.Err = reason, stop, err
 	r.CompletionTokens = s.generated
