@@ -2,8 +2,7 @@ package native
 
 import "math"
 
-// Backend is the worker's view of one llama.cpp context with a unified KV
-// cache: decode a batch, sample from its outputs, and edit the cache's
+// Backend is the worker's view of one llama.cpp context: decode a batch, sample from its outputs, and edit the cache's
 // sequences. Package native/llama implements it; the worker's tests use a
 // fake that checks llama.cpp's rules. The worker calls every method on its
 // own goroutine, locked to its OS thread, from the Open that created the
@@ -11,6 +10,10 @@ import "math"
 type Backend interface {
 	// Cells returns the KV cells of the pool, after llama.cpp's padding.
 	Cells() int
+	// SequenceCells returns the most cells one sequence may hold: Cells in
+	// one pool shared by every sequence (a unified cache), the size of a
+	// stream where each sequence has a KV stream of its own.
+	SequenceCells() int
 	// BatchSize returns the most tokens one Decode may carry.
 	BatchSize() int
 	// Decode runs the model on b. An error wrapping ErrNoKVSlot leaves the
@@ -24,9 +27,11 @@ type Backend interface {
 	// a negative bound being open. It returns false when a partial removal
 	// is impossible. A cell is freed when its last sequence leaves it.
 	SeqRemove(seq, p0, p1 int) bool
-	// SeqCopy adds sequence dst to the cells of src with positions in
-	// [p0, p1): the cells are shared, not copied. No cell in the range may
-	// hold dst already.
+	// SeqCopy gives sequence dst the cells of src with positions in
+	// [p0, p1). In a unified cache the cells are shared, not copied, and
+	// no cell in the range may hold dst already. With a stream per
+	// sequence, dst's stream becomes a copy of src's prefix [0, p1) (p0
+	// must be 0 or open), and dst must hold no cells.
 	SeqCopy(src, dst, p0, p1 int)
 	// SeqPosMax returns the largest position of seq in the cache, or -1.
 	SeqPosMax(seq int) int

@@ -12,8 +12,10 @@ package native_test
 // The model is $KVGATE_BENCH_MODEL when set, else the preset named by
 // $KVGATE_BENCH_PRESET (default "15m") written by internal/mkmodel once into
 // $KVGATE_CACHE_DIR/bench (default: the user cache directory's kvgate/bench).
-// $KVGATE_BENCH_THREADS sets llama.cpp's threads (default: all CPUs), and
-// $KVGATE_BENCH_DETERMINISTIC=1 runs the engine in deterministic mode.
+// $KVGATE_BENCH_THREADS sets llama.cpp's threads (default: all CPUs),
+// $KVGATE_BENCH_DETERMINISTIC=1 runs the engine in deterministic mode, and
+// $KVGATE_BENCH_LAYOUT=streams gives each sequence a KV stream of its own
+// (the default, unified, is one pool).
 
 import (
 	"context"
@@ -115,6 +117,20 @@ func benchThreads(b *testing.B) int {
 	return n
 }
 
+// benchStreams reports whether $KVGATE_BENCH_LAYOUT asks for a KV stream
+// per sequence.
+func benchStreams(b *testing.B) bool {
+	switch v := os.Getenv("KVGATE_BENCH_LAYOUT"); v {
+	case "", "unified":
+		return false
+	case "streams":
+		return true
+	default:
+		b.Fatalf("KVGATE_BENCH_LAYOUT=%q: want unified or streams", v)
+		return false
+	}
+}
+
 // stepTimer times decode steps from the worker's OnStep hook: the interval
 // between two hooks is one full step (sampling and streaming of the last
 // step's tokens, the allocator's Apply, building the batch, llama_decode).
@@ -155,7 +171,7 @@ func benchEngine(b *testing.B, onStep func(tokens, sequences int)) (*native.Engi
 	m := benchModel(b)
 	e, err := native.NewEngine(native.EngineConfig{
 		Open: openContext(m, llama.ContextParams{Cells: benchCells, Batch: benchBatch, MaxSequences: benchMaxSeqs,
-			Threads: benchThreads(b)}),
+			Threads: benchThreads(b), Streams: benchStreams(b)}),
 		Vocab:         m,
 		Admission:     allocator.Config{MaxSequences: benchMaxSeqs, MaxQueue: benchMaxSeqs},
 		OnStep:        onStep,

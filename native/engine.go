@@ -223,16 +223,17 @@ type EngineStats struct {
 // sequence with the engine's allocator and hands it to the worker, which
 // owns the backend and runs every sequence in one Decode per step.
 type Engine struct {
-	cfg    EngineConfig
-	vocab  Vocab
-	alloc  *allocator.Allocator
-	cells  int
-	batch  int
-	submit chan *sequence
-	quit   chan struct{}
-	done   chan struct{}
-	closed atomic.Bool
-	mu     sync.RWMutex // Submit's hand-over (read) against Close (write)
+	cfg      EngineConfig
+	vocab    Vocab
+	alloc    *allocator.Allocator
+	cells    int
+	seqCells int // the most cells one sequence may hold
+	batch    int
+	submit   chan *sequence
+	quit     chan struct{}
+	done     chan struct{}
+	closed   atomic.Bool
+	mu       sync.RWMutex // Submit's hand-over (read) against Close (write)
 
 	steps, prefill, generated, nokvslot, slow, aborted atomic.Uint64
 	preempted, evicted                                 atomic.Uint64
@@ -320,6 +321,11 @@ func (e *Engine) recordStep(d time.Duration) {
 // Cells returns the KV cells sequences may use: the pool after llama.cpp's
 // padding, less the padding token's cell in deterministic mode.
 func (e *Engine) Cells() int { return e.cells }
+
+// SequenceCells returns the most cells one sequence may hold: Cells in a
+// unified cache, a stream's cells where each sequence has a stream of its
+// own.
+func (e *Engine) SequenceCells() int { return e.seqCells }
 
 // Batch returns the per-step token budget.
 func (e *Engine) Batch() int { return e.batch }

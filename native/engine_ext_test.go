@@ -497,3 +497,71 @@ func TestEngineTenantPreemption(t *testing.T) {
 		})
 	}
 }
+
+// TestEngineStreamsLayout runs the worker on a context with a KV stream per
+// sequence: 8 concurrent greedy streams must each equal their solo run on
+// a unified pool, in one batched decode per step, and a request that
+// cannot fit one stream is refused at once with NEVER_FITS although the
+// pool as a whole has room for it.
+func TestEngineStreamsLayout(t *testing.T) {
+	m := stories(t)
+	unified := newEngine(t, llama.ContextParams{Cells: 2048, Batch: 512, MaxSequences: 8}, native.EngineConfig{})
+	var gate stepGate
+	streams := newEngine(t, llama.ContextParams{Cells: 2048, Batch: 512, MaxSequences: 8, Streams: true},
+		native.EngineConfig{OnStep: gate.onStep})
+	if streams.Cells() != 2048 || streams.SequenceCells() != 256 || unified.SequenceCells() != 2048 {
+		t.Fatalf("cells %d, sequence cells %d (unified %d): want 2048, 256 (2048)",
+			streams.Cells(), streams.SequenceCells(), unified.SequenceCells())
+	}
+	prompts := []string{"Once upon a time", "The cat", "Lily wanted", "One day, a big", "Tom and Sue", "The sun was", "A little bird", "Mom said"}
+	const n = 64
+	solo := make([][]int32, len(prompts))
+	toks := make([][]int32, len(prompts))
+	for i, p := range prompts {
+		toks[i], _ = m.Tokenize(p, true, false)
+		s, err := unified.Submit(context.Background(), native.Request{Prompt: toks[i], MaxTokens: n, IgnoreEOS: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		solo[i] = collect(s).ids
+	}
+	before := streams.Stats().Steps
+	var wg sync.WaitGroup
+	got := make([]collected, len(prompts))
+	handOver := gate.arm()
+	defer handOver()
+	for i := range prompts {
+		s, err := streams.Submit(context.Background(), native.Request{Prompt: toks[i], MaxTokens: n, IgnoreEOS: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Go(func() { got[i] = collect(s) })
+	}
+	handOver()
+	wg.Wait()
+	if steps := streams.Stats().Steps - before; steps > n+1 {
+		t.Errorf("%d steps for 8 concurrent streams of %d tokens: not batched", steps, n)
+	}
+	for i := range prompts {
+		if err := got[i].result.Err; err != nil {
+			t.Errorf("stream %d: %v", i, err)
+		}
+		if !slices.Equal(got[i].ids, solo[i]) {
+			t.Errorf("stream %d differs from its solo run on a unified pool:\n got %v\nwant %v", i, got[i].ids, solo[i])
+		}
+	}
+	checkReleased(t, streams)
+
+	_, err := streams.Submit(context.Background(), native.Request{Prompt: toks[0], MaxTokens: 257 - len(toks[0]), IgnoreEOS: true})
+	if !errors.Is(err, allocator.ErrNeverFits) {
+		t.Fatalf("a request one cell over a stream: %v, want NEVER_FITS", err)
+	}
+	s, err := streams.Submit(context.Background(), native.Request{Prompt: toks[0], MaxTokens: 256 - len(toks[0]), IgnoreEOS: true})
+	if err != nil {
+		t.Fatalf("a request that fills a stream exactly: %v", err)
+	}
+	if c := collect(s); c.result.Err != nil || len(c.ids) != 256-len(toks[0]) {
+		t.Fatalf("a request that fills a stream: %d tokens, %v", len(c.ids), c.result.Err)
+	}
+	checkReleased(t, streams)
+}

@@ -209,8 +209,11 @@ func (fb *fakeBackend) occupy(n int) {
 	}
 }
 
-func (fb *fakeBackend) Cells() int     { return len(fb.cells) }
-func (fb *fakeBackend) BatchSize() int { return fb.batch }
+func (fb *fakeBackend) Cells() int { return len(fb.cells) }
+
+// SequenceCells is Cells: the fake is a unified cache.
+func (fb *fakeBackend) SequenceCells() int { return len(fb.cells) }
+func (fb *fakeBackend) BatchSize() int     { return fb.batch }
 
 // posMax is llama_memory_seq_pos_max.
 func (fb *fakeBackend) posMax(seq int) int {

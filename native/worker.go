@@ -75,6 +75,13 @@ func (e *Engine) run(ready chan<- error) {
 	}
 	acfg := e.cfg.Admission
 	acfg.Cells, acfg.Batch, acfg.ReportsStepRate = e.cells, e.batch, true
+	// With a KV stream per sequence no sequence may outgrow its stream:
+	// the allocator then refuses at once (NEVER_FITS) what could never
+	// be placed.
+	e.seqCells = min(be.SequenceCells(), e.cells)
+	if acfg.MaxSequenceTokens <= 0 || acfg.MaxSequenceTokens > e.seqCells {
+		acfg.MaxSequenceTokens = e.seqCells
+	}
 	acfg.Watermark = min(acfg.Watermark, e.cells-1)
 	if e.alloc, err = allocator.New(acfg); err != nil {
 		be.Close()

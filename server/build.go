@@ -77,7 +77,8 @@ func build(ctx context.Context, c *Config, log *slog.Logger, path string, d buil
 	if c.PrefixCache {
 		seqIDs = native.MaxSequenceIDs // the ids beyond running ones hold cached prefixes
 	}
-	params := llama.ContextParams{Cells: c.Ctx, Batch: c.Batch, MaxSequences: c.MaxSeqs, Threads: c.Threads, KVType: c.KVType}
+	params := llama.ContextParams{Cells: c.Ctx, Batch: c.Batch, MaxSequences: c.MaxSeqs, Threads: c.Threads, KVType: c.KVType,
+		Streams: c.KVLayout == LayoutStreams}
 	ecfg := native.EngineConfig{
 		Open:  func() (native.Backend, error) { return llama.NewContext(model, params) },
 		Vocab: model,
@@ -105,7 +106,7 @@ func build(ctx context.Context, c *Config, log *slog.Logger, path string, d buil
 
 	limits := service.DefaultLimits()
 	limits.MaxStopStrings = c.MaxStop
-	limits.MaxSequenceTokens = min(engine.Cells(), info.TrainingContext)
+	limits.MaxSequenceTokens = min(engine.SequenceCells(), info.TrainingContext)
 	limits.MaxPromptTokens = c.MaxPromptTokens
 	limits.MaxCompletionTokens = c.MaxCompletionTokens
 	limits.MaxPromptBytes = c.MaxPromptBytes

@@ -68,6 +68,14 @@ type Config struct {
 	Watermark int
 	// KVType is the KV cache element type (--kv-type): f16 or f32.
 	KVType string
+	// KVLayout is the KV cache's layout (--kv-layout): "unified", one pool
+	// of Ctx cells that every sequence draws from and shares prefixes in
+	// without copying; or "streams", a stream of Ctx/MaxSeqs cells for
+	// each sequence (llama.cpp's default, and llama-server's with -np),
+	// whose attention spans only its own stream. Streams decode faster at
+	// high concurrency (see BENCHMARKS.md) but cap every sequence at its
+	// stream, and need PrefixCache and Deterministic off.
+	KVLayout string
 
 	// MaxPromptTokens is the most prompt tokens of a request
 	// (--max-prompt-tokens; 0: as many as fit a sequence).
@@ -158,6 +166,7 @@ func DefaultConfig() Config {
 		Admission:         "reserve",
 		Watermark:         64,
 		KVType:            "f16",
+		KVLayout:          LayoutUnified,
 		MaxRecvMsgSize:    4 << 20,
 		MaxStreamsPerConn: 128,
 		MaxConnections:    512,
@@ -239,6 +248,15 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("--drain-timeout %v: must be >= 0", c.DrainTimeout)
 	case c.MaxConnAge < 0 || c.MaxConnAgeGrace < 0:
 		return fmt.Errorf("--max-connection-age %v, --max-connection-age-grace %v: must be >= 0", c.MaxConnAge, c.MaxConnAgeGrace)
+	case c.KVLayout != LayoutUnified && c.KVLayout != LayoutStreams:
+		return fmt.Errorf("--kv-layout %q: want %s or %s", c.KVLayout, LayoutUnified, LayoutStreams)
+	case c.KVLayout == LayoutStreams && c.PrefixCache:
+		return errors.New("--kv-layout streams needs --prefix-cache=false: a cached prefix would hold a whole stream")
+	case c.KVLayout == LayoutStreams && c.Deterministic:
+		return errors.New("--kv-layout streams and --deterministic do not go together: deterministic mode orders the cells of one shared pool")
+	case c.KVLayout == LayoutStreams && c.Ctx < minStreamCells*c.MaxSeqs:
+		return fmt.Errorf("--kv-layout streams gives each of --max-seqs %d sequences a stream of --ctx/--max-seqs cells, at least %d: "+
+			"raise --ctx to %d or lower --max-seqs to %d", c.MaxSeqs, minStreamCells, minStreamCells*c.MaxSeqs, max(1, c.Ctx/minStreamCells))
 	case c.Deterministic && c.PrefixCache:
 		return errors.New("--deterministic needs --prefix-cache=false: a shared prefix pins a sequence's first cells where another put them")
 	case c.Deterministic && c.MaxSeqs >= retiredSequence:
@@ -254,6 +272,28 @@ func (c *Config) Validate() error {
 		return err
 	}
 	return nil
+}
+
+// The KV layouts of Config.KVLayout.
+const (
+	LayoutUnified = "unified"
+	LayoutStreams = "streams"
+)
+
+// minStreamCells is the smallest stream llama.cpp makes: it pads a
+// stream's cells up to a multiple of 256, which would grow the pool past
+// Ctx.
+const minStreamCells = 256
+
+// kvCells returns the cells llama.cpp will allocate for Ctx: padded to a
+// multiple of 256, and with streams a multiple of 256 per stream.
+func (c *Config) kvCells() int {
+	n := (c.Ctx + 255) / 256 * 256
+	if c.KVLayout == LayoutStreams && c.MaxSeqs > 0 {
+		per := (n/c.MaxSeqs + 255) / 256 * 256
+		n = per * c.MaxSeqs
+	}
+	return n
 }
 
 // llamaThreads returns the thread count llama.cpp will use: Threads, or

@@ -43,7 +43,11 @@ func checkMemory(c *Config, path string, log *slog.Logger) error {
 		log.Debug("no KV memory estimate", "err", err)
 		return nil
 	}
-	est := shape.Estimate(c.Ctx, min(c.Batch, 512), c.KVType)
+	est := shape.Estimate(c.kvCells(), min(c.Batch, 512), c.KVType)
+	if pad := (c.Ctx + 255) / 256 * 256; int(est.Cells) > pad {
+		log.Warn("--kv-layout streams pads every stream to a multiple of 256 cells: the pool grows past --ctx",
+			"ctx", c.Ctx, "cells", est.Cells, "streams", c.MaxSeqs, "hint", fmt.Sprintf("--ctx %d", c.Ctx/(minStreamCells*c.MaxSeqs)*minStreamCells*c.MaxSeqs))
+	}
 	avail, from, err := kvmem.Available()
 	if err != nil {
 		log.Debug("no memory limit known", "err", err)

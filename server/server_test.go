@@ -541,6 +541,11 @@ func TestConfigValidate(t *testing.T) {
 		{"tenant max queued", func(c *Config) { c.TenantMaxQueued = -1 }, "--tenant-max-queued -1"},
 		{"kv type", func(c *Config) { c.KVType = "q8_0" }, `--kv-type "q8_0": want f16 or f32`},
 		{"kv type f32", func(c *Config) { c.KVType = "f32" }, ""},
+		{"kv layout", func(c *Config) { c.KVLayout = "paged" }, `--kv-layout "paged": want unified or streams`},
+		{"kv layout streams", func(c *Config) { c.KVLayout, c.PrefixCache, c.Ctx, c.MaxSeqs = LayoutStreams, false, 8192, 32 }, ""},
+		{"kv layout streams prefix cache", func(c *Config) { c.KVLayout, c.Ctx, c.MaxSeqs = LayoutStreams, 8192, 32 }, "--kv-layout streams needs --prefix-cache=false"},
+		{"kv layout streams deterministic", func(c *Config) { c.KVLayout, c.PrefixCache, c.Deterministic = LayoutStreams, false, true }, "--kv-layout streams and --deterministic"},
+		{"kv layout streams small", func(c *Config) { c.KVLayout, c.PrefixCache, c.Ctx, c.MaxSeqs = LayoutStreams, false, 4096, 64 }, "raise --ctx to 16384 or lower --max-seqs to 16"},
 		{"admission", func(c *Config) { c.Admission = "lottery" }, `--admission "lottery"`},
 		{"optimistic", func(c *Config) { c.Admission = "optimistic" }, ""},
 		{"watermark", func(c *Config) { c.Watermark = -1 }, "--watermark -1"},
@@ -573,5 +578,64 @@ func TestConfigValidate(t *testing.T) {
 	}
 	if err := (&Config{}).Validate(); err == nil {
 		t.Error("the zero Config is accepted")
+	}
+}
+
+// TestStreamsLayout serves with a KV stream per sequence: GetModelInfo
+// reports the stream as the most a sequence may hold, a request that fits
+// a stream runs to its end, and one a token over the stream is refused
+// with INVALID_ARGUMENT although the pool has room for it.
+func TestStreamsLayout(t *testing.T) {
+	var logs syncBuffer
+	cfg := testConfig(&logs)
+	cfg.KVLayout, cfg.PrefixCache, cfg.Ctx, cfg.MaxSeqs = LayoutStreams, false, 1024, 4
+	s, err := Start(t.Context(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	select {
+	case <-s.Ready():
+	case <-s.Done():
+		t.Fatalf("the load failed: %v", s.Err())
+	case <-ctx.Done():
+		t.Fatal("not ready")
+	}
+	gen := kvgatev1.NewGenerateServiceClient(dial(t, s.Addr()))
+	info, err := gen.GetModelInfo(ctx, &kvgatev1.GetModelInfoRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.GetKvCells() != 1024 || info.GetMaxSequenceTokens() != 256 {
+		t.Fatalf("kv_cells %d, max_sequence_tokens %d: want 1024 and 256", info.GetKvCells(), info.GetMaxSequenceTokens())
+	}
+	if !strings.Contains(logs.String(), "kv_layout=streams sequence_cells=256") {
+		t.Errorf("the ready line does not name the layout:\n%s", logs.String())
+	}
+	prompt := &kvgatev1.GenerateRequest_Tokens{Tokens: &kvgatev1.TokenList{Ids: []int32{1, 300, 301, 302}}}
+	generate := func(maxTokens uint32) (int, error) {
+		stream, err := gen.Generate(ctx, &kvgatev1.GenerateRequest{Prompt: prompt, MaxTokens: maxTokens, IgnoreEos: true})
+		if err != nil {
+			return 0, err
+		}
+		n := 0
+		for {
+			resp, err := stream.Recv()
+			if errors.Is(err, io.EOF) {
+				return n, nil
+			}
+			if err != nil {
+				return n, err
+			}
+			n += len(resp.GetChunk().GetTokenIds())
+		}
+	}
+	if n, err := generate(252); err != nil || n != 252 {
+		t.Fatalf("a request that fills a stream: %d tokens, %v", n, err)
+	}
+	if _, err := generate(253); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("a request a token over a stream: %v, want INVALID_ARGUMENT", err)
 	}
 }

@@ -44,6 +44,7 @@ func serveFlags(o *serveOptions) *flag.FlagSet {
 	fs.BoolVar(&o.PrefixCache, "prefix-cache", d.PrefixCache, "keep finished sequences' cells as a prefix cache shared by later requests")
 	fs.StringVar(&o.Admission, "admission", d.Admission, "admission policy: reserve (prompt + max_tokens up front) or optimistic (prompt + watermark; preempts when cells run out)")
 	fs.StringVar(&o.KVType, "kv-type", d.KVType, "KV cache element type: f16 (half the memory) or f32 (full precision)")
+	fs.StringVar(&o.KVLayout, "kv-layout", d.KVLayout, "KV cache layout: unified (one pool, zero-copy prefix sharing) or streams (a stream of --ctx/--max-seqs cells per sequence: faster at many streams; needs --prefix-cache=false)")
 	fs.BoolVar(&o.Deterministic, "deterministic", d.Deterministic, "make every stream's tokens bit-for-bit those of the same request run alone, whatever runs beside it (needs --prefix-cache=false; costs a padding token on one-token steps, and held steps and recomputation when cells run short)")
 	fs.IntVar(&o.Watermark, "watermark", d.Watermark, "optimistic admission: free cells a request must leave beside its prompt")
 	fs.IntVar(&o.MaxPromptTokens, "max-prompt-tokens", d.MaxPromptTokens, "most prompt tokens per request (0: as many as fit a sequence)")

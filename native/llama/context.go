@@ -70,9 +70,19 @@ type ContextParams struct {
 	Threads int
 	// KVType is the KV cache's element type, "f16" (the default) or "f32".
 	KVType string
+	// Streams gives each of the MaxSequences sequences a KV stream of its
+	// own (llama.cpp's kv_unified = false) instead of one pool shared by
+	// every sequence. A stream holds Cells/MaxSequences cells, padded up
+	// to a multiple of 256 (so the pool may grow), and a sequence never
+	// holds more: attention then spans only a sequence's own stream,
+	// where in one pool every token's attention scans every used cell.
+	// Sequence ids are 0..MaxSequences-1, and a prefix is copied between
+	// streams, not shared.
+	Streams bool
 }
 
-// Context is a llama.cpp context with a unified KV cache. It is not safe for
+// Context is a llama.cpp context with a unified KV cache, or a KV stream per
+// sequence (ContextParams.Streams). It is not safe for
 // concurrent use: create it, use it and close it on one goroutine locked to
 // its OS thread (runtime.LockOSThread).
 type Context struct {
@@ -81,6 +91,14 @@ type Context struct {
 	mem   C.llama_memory_t
 	cells int
 	batch int
+	// seqIDs bounds the sequence ids memory calls take: llama.cpp asserts
+	// on an id outside its stream map (LLAMA_MAX_SEQ in a unified cache,
+	// n_seq_max with a stream per sequence).
+	seqIDs int
+	// seqCells is the most cells one sequence may hold.
+	seqCells int
+	// streams: a KV stream per sequence.
+	streams bool
 	// cand is the candidate buffer for sampling: one llama_token_data per
 	// vocabulary entry, allocated once in C memory.
 	cand *C.llama_token_data
@@ -93,8 +111,9 @@ type Context struct {
 	cbatch C.struct_llama_batch
 }
 
-// NewContext creates a context for m with kv_unified = true: one pool of
-// cells for every sequence.
+// NewContext creates a context for m: by default with kv_unified = true, one
+// pool of cells for every sequence; with p.Streams, a KV stream per
+// sequence.
 func NewContext(m *Model, p ContextParams) (*Context, error) {
 	if p.Cells <= 0 || p.Batch <= 0 {
 		return nil, fmt.Errorf("new context: cells (%d) and batch (%d) must be positive", p.Cells, p.Batch)
@@ -113,7 +132,7 @@ func NewContext(m *Model, p ContextParams) (*Context, error) {
 	params.n_seq_max = C.uint32_t(p.MaxSequences)
 	params.n_threads = C.int32_t(threads)
 	params.n_threads_batch = C.int32_t(threads)
-	params.kv_unified = C.bool(true)
+	params.kv_unified = C.bool(!p.Streams)
 	switch p.KVType {
 	case "", "f16":
 		params.type_k, params.type_v = 1, 1 // GGML_TYPE_F16
@@ -132,8 +151,13 @@ func NewContext(m *Model, p ContextParams) (*Context, error) {
 		model: m,
 		ptr:   ptr,
 		mem:   C.llama_get_memory(ptr),
-		cells: int(C.llama_n_ctx(ptr)),
-		batch: int(C.llama_n_batch(ptr)),
+		cells:   int(C.llama_n_ctx(ptr)),
+		batch:   int(C.llama_n_batch(ptr)),
+		streams: p.Streams,
+	}
+	c.seqIDs, c.seqCells = native.MaxSequenceIDs, c.cells
+	if p.Streams {
+		c.seqIDs, c.seqCells = int(C.llama_n_seq_max(ptr)), int(C.llama_n_ctx_seq(ptr))
 	}
 	if c.mem == nil {
 		// Encoders (BERT and the like) have no KV memory: llama_decode
@@ -155,6 +179,14 @@ func NewContext(m *Model, p ContextParams) (*Context, error) {
 
 // Cells returns the number of KV cells, after llama.cpp's padding.
 func (c *Context) Cells() int { return c.cells }
+
+// SequenceCells returns the most cells one sequence may hold: Cells in a
+// unified cache, a stream's cells (llama_n_ctx_seq) with a stream per
+// sequence.
+func (c *Context) SequenceCells() int { return c.seqCells }
+
+// Streams reports whether each sequence has a KV stream of its own.
+func (c *Context) Streams() bool { return c.streams }
 
 // BatchSize returns the most tokens one Decode may carry.
 func (c *Context) BatchSize() int { return c.batch }
@@ -200,6 +232,9 @@ func (c *Context) Decode(b *native.Batch) error {
 	copy(tok, b.Tokens)
 	copy(pos, b.Pos)
 	for i := range n {
+		if int(b.Seq[i]) >= c.seqIDs { // a stream per sequence: n_seq_max ids
+			return &DecodeError{Code: -1, kind: ErrInvalidBatch}
+		}
 		nseq[i] = 1
 		*(*int32)(unsafe.Pointer(seqs[i])) = b.Seq[i]
 		logits[i] = 0
@@ -233,8 +268,9 @@ func (c *Context) Logits(i int) []float32 {
 }
 
 // validSeq reports whether seq is a sequence id llama.cpp's memory calls
-// accept: they GGML_ASSERT 0 <= seq < LLAMA_MAX_SEQ.
-func validSeq(seq int) bool { return seq >= 0 && seq < native.MaxSequenceIDs }
+// accept: they GGML_ASSERT 0 <= seq < LLAMA_MAX_SEQ in a unified cache, and
+// 0 <= seq < n_seq_max with a stream per sequence.
+func (c *Context) validSeq(seq int) bool { return seq >= 0 && seq < c.seqIDs }
 
 // clampPos converts a position bound for llama.cpp: negative stays -1
 // (open, as llama.cpp reads it), and a bound past int32 becomes MaxInt32,
@@ -251,49 +287,66 @@ func clampPos(p int) C.llama_pos {
 
 // SeqRemove removes sequence seq's tokens with positions in [p0, p1); a
 // negative bound is open, and seq -1 means every sequence. It returns false
-// when a partial removal is impossible, or when seq is outside [-1,
-// native.MaxSequenceIDs), which it leaves alone. A cell is freed only when its last
-// sequence leaves it.
+// when a partial removal is impossible, or when seq is neither -1 nor one
+// of the context's ids, which it leaves alone. A cell is freed only when its
+// last sequence leaves it.
 func (c *Context) SeqRemove(seq, p0, p1 int) bool {
-	if seq != -1 && !validSeq(seq) {
+	if seq != -1 && !c.validSeq(seq) {
 		return false
 	}
 	return bool(C.llama_memory_seq_rm(c.mem, C.llama_seq_id(seq), clampPos(p0), clampPos(p1)))
 }
 
-// SeqCopy adds sequence dst to the cells of src with positions in [p0, p1).
-// In a unified cache nothing is copied: the cells are shared. Ids outside
-// [0, native.MaxSequenceIDs) make it a no-op. No cell in the range may hold dst
-// already: llama.cpp asserts that (assert(!seq[i].test(seq_id)) in
-// llama_kv_cells::seq_add); a dst that holds no cells is always safe.
+// SeqCopy gives sequence dst the cells of src with positions in [p0, p1).
+// Ids outside the context's range make it a no-op.
+//
+// In a unified cache nothing is copied: the cells are shared. No cell in the
+// range may hold dst already: llama.cpp asserts that
+// (assert(!seq[i].test(seq_id)) in llama_kv_cells::seq_add); a dst that
+// holds no cells is always safe.
+//
+// With a stream per sequence, llama.cpp copies only whole streams (it
+// GGML_ASSERTs on a partial range): dst's stream becomes a copy of src's,
+// made at the start of the next Decode, and the copy is then cut back to
+// [0, p1). A p0 above 0 cannot be copied and leaves the cache alone.
 func (c *Context) SeqCopy(src, dst, p0, p1 int) {
-	if !validSeq(src) || !validSeq(dst) {
+	if !c.validSeq(src) || !c.validSeq(dst) {
 		return
 	}
-	C.llama_memory_seq_cp(c.mem, C.llama_seq_id(src), C.llama_seq_id(dst), clampPos(p0), clampPos(p1))
+	if !c.streams {
+		C.llama_memory_seq_cp(c.mem, C.llama_seq_id(src), C.llama_seq_id(dst), clampPos(p0), clampPos(p1))
+		return
+	}
+	if src == dst || p0 > 0 {
+		return
+	}
+	C.llama_memory_seq_cp(c.mem, C.llama_seq_id(src), C.llama_seq_id(dst), -1, -1)
+	if p1 >= 0 {
+		C.llama_memory_seq_rm(c.mem, C.llama_seq_id(dst), clampPos(p1), -1)
+	}
 }
 
-// SeqKeep removes every sequence but seq. An id outside [0,
-// native.MaxSequenceIDs) makes it a no-op.
+// SeqKeep removes every sequence but seq. An id outside the context's ids
+// makes it a no-op.
 func (c *Context) SeqKeep(seq int) {
-	if validSeq(seq) {
+	if c.validSeq(seq) {
 		C.llama_memory_seq_keep(c.mem, C.llama_seq_id(seq))
 	}
 }
 
 // SeqPosMin returns the smallest position of seq in the cache, or -1 (also
-// for an id outside [0, native.MaxSequenceIDs)).
+// for an id outside the context's ids).
 func (c *Context) SeqPosMin(seq int) int {
-	if !validSeq(seq) {
+	if !c.validSeq(seq) {
 		return -1
 	}
 	return int(C.llama_memory_seq_pos_min(c.mem, C.llama_seq_id(seq)))
 }
 
 // SeqPosMax returns the largest position of seq in the cache, or -1 (also
-// for an id outside [0, native.MaxSequenceIDs)).
+// for an id outside the context's ids).
 func (c *Context) SeqPosMax(seq int) int {
-	if !validSeq(seq) {
+	if !c.validSeq(seq) {
 		return -1
 	}
 	return int(C.llama_memory_seq_pos_max(c.mem, C.llama_seq_id(seq)))
@@ -307,8 +360,8 @@ func (c *Context) Clear() { C.llama_memory_clear(c.mem, C.bool(false)) }
 // position and the sequence ids for every cell, in cell order, before the
 // tensors). It copies the sequence's K and V too, so it is for tests.
 func (c *Context) cellOrder(seq int) ([]int32, error) {
-	if !validSeq(seq) {
-		return nil, fmt.Errorf("cell order: sequence id %d outside [0, %d)", seq, native.MaxSequenceIDs)
+	if !c.validSeq(seq) {
+		return nil, fmt.Errorf("cell order: sequence id %d outside [0, %d)", seq, c.seqIDs)
 	}
 	n := C.llama_state_seq_get_size(c.ptr, C.llama_seq_id(seq))
 	buf := make([]byte, int(n))
