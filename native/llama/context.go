@@ -148,9 +148,9 @@ func NewContext(m *Model, p ContextParams) (*Context, error) {
 		return nil, fmt.Errorf("new context: %s", lastLlamaError())
 	}
 	c := &Context{
-		model: m,
-		ptr:   ptr,
-		mem:   C.llama_get_memory(ptr),
+		model:   m,
+		ptr:     ptr,
+		mem:     C.llama_get_memory(ptr),
 		cells:   int(C.llama_n_ctx(ptr)),
 		batch:   int(C.llama_n_batch(ptr)),
 		streams: p.Streams,
