@@ -51,6 +51,13 @@ every status code and the prefill work the server did. Prompts are random
 token ids (so input lengths are exact) and every request sets ignore_eos (so
 output lengths are exact).
 
+With --llama-server URL it drives llama.cpp's llama-server instead, over
+HTTP (POST /completion, streamed, greedy), with the same load, prompts and
+report, so that the two servers can be compared. llama-server reports no
+admission wait and no counters: the report's queue latencies are empty and
+its server counters null. --addr and the other connection flags do not apply
+to it (and their environment variables are not read).
+
 Load: --concurrency N closed-loop clients, or --rate R Poisson arrivals per
 second (open loop). Sending stops after --duration or --requests, whichever
 comes first; outstanding requests are then awaited.
@@ -74,6 +81,7 @@ func benchCmd(ctx context.Context, args []string) error {
 		fmt.Fprint(fs.Output(), clientEnvHelp)
 	}
 	cf := addConnFlags(fs)
+	llamaServer := fs.String("llama-server", "", "benchmark llama.cpp's llama-server at this base URL (http://host:port) over HTTP instead of kvgate; not with --addr")
 	concurrency := fs.Int("concurrency", 1, "closed-loop clients (ignored with --rate)")
 	rate := fs.Float64("rate", 0, "open loop: Poisson arrivals per second (0: closed loop)")
 	maxInFlight := fs.Int("max-in-flight", 1024, "open loop: most outstanding requests; arrivals beyond are dropped and counted")
@@ -91,7 +99,7 @@ func benchCmd(ctx context.Context, args []string) error {
 	outputMax := fs.Int("output-max", 256, "mixed: longest output")
 	prefixTokens := fs.Int("prefix-tokens", 0, "shared-prefix: tokens of the common prefix (< --input-tokens)")
 	prefixes := fs.Int("prefixes", 1, "shared-prefix: distinct common prefixes, used in turn")
-	noPrefixCache := fs.Bool("no-prefix-cache", false, "set skip_prefix_cache on every request")
+	noPrefixCache := fs.Bool("no-prefix-cache", false, "set skip_prefix_cache on every request (to llama-server: cache_prompt false)")
 	sloTTFT := fs.Duration("slo-ttft", 0, "goodput: time-to-first-token objective (0: not checked)")
 	sloITL := fs.Duration("slo-itl", 0, "goodput: mean inter-token latency objective (0: not checked)")
 	timeout := fs.Duration("timeout", 5*time.Minute, "deadline of each request")
@@ -103,6 +111,14 @@ func benchCmd(ctx context.Context, args []string) error {
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if *llamaServer != "" {
+		given := commandLineFlags(fs, args)
+		for _, name := range connFlagNames {
+			if given[name] {
+				return fmt.Errorf("--llama-server and --%s cannot be used together: --llama-server benchmarks llama-server over HTTP, --%s is for a kvgate server over gRPC", name, name)
+			}
+		}
 	}
 	if *duration == 0 && *requests == 0 {
 		*duration = 30 * time.Second
@@ -142,6 +158,18 @@ func benchCmd(ctx context.Context, args []string) error {
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
+	if *llamaServer != "" {
+		target, err := bench.NewLlamaServer(*llamaServer, nil)
+		if err != nil {
+			return err
+		}
+		cfg.Target = target.String()
+		rep, err := bench.RunTarget(ctx, target, cfg)
+		if err != nil {
+			return err
+		}
+		return writeReport(rep, *jsonOut)
+	}
 	list, err := addrList(cf.addr)
 	if err != nil {
 		return err
@@ -163,8 +191,15 @@ func benchCmd(ctx context.Context, args []string) error {
 	if err != nil {
 		return describe(err)
 	}
+	return writeReport(rep, *jsonOut)
+}
+
+// writeReport prints rep to stdout, as JSON or as text, and returns an
+// error when the run was interrupted.
+func writeReport(rep *bench.Report, jsonOut bool) error {
 	var out io.Writer = os.Stdout
-	if *jsonOut {
+	var err error
+	if jsonOut {
 		err = rep.WriteJSON(out)
 	} else {
 		err = rep.WriteText(out)
@@ -176,6 +211,41 @@ func benchCmd(ctx context.Context, args []string) error {
 		return errors.New("interrupted: the report is partial")
 	}
 	return nil
+}
+
+// connFlagNames are the flags of addConnFlags, in order: they configure
+// the gRPC connection to a kvgate server, so they do not go with
+// --llama-server.
+var connFlagNames = func() []string {
+	fs := flag.NewFlagSet("", flag.ContinueOnError)
+	addConnFlags(fs)
+	var names []string
+	fs.VisitAll(func(f *flag.Flag) { names = append(names, f.Name) })
+	return names
+}()
+
+// probeValue accepts any value: commandLineFlags parses with it.
+type probeValue struct{ isBool bool }
+
+func (probeValue) String() string     { return "" }
+func (probeValue) Set(string) error   { return nil }
+func (v probeValue) IsBoolFlag() bool { return v.isBool }
+
+// commandLineFlags returns the names of the flags of fs that args give on
+// the command line, as fs parses them, without touching fs's values. (Once
+// parseClientFlags has run, fs cannot tell them from the flags it set from
+// the environment.)
+func commandLineFlags(fs *flag.FlagSet, args []string) map[string]bool {
+	probe := flag.NewFlagSet(fs.Name(), flag.ContinueOnError)
+	probe.SetOutput(io.Discard)
+	fs.VisitAll(func(f *flag.Flag) {
+		b, ok := f.Value.(interface{ IsBoolFlag() bool })
+		probe.Var(probeValue{isBool: ok && b.IsBoolFlag()}, f.Name, "")
+	})
+	_ = probe.Parse(args) // fs has parsed args already, and reported errors
+	given := map[string]bool{}
+	probe.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	return given
 }
 
 // isTerminal reports whether f is a character device, such as a terminal.

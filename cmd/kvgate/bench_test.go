@@ -5,12 +5,17 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"math"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -292,5 +297,110 @@ func BenchmarkGRPCInProcess(b *testing.B) {
 			}
 			b.ReportMetric(float64(tokens)/b.Elapsed().Seconds(), "out-tok/s")
 		})
+	}
+}
+
+// fakeLlamaServer serves the part of llama-server's HTTP API that kvgate
+// bench --llama-server uses (GET /props, GET /v1/models, POST /completion
+// streamed), as the real llama-server of llama.cpp b7347 replies: n_predict
+// tokens, one an event, then the stop event. It counts the completions.
+func fakeLlamaServer(t *testing.T) (*httptest.Server, *atomic.Int64) {
+	t.Helper()
+	var completions atomic.Int64
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /props", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, `{"default_generation_settings":{"params":{"n_predict":-1},"n_ctx":1024},"total_slots":4,"model_path":"/models/fake.gguf","build_info":"b7347-fake"}`)
+	})
+	mux.HandleFunc("GET /v1/models", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, `{"object":"list","data":[{"id":"fake.gguf","meta":{"vocab_type":1,"n_vocab":32000,"n_ctx_train":4096,"n_params":15191712,"size":30390912}}]}`)
+	})
+	mux.HandleFunc("POST /completion", func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Prompt   []int `json:"prompt"`
+			NPredict int   `json:"n_predict"`
+		}
+		if err := json.NewDecoder(r.Body).Decode(&req); err != nil || len(req.Prompt) == 0 {
+			w.WriteHeader(http.StatusBadRequest)
+			io.WriteString(w, `{"error":{"code":400,"message":"bad request","type":"invalid_request_error"}}`)
+			return
+		}
+		io.Copy(io.Discard, r.Body)
+		completions.Add(1)
+		w.Header().Set("Content-Type", "text/event-stream")
+		for k := 1; k <= req.NPredict; k++ {
+			fmt.Fprintf(w, "data: {\"index\":0,\"content\":\" x\",\"tokens\":[%d],\"stop\":false,\"id_slot\":-1,\"tokens_predicted\":%d,\"tokens_evaluated\":%d}\n\n", 100+k, k, len(req.Prompt))
+			w.(http.Flusher).Flush()
+		}
+		fmt.Fprintf(w, "data: {\"index\":0,\"content\":\"\",\"tokens\":[],\"id_slot\":0,\"stop\":true,\"tokens_predicted\":%d,\"tokens_evaluated\":%d,\"stop_type\":\"limit\",\"timings\":{\"cache_n\":0}}\n\n", req.NPredict, len(req.Prompt))
+	})
+	srv := httptest.NewServer(mux)
+	t.Cleanup(srv.Close)
+	return srv, &completions
+}
+
+// TestBenchLlamaServer runs kvgate bench --llama-server against a fake
+// llama-server: the report has the same JSON form as against kvgate, and
+// no server counters.
+func TestBenchLlamaServer(t *testing.T) {
+	srv, completions := fakeLlamaServer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, kvgateBin, "bench", "--llama-server", srv.URL, "--json", "--requests", "12",
+		"--concurrency", "3", "--input-tokens", "16", "--output-tokens", "8")
+	// An address in the environment is for kvgate servers: ignored here.
+	cmd.Env = append(os.Environ(), "KVGATE_ADDR=127.0.0.1:1")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("kvgate bench --llama-server: %v\nstderr:\n%s", err, stderr.String())
+	}
+	var r bench.Report
+	dec := json.NewDecoder(bytes.NewReader(stdout.Bytes()))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&r); err != nil {
+		t.Fatalf("parse report: %v\n%s", err, stdout.String())
+	}
+	checkNumbers(t, stdout.Bytes())
+	if r.Schema != bench.Schema || r.Requests.Sent != 12 || r.Requests.OK != 12 || completions.Load() != 12 {
+		t.Fatalf("schema %q, requests %+v, status %v; the server saw %d", r.Schema, r.Requests, r.Status, completions.Load())
+	}
+	if r.Tokens.Output != 12*8 || r.LatencyMS.TTFT.Count != 12 || r.LatencyMS.ITL.Count != 12*7 || r.LatencyMS.Queue.Count != 0 {
+		t.Errorf("tokens %+v, latencies %+v", r.Tokens, r.LatencyMS)
+	}
+	if r.Config.Target != srv.URL || r.Model.VocabSize != 32000 || r.Model.MaxRunningSequences != 4 || r.Model.Path != "/models/fake.gguf" {
+		t.Errorf("config %+v, model %+v", r.Config, r.Model)
+	}
+	if !bytes.Contains(stdout.Bytes(), []byte(`"server": null`)) {
+		t.Errorf("report has server counters from llama-server:\n%s", stdout.String())
+	}
+}
+
+// TestBenchLlamaServerFlags checks that kvgate bench refuses --llama-server
+// with the flags of a kvgate connection, a bad URL and a workload that
+// does not fit a slot, before sending anything.
+func TestBenchLlamaServerFlags(t *testing.T) {
+	srv, completions := fakeLlamaServer(t)
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--addr", "127.0.0.1:50051"}, "--llama-server and --addr cannot be used together"},
+		{[]string{"-addr=127.0.0.1:50051"}, "--llama-server and --addr cannot be used together"},
+		{[]string{"--tls"}, "--llama-server and --tls cannot be used together"},
+		{[]string{"--token", "x"}, "--llama-server and --token cannot be used together"},
+		{[]string{"--input-tokens", "1000", "--output-tokens", "100"}, "exceed the server's limit of 1024"},
+	} {
+		args := append([]string{"bench", "--llama-server", srv.URL, "--requests", "1"}, tt.args...)
+		out, err := exec.Command(kvgateBin, args...).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), tt.want) {
+			t.Errorf("kvgate %v: %v, want an error with %q:\n%s", args, err, tt.want, out)
+		}
+	}
+	out, err := exec.Command(kvgateBin, "bench", "--llama-server", strings.TrimPrefix(srv.URL, "http://"), "--requests", "1").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "llama-server URL") {
+		t.Errorf("kvgate bench with a URL without a scheme: %v:\n%s", err, out)
+	}
+	if n := completions.Load(); n != 0 {
+		t.Errorf("%d completions sent", n)
 	}
 }

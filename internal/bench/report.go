@@ -24,7 +24,8 @@ type Report struct {
 	Schema string `json:"schema"`
 	// Config is the load and workload that ran.
 	Config ReportConfig `json:"config"`
-	// Model describes the server's model, from GetModelInfo.
+	// Model describes the server's model, from GetModelInfo (or
+	// llama-server's GET /props and /v1/models).
 	Model ModelInfo `json:"model"`
 	// StartedAt is when the measured window began.
 	StartedAt time.Time `json:"started_at"`
@@ -36,14 +37,21 @@ type Report struct {
 	// Requests counts the measured requests.
 	Requests RequestCounts `json:"requests"`
 	// Status counts measured requests by outcome: "OK" for a stream that
-	// ended with a Finished event, a gRPC code name in upper snake case
-	// (such as "RESOURCE_EXHAUSTED") for one that failed, and "INCOMPLETE"
-	// for a stream that ended without error but without a Finished event.
-	// The counts add up to Requests.Sent.
+	// ended with a Finished event (from llama-server, an event with stop
+	// true), a gRPC code name in upper snake case (such as
+	// "RESOURCE_EXHAUSTED") for one that failed, and "INCOMPLETE" for a
+	// stream that ended without error but without a Finished event. A
+	// llama-server failure has the code of its HTTP status (400
+	// INVALID_ARGUMENT, 429 RESOURCE_EXHAUSTED, 500 INTERNAL, 503
+	// UNAVAILABLE, ...); a reply that breaks its protocol is INTERNAL and
+	// an unreachable server UNAVAILABLE. The counts add up to
+	// Requests.Sent.
 	Status map[string]int `json:"status"`
 	// ErrorReasons counts failed requests by the reason of the
-	// google.rpc.ErrorInfo in their status (such as "QUEUE_FULL"); failures
-	// without one are not counted here.
+	// google.rpc.ErrorInfo in their status (such as "QUEUE_FULL"), or by
+	// the type of llama-server's error (such as
+	// "exceed_context_size_error"); failures without one are not counted
+	// here.
 	ErrorReasons map[string]int `json:"error_reasons"`
 	// Tokens counts tokens sent and received.
 	Tokens TokenCounts `json:"tokens"`
@@ -54,13 +62,15 @@ type Report struct {
 	// LatencyMS summarises latencies, in milliseconds.
 	LatencyMS Latencies `json:"latency_ms"`
 	// Server holds the changes of the server's GetCacheStats counters over
-	// the window; null when they were not read.
+	// the window; null when they were not read, as from llama-server,
+	// which has none.
 	Server *ServerCounters `json:"server"`
 }
 
 // ReportConfig records the configuration of a run.
 type ReportConfig struct {
-	// Target is the server's address.
+	// Target is the server's address: kvgate's gRPC address, or
+	// llama-server's base URL.
 	Target string `json:"target"`
 	// Mode is "closed" (Concurrency clients, each sending its next request
 	// when the last ends) or "open" (Poisson arrivals at Rate per second).
@@ -82,7 +92,8 @@ type ReportConfig struct {
 	WarmupRequests int `json:"warmup_requests"`
 	// Workload is the shape of the requests.
 	Workload Workload `json:"workload"`
-	// PrefixCache is false when requests set skip_prefix_cache.
+	// PrefixCache is false when requests set skip_prefix_cache (to
+	// llama-server, cache_prompt false).
 	PrefixCache bool `json:"prefix_cache"`
 	// TimeoutSeconds is each request's deadline.
 	TimeoutSeconds float64 `json:"timeout_s"`
@@ -94,7 +105,9 @@ type ReportConfig struct {
 type ModelInfo struct {
 	// Path is the model file on the server.
 	Path string `json:"path"`
-	// Description is llama.cpp's description, such as "llama ?B F16".
+	// Description is llama.cpp's description, such as "llama ?B F16";
+	// llama-server does not report it, and its Description is
+	// "llama-server" and its build_info.
 	Description string `json:"description"`
 	// ParameterCount is the number of weights.
 	ParameterCount uint64 `json:"parameter_count"`
@@ -102,13 +115,16 @@ type ModelInfo struct {
 	SizeBytes uint64 `json:"size_bytes"`
 	// VocabSize is the vocabulary size.
 	VocabSize uint32 `json:"vocab_size"`
-	// KVCells is the server's KV pool size.
+	// KVCells is the server's KV pool size; 0 from llama-server, which
+	// does not report it.
 	KVCells uint32 `json:"kv_cells"`
-	// MaxRunningSequences is the most sequences the server runs at once.
+	// MaxRunningSequences is the most sequences the server runs at once
+	// (llama-server's total_slots).
 	MaxRunningSequences uint32 `json:"max_running_sequences"`
 	// PrefixCache is whether the server keeps a prefix cache.
 	PrefixCache bool `json:"prefix_cache"`
-	// SystemInfo is llama.cpp's CPU feature line.
+	// SystemInfo is llama.cpp's CPU feature line; empty from
+	// llama-server, which does not report it.
 	SystemInfo string `json:"system_info"`
 }
 
@@ -139,8 +155,9 @@ type TokenCounts struct {
 	Output int64 `json:"output"`
 	// OutputPartial is the tokens streamed to requests that then failed.
 	OutputPartial int64 `json:"output_partial"`
-	// CachedReported is the sum of Started.cached_prompt_tokens: the
-	// prompt tokens the server says it reused.
+	// CachedReported is the sum of Started.cached_prompt_tokens (from
+	// llama-server, of timings.cache_n): the prompt tokens the server says
+	// it reused.
 	CachedReported int64 `json:"cached_reported"`
 }
 
@@ -180,7 +197,8 @@ type Latencies struct {
 	ITL Summary `json:"itl"`
 	// E2E is the time from sending a request to the end of its stream.
 	E2E Summary `json:"e2e"`
-	// Queue is the admission wait the server reported in Started.
+	// Queue is the admission wait the server reported in Started; empty
+	// from llama-server, which does not report it.
 	Queue Summary `json:"queue"`
 }
 
@@ -294,7 +312,11 @@ func (r *Report) WriteText(w io.Writer) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	p := func(format string, args ...any) { fmt.Fprintf(tw, format+"\n", args...) }
 	m := r.Model
-	p("target\t%s  (%s, %.1fM params, %d KV cells, %d seqs)", r.Config.Target, m.Description, float64(m.ParameterCount)/1e6, m.KVCells, m.MaxRunningSequences)
+	cells := ""
+	if m.KVCells > 0 { // llama-server does not report its cells
+		cells = fmt.Sprintf(" %d KV cells,", m.KVCells)
+	}
+	p("target\t%s  (%s, %.1fM params,%s %d seqs)", r.Config.Target, m.Description, float64(m.ParameterCount)/1e6, cells, m.MaxRunningSequences)
 	p("load\t%s", r.Config.describe())
 	if r.Interrupted {
 		p("\tINTERRUPTED: partial results")

@@ -1,11 +1,13 @@
 // Package bench is kvgate's client-side load generator. It drives a running
-// server over gRPC with the project's generated client, in closed loop (a
-// fixed number of clients, each sending its next request when the last
-// ends) or open loop (Poisson arrivals at a fixed rate), with prompts built
-// as token ids so that every input length is exact and ignore_eos set so
-// that every output length is exact. It reports throughput, latency
-// percentiles, goodput under latency objectives, every outcome, and the
-// prefill work the server did, from its GetCacheStats counters.
+// server, a Target: kvgate over gRPC with the project's generated client,
+// or llama.cpp's llama-server over HTTP, so that the two can be compared on
+// the same load. It runs in closed loop (a fixed number of clients, each
+// sending its next request when the last ends) or open loop (Poisson
+// arrivals at a fixed rate), with prompts built as token ids so that every
+// input length is exact and ignore_eos set so that every output length is
+// exact. It reports throughput, latency percentiles, goodput under latency
+// objectives, every outcome, and, from kvgate, the prefill work the server
+// did, from its GetCacheStats counters.
 package bench
 
 import (
@@ -127,7 +129,7 @@ type outcome struct {
 	status          string // "OK", a code name, or "INCOMPLETE"
 	reason          string // ErrorInfo reason, if any
 	tokens          int    // streamed token ids
-	cached          int    // Started.cached_prompt_tokens
+	cached          int    // prompt tokens the server reused (Events.Cached)
 	queueMS         float64
 	started         bool
 	ttft, e2e, span time.Duration // span: first to last token
@@ -158,8 +160,17 @@ func CodeName(c codes.Code) string {
 	return fmt.Sprintf("CODE_%d", uint32(c))
 }
 
-// classify records a failed call's code and ErrorInfo reason.
+// classify records a failed call's code and reason: those of an *Error,
+// else the gRPC status's code and ErrorInfo reason.
 func (o *outcome) classify(err error) {
+	var e *Error
+	if errors.As(err, &e) {
+		o.status, o.reason = CodeName(e.Code), e.Reason
+		if e.Code == codes.OK {
+			o.status = CodeName(codes.Unknown) // a failure without a code
+		}
+		return
+	}
 	st := status.Convert(err)
 	o.status = CodeName(st.Code())
 	if st.Code() == codes.OK {
@@ -175,12 +186,12 @@ func (o *outcome) classify(err error) {
 
 // runner runs one benchmark.
 type runner struct {
-	cfg   Config
-	gen   kvgatev1.GenerateServiceClient
-	mu    sync.Mutex // guards prompts
-	pr    *Generator
-	seq   atomic.Int64 // request ids
-	stats progressCounters
+	cfg    Config
+	target Target
+	mu     sync.Mutex // guards prompts
+	pr     *Generator
+	seq    atomic.Int64 // request ids
+	stats  progressCounters
 }
 
 // progressCounters are the live counts that progress lines show.
@@ -210,70 +221,23 @@ func (r *runner) do(ctx context.Context, p Prompt) *outcome {
 	defer r.stats.inFlight.Add(-1)
 	ctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
 	defer cancel()
-	req := &kvgatev1.GenerateRequest{
-		Prompt:          &kvgatev1.GenerateRequest_Tokens{Tokens: &kvgatev1.TokenList{Ids: p.Tokens}},
-		MaxTokens:       uint32(p.OutputTokens),
-		IgnoreEos:       true,
-		SkipPrefixCache: r.cfg.NoPrefixCache,
-		RequestId:       fmt.Sprintf("bench-%d", r.seq.Add(1)),
+	req := Request{
+		ID:            fmt.Sprintf("bench-%d", r.seq.Add(1)),
+		Prompt:        p,
+		NoPrefixCache: r.cfg.NoPrefixCache,
 	}
+	rec := &recorder{o: o, counters: &r.stats}
 	start := time.Now()
-	var first, last time.Time
-	finished := false
-	err := func() error {
-		stream, err := r.gen.Generate(ctx, req)
-		if err != nil {
-			return err
-		}
-		for {
-			resp, err := stream.Recv()
-			if errors.Is(err, io.EOF) {
-				return nil
-			}
-			if err != nil {
-				return err
-			}
-			now := time.Now()
-			switch ev := resp.GetEvent().(type) {
-			case *kvgatev1.GenerateResponse_Started:
-				o.started = true
-				o.cached = int(ev.Started.GetCachedPromptTokens())
-				o.queueMS = ev.Started.GetQueueWaitMs()
-			case *kvgatev1.GenerateResponse_Chunk:
-				n := len(ev.Chunk.GetTokenIds())
-				if n == 0 {
-					continue
-				}
-				if o.tokens == 0 {
-					first = now
-					// The first token has no gap; the rest of a first
-					// chunk of several tokens arrived with it.
-					for range n - 1 {
-						o.itl = append(o.itl, 0)
-					}
-				} else {
-					gap := ms(now.Sub(last)) / float64(n)
-					for range n {
-						o.itl = append(o.itl, gap)
-					}
-				}
-				last = now
-				o.tokens += n
-				r.stats.tokens.Add(int64(n))
-			case *kvgatev1.GenerateResponse_Finished:
-				finished = true
-			}
-		}
-	}()
+	err := r.target.Generate(ctx, req, rec)
 	o.e2e = time.Since(start)
 	if o.tokens > 0 {
-		o.ttft = first.Sub(start)
-		o.span = last.Sub(first)
+		o.ttft = rec.first.Sub(start)
+		o.span = rec.last.Sub(rec.first)
 	}
 	switch {
 	case err != nil:
 		o.classify(err)
-	case !finished:
+	case !rec.finished:
 		o.status = "INCOMPLETE"
 	default:
 		o.status = "OK"
@@ -285,6 +249,52 @@ func (r *runner) do(ctx context.Context, p Prompt) *outcome {
 	}
 	return o
 }
+
+// recorder is the Events of one request: it records the stream's events,
+// at the time they arrive, into the request's outcome.
+type recorder struct {
+	o           *outcome
+	counters    *progressCounters
+	first, last time.Time
+	finished    bool
+}
+
+// Started records the admission and its queue wait.
+func (c *recorder) Started(queueWaitMS float64) {
+	c.o.started = true
+	c.o.queueMS = queueWaitMS
+}
+
+// Cached records the prompt tokens the server reused.
+func (c *recorder) Cached(tokens int) { c.o.cached = tokens }
+
+// Tokens records n tokens that arrived now, and their inter-token gaps.
+func (c *recorder) Tokens(n int) {
+	if n <= 0 {
+		return
+	}
+	now := time.Now()
+	o := c.o
+	if o.tokens == 0 {
+		c.first = now
+		// The first token has no gap; the rest of a first chunk of
+		// several tokens arrived with it.
+		for range n - 1 {
+			o.itl = append(o.itl, 0)
+		}
+	} else {
+		gap := ms(now.Sub(c.last)) / float64(n)
+		for range n {
+			o.itl = append(o.itl, gap)
+		}
+	}
+	c.last = now
+	o.tokens += n
+	c.counters.tokens.Add(int64(n))
+}
+
+// Finished records that the stream completed.
+func (c *recorder) Finished() { c.finished = true }
 
 // phase sends requests until requests have been sent (when positive), d
 // has passed (when positive) or ctx is done, waits for every outstanding
@@ -394,24 +404,25 @@ func (r *runner) runPhase(ctx context.Context, label string, requests int, d tim
 	return r.phase(ctx, requests, d, seed)
 }
 
-// Run benchmarks the server behind gen and cache with cfg and returns the
-// report. cache may be nil, and the report then has no server counters. A
-// cancelled ctx ends the run early: outstanding requests are cancelled and
-// the report covers what ran, marked Interrupted.
+// Run benchmarks the kvgate server behind gen and cache with cfg and
+// returns the report: it is RunTarget with NewGRPCTarget(gen, cache).
+// cache may be nil, and the report then has no server counters.
 func Run(ctx context.Context, gen kvgatev1.GenerateServiceClient, cache kvgatev1.CacheServiceClient, cfg Config) (*Report, error) {
+	return RunTarget(ctx, NewGRPCTarget(gen, cache), cfg)
+}
+
+// RunTarget benchmarks target with cfg and returns the report. The report
+// has server counters when target is a StatsTarget. A cancelled ctx ends
+// the run early: outstanding requests are cancelled and the report covers
+// what ran, marked Interrupted.
+func RunTarget(ctx context.Context, target Target, cfg Config) (*Report, error) {
 	cfg = cfg.withDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	info, err := gen.GetModelInfo(ctx, &kvgatev1.GetModelInfoRequest{})
+	lim, model, err := target.Info(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("get model info: %w", err)
-	}
-	lim := Limits{
-		VocabSize:           int(info.GetVocabSize()),
-		MaxSequenceTokens:   int(info.GetMaxSequenceTokens()),
-		MaxPromptTokens:     int(info.GetMaxPromptTokens()),
-		MaxCompletionTokens: int(info.GetMaxCompletionTokens()),
+		return nil, err
 	}
 	if err := cfg.Workload.Validate(lim); err != nil {
 		return nil, err
@@ -420,7 +431,8 @@ func Run(ctx context.Context, gen kvgatev1.GenerateServiceClient, cache kvgatev1
 	if err != nil {
 		return nil, err
 	}
-	r := &runner{cfg: cfg, gen: gen, pr: pr}
+	r := &runner{cfg: cfg, target: target, pr: pr}
+	stats, _ := target.(StatsTarget)
 
 	warm := 0
 	if cfg.WarmupDuration > 0 || cfg.WarmupRequests > 0 {
@@ -432,9 +444,9 @@ func Run(ctx context.Context, gen kvgatev1.GenerateServiceClient, cache kvgatev1
 		return nil, fmt.Errorf("warm-up: %w", err)
 	}
 	var before *kvgatev1.GetCacheStatsResponse
-	if cache != nil {
-		if before, err = cache.GetCacheStats(ctx, &kvgatev1.GetCacheStatsRequest{}); err != nil {
-			return nil, fmt.Errorf("get cache stats: %w", err)
+	if stats != nil {
+		if before, err = stats.CacheStats(ctx); err != nil {
+			return nil, err
 		}
 	}
 	begin := time.Now()
@@ -442,12 +454,12 @@ func Run(ctx context.Context, gen kvgatev1.GenerateServiceClient, cache kvgatev1
 	elapsed := time.Since(begin)
 	interrupted := ctx.Err() != nil
 	var after *kvgatev1.GetCacheStatsResponse
-	if cache != nil {
+	if stats != nil {
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-		after, err = cache.GetCacheStats(sctx, &kvgatev1.GetCacheStatsRequest{})
+		after, err = stats.CacheStats(sctx)
 		cancel()
 		if err != nil {
-			return nil, fmt.Errorf("get cache stats: %w", err)
+			return nil, err
 		}
 	}
 	rep := buildReport(cfg, outs, elapsed)
@@ -455,12 +467,7 @@ func Run(ctx context.Context, gen kvgatev1.GenerateServiceClient, cache kvgatev1
 	rep.Interrupted = interrupted
 	rep.Requests.Dropped = dropped
 	rep.Requests.Warmup = warm
-	rep.Model = ModelInfo{
-		Path: info.GetPath(), Description: info.GetDescription(), ParameterCount: info.GetParameterCount(),
-		SizeBytes: info.GetSizeBytes(), VocabSize: info.GetVocabSize(), KVCells: info.GetKvCells(),
-		MaxRunningSequences: info.GetMaxRunningSequences(), PrefixCache: info.GetPrefixCache(),
-		SystemInfo: info.GetSystemInfo(),
-	}
+	rep.Model = model
 	if before != nil && after != nil {
 		rep.Server = serverDelta(before, after)
 	}

@@ -79,8 +79,8 @@ type Workload struct {
 	Prefixes int `json:"prefixes,omitempty"`
 }
 
-// Limits are the server's bounds on one request, from GetModelInfo. A zero
-// field is not checked.
+// Limits are the server's bounds on one request, from its Target's Info
+// (kvgate's GetModelInfo). A zero field is not checked.
 type Limits struct {
 	// VocabSize is the number of token ids; prompts use
 	// FirstTokenID..VocabSize-1.
