@@ -141,6 +141,8 @@ type stepTimer struct {
 	decodeSteps  int
 	decodeTokens int
 	decodeTime   time.Duration
+	llamaTime    time.Duration // in Decode, for batches of at most benchMaxSeqs tokens
+	llamaSteps   int
 }
 
 // onStep is the engine's OnStep hook.
@@ -164,14 +166,50 @@ func (t *stepTimer) restart() {
 	t.mu.Unlock()
 }
 
+// timedBackend times the backend's Decode calls, so that a step's time can
+// be split into llama_decode's and the worker's own (sampling, streaming,
+// the allocator, building the batch).
+type timedBackend struct {
+	native.Backend
+	t *stepTimer
+}
+
+// Decode decodes b and adds its time to the timer's llama_decode time when
+// it is a pure decode step (one token per sequence is not known here, so
+// every decode of at most benchMaxSeqs tokens counts).
+func (tb timedBackend) Decode(b *native.Batch) error {
+	start := time.Now()
+	err := tb.Backend.Decode(b)
+	if b.Len() <= benchMaxSeqs {
+		tb.t.mu.Lock()
+		tb.t.llamaTime += time.Since(start)
+		tb.t.llamaSteps++
+		tb.t.mu.Unlock()
+	}
+	return err
+}
+
 // benchEngine returns an engine of the benchmark's shape, admitting under
 // reserve admission with no prefix cache, and the model it runs.
-func benchEngine(b *testing.B, onStep func(tokens, sequences int)) (*native.Engine, *llama.Model) {
+func benchEngine(b *testing.B, st *stepTimer) (*native.Engine, *llama.Model) {
 	b.Helper()
 	m := benchModel(b)
+	open := openContext(m, llama.ContextParams{Cells: benchCells, Batch: benchBatch, MaxSequences: benchMaxSeqs,
+		Threads: benchThreads(b), Streams: benchStreams(b)})
+	var onStep func(tokens, sequences int)
+	if st != nil {
+		onStep = st.onStep
+		inner := open
+		open = func() (native.Backend, error) {
+			be, err := inner()
+			if err != nil {
+				return nil, err
+			}
+			return timedBackend{be, st}, nil
+		}
+	}
 	e, err := native.NewEngine(native.EngineConfig{
-		Open: openContext(m, llama.ContextParams{Cells: benchCells, Batch: benchBatch, MaxSequences: benchMaxSeqs,
-			Threads: benchThreads(b), Streams: benchStreams(b)}),
+		Open:          open,
 		Vocab:         m,
 		Admission:     allocator.Config{MaxSequences: benchMaxSeqs, MaxQueue: benchMaxSeqs},
 		OnStep:        onStep,
@@ -238,7 +276,7 @@ func BenchmarkEngineDecode(b *testing.B) {
 	for _, n := range []int{1, 4, 16, 32} {
 		b.Run(fmt.Sprintf("streams=%d", n), func(b *testing.B) {
 			var st stepTimer
-			e, m := benchEngine(b, st.onStep)
+			e, m := benchEngine(b, &st)
 			r := rand.New(rand.NewPCG(uint64(n), 1))
 			vocab := m.Info().VocabSize
 			tokens := 0
@@ -262,6 +300,9 @@ func BenchmarkEngineDecode(b *testing.B) {
 			if st.decodeSteps > 0 {
 				b.ReportMetric(float64(st.decodeTokens)/st.decodeTime.Seconds(), "decode-tok/s")
 				b.ReportMetric(st.decodeTime.Seconds()*1000/float64(st.decodeSteps), "ms/decode-step")
+				if st.llamaSteps > 0 {
+					b.ReportMetric(st.llamaTime.Seconds()*1000/float64(st.llamaSteps), "ms/llama_decode")
+				}
 			}
 		})
 	}

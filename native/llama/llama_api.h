@@ -215,6 +215,8 @@ llama_token kv_sample(struct llama_sampler * const * stages, int32_t n_stages, s
                       int32_t idx, llama_token_data * buf, int32_t n_vocab);
 void kv_sampler_accept(struct llama_sampler * const * stages, int32_t n_stages, llama_token tok);
 size_t kv_sanitize_candidates(llama_token_data_array * cur);
+int32_t kv_greedy_pick(const float * logits, int32_t n);
+llama_token kv_sample_greedy(struct llama_context * ctx, int32_t idx, int32_t n_vocab);
 void kv_batch_set(struct llama_batch * b, int32_t i, llama_token tok, llama_pos pos,
                   llama_seq_id seq, int8_t logits);
 

@@ -46,6 +46,9 @@ const maxStages = 6
 type Sampler struct {
 	stages [maxStages]*C.struct_llama_sampler
 	n      int
+	// greedy: the one stage is greedy (no penalties), so Sample picks the
+	// largest logit itself (kv_sample_greedy), with the same result.
+	greedy bool
 }
 
 // samplerStages builds the samplers of p in order: penalties → top_k →
@@ -88,6 +91,7 @@ func NewSampler(p native.SamplingParams) *Sampler {
 		s.stages[s.n] = smpl
 		s.n++
 	})
+	s.greedy = p.Temperature <= 0 && s.n == 1
 	return s
 }
 
@@ -112,7 +116,12 @@ func (s *Sampler) Sample(c *Context, i int) (int32, error) {
 		return -1, errors.New("sample: the sampler was freed")
 	}
 	vocab := c.model.info.VocabSize
-	tok := C.kv_sample(&s.stages[0], C.int32_t(s.n), c.ptr, C.int32_t(i), c.cand, C.int32_t(vocab))
+	var tok C.llama_token
+	if s.greedy {
+		tok = C.kv_sample_greedy(c.ptr, C.int32_t(i), C.int32_t(vocab))
+	} else {
+		tok = C.kv_sample(&s.stages[0], C.int32_t(s.n), c.ptr, C.int32_t(i), c.cand, C.int32_t(vocab))
+	}
 	switch {
 	case tok >= 0 && int(tok) < vocab:
 		return int32(tok), nil
@@ -155,6 +164,20 @@ func (s *chainSampler) sample(c *Context, i int) int32 {
 }
 
 func (s *chainSampler) free() { C.llama_sampler_free(s.ptr) }
+
+// kvSampleNoFinite is KV_SAMPLE_NO_FINITE, for the tests.
+const kvSampleNoFinite = int32(C.KV_SAMPLE_NO_FINITE)
+
+// greedyPick runs kv_greedy_pick on logits for the tests.
+func greedyPick(logits []float32) int32 {
+	if len(logits) == 0 {
+		return int32(C.KV_SAMPLE_NO_FINITE)
+	}
+	buf := (*C.float)(C.malloc(C.size_t(len(logits)) * 4))
+	defer C.free(unsafe.Pointer(buf))
+	copy(unsafe.Slice((*float32)(unsafe.Pointer(buf)), len(logits)), logits)
+	return int32(C.kv_greedy_pick(buf, C.int32_t(len(logits))))
+}
 
 // sanitizeCandidates runs kv_sanitize_candidates on logits (in place) for
 // the tests, and returns the sorted flag it leaves and the count of finite

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"github.com/kvgate/kvgate/native"
 	"math"
+	"math/rand/v2"
 	"slices"
 	"testing"
 )
@@ -291,3 +292,75 @@ func TestSampleBadOutput(t *testing.T) {
 }
 
 func equal(a, b []int32) bool { return slices.Equal(a, b) }
+
+// greedyReference is the greedy sampler alone on sanitized candidates, in
+// Go: NaN counts as -inf, +inf as FLT_MAX, the first largest logit wins,
+// and no finite logit is no token.
+func greedyReference(logits []float32) int32 {
+	best, bestL := int32(-1), float32(math.Inf(-1))
+	for i, l := range logits {
+		switch {
+		case l != l:
+			l = float32(math.Inf(-1))
+		case math.IsInf(float64(l), 1):
+			l = math.MaxFloat32
+		}
+		if l > bestL {
+			best, bestL = int32(i), l
+		}
+	}
+	if best < 0 {
+		return kvSampleNoFinite
+	}
+	return best
+}
+
+// TestGreedyPick checks kv_greedy_pick, the greedy fast path, against the
+// greedy sampler's rule on sanitized candidates, for the extremes and for
+// random arrays sprinkled with them.
+func TestGreedyPick(t *testing.T) {
+	inf, nan := float32(math.Inf(1)), float32(math.NaN())
+	tests := []struct {
+		name   string
+		logits []float32
+		want   int32
+	}{
+		{"one", []float32{0}, 0},
+		{"first of a tie", []float32{1, 3, 3, 2}, 1},
+		{"NaN is never chosen", []float32{nan, -5, nan}, 1},
+		{"all NaN", []float32{nan, nan}, kvSampleNoFinite},
+		{"all -inf", []float32{-inf, -inf}, kvSampleNoFinite},
+		{"+inf wins", []float32{1, inf, 2}, 1},
+		{"FLT_MAX before +inf ties with it", []float32{math.MaxFloat32, inf}, 0},
+		{"+inf before FLT_MAX", []float32{0, inf, math.MaxFloat32}, 1},
+		{"-FLT_MAX is finite", []float32{-inf, -math.MaxFloat32}, 1},
+		{"the last", []float32{-1, -2, 7}, 2},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := greedyPick(tc.logits); got != tc.want {
+				t.Errorf("kv_greedy_pick = %d, want %d", got, tc.want)
+			}
+			if ref := greedyReference(tc.logits); ref != tc.want {
+				t.Errorf("the reference = %d, want %d", ref, tc.want)
+			}
+		})
+	}
+	r := rand.New(rand.NewPCG(1, 2))
+	special := []float32{nan, inf, -inf, math.MaxFloat32, -math.MaxFloat32, 0}
+	for i := range 2000 {
+		logits := make([]float32, 1+r.IntN(300))
+		for j := range logits {
+			logits[j] = float32(r.NormFloat64() * 4)
+			if r.IntN(10) == 0 {
+				logits[j] = special[r.IntN(len(special))]
+			}
+			if r.IntN(20) == 0 && j > 0 {
+				logits[j] = logits[r.IntN(j)] // ties
+			}
+		}
+		if got, want := greedyPick(logits), greedyReference(logits); got != want {
+			t.Fatalf("array %d %v: kv_greedy_pick = %d, want %d", i, logits, got, want)
+		}
+	}
+}
