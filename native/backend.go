@@ -16,6 +16,11 @@ type Backend interface {
 	SequenceCells() int
 	// BatchSize returns the most tokens one Decode may carry.
 	BatchSize() int
+	// Threads returns the CPU threads the backend decodes with.
+	Threads() int
+	// SetThreads sets the CPU threads of the next decodes (at least 1); the
+	// worker calls it between decodes (llama_set_n_threads).
+	SetThreads(n int)
 	// Decode runs the model on b. An error wrapping ErrNoKVSlot leaves the
 	// cache unchanged; any other error is a failed computation. An empty
 	// batch is a no-op.

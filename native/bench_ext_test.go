@@ -12,10 +12,12 @@ package native_test
 // The model is $KVGATE_BENCH_MODEL when set, else the preset named by
 // $KVGATE_BENCH_PRESET (default "15m") written by internal/mkmodel once into
 // $KVGATE_CACHE_DIR/bench (default: the user cache directory's kvgate/bench).
-// $KVGATE_BENCH_THREADS sets llama.cpp's threads (default: all CPUs),
+// $KVGATE_BENCH_THREADS sets llama.cpp's threads (default: the server's
+// default for the CPUs the process may use),
 // $KVGATE_BENCH_DETERMINISTIC=1 runs the engine in deterministic mode, and
 // $KVGATE_BENCH_LAYOUT=streams gives each sequence a KV stream of its own
-// (the default, unified, is one pool).
+// (the default, unified, is one pool), and $KVGATE_BENCH_TUNE=0 turns the
+// thread tuner off (it is on, as in the server).
 
 import (
 	"context"
@@ -104,7 +106,7 @@ func benchModel(b *testing.B) *llama.Model {
 	return benchModelPtr
 }
 
-// benchThreads returns $KVGATE_BENCH_THREADS, or 0 (all CPUs) when unset.
+// benchThreads returns $KVGATE_BENCH_THREADS, or 0 (the default count) when unset.
 func benchThreads(b *testing.B) int {
 	v := os.Getenv("KVGATE_BENCH_THREADS")
 	if v == "" {
@@ -214,6 +216,7 @@ func benchEngine(b *testing.B, st *stepTimer) (*native.Engine, *llama.Model) {
 		Admission:     allocator.Config{MaxSequences: benchMaxSeqs, MaxQueue: benchMaxSeqs},
 		OnStep:        onStep,
 		Deterministic: os.Getenv("KVGATE_BENCH_DETERMINISTIC") == "1",
+		TuneThreads:   os.Getenv("KVGATE_BENCH_TUNE") != "0",
 	})
 	if err != nil {
 		b.Fatal(err)
@@ -291,6 +294,10 @@ func BenchmarkEngineDecode(b *testing.B) {
 				tokens += runRound(b, e, prompts, benchOutput)
 			}
 			b.ReportMetric(float64(tokens)/b.Elapsed().Seconds(), "out-tok/s")
+			if st := e.Stats(); st.ThreadChanges > 0 {
+				b.ReportMetric(float64(st.ThreadChanges), "thread-changes")
+				b.ReportMetric(float64(st.Threads), "threads-at-end")
+			}
 			if st := e.Stats(); st.Relocated+st.Held > 0 {
 				b.ReportMetric(float64(st.Relocated), "relocations")
 				b.ReportMetric(float64(st.Held), "holds")

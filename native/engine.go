@@ -177,6 +177,17 @@ type EngineConfig struct {
 	// others put them) and Admission.MaxSequences below RetiredSequence;
 	// NewEngine checks both.
 	Deterministic bool
+	// TuneThreads lets the worker change the backend's thread count
+	// between decodes, from the backend's own count downwards, when decode
+	// steps run far slower than they did: ggml's threads spin at their
+	// barriers, so a step with more threads than the CPUs that are free
+	// for it (other processes busy on the machine) waits for descheduled
+	// threads and can take 100 to 1000 times as long. See threadTuner.
+	TuneThreads bool
+
+	// clock times decodes for the thread tuner; nil means time.Now. The
+	// package's tests set it to a clock the fake backend moves.
+	clock func() time.Time
 }
 
 // PadSequence is the sequence id of the padding token of a deterministic
@@ -217,6 +228,12 @@ type EngineStats struct {
 	// it let break their cell order because nothing else could run (their
 	// output is no longer guaranteed to match a solo decode).
 	Held, Relocated, Padded, Disordered uint64
+	// Threads is the CPU thread count of the next decode; ThreadChanges
+	// counts the times the thread tuner (EngineConfig.TuneThreads)
+	// changed it, its probes of a neighbouring count (there and back)
+	// included.
+	Threads       int64
+	ThreadChanges uint64
 }
 
 // Engine is the decode worker and the front door to it: Submit admits a
@@ -238,7 +255,8 @@ type Engine struct {
 	steps, prefill, generated, nokvslot, slow, aborted atomic.Uint64
 	preempted, evicted                                 atomic.Uint64
 	held, relocated, padded, disordered                atomic.Uint64
-	running                                            atomic.Int64
+	threadChanges                                      atomic.Uint64
+	running, threads                                   atomic.Int64
 	// stepNanos is math.Float64bits of the moving average of a step's
 	// duration in nanoseconds (0 before the first step), for StepRate; the
 	// worker alone writes it.
@@ -270,6 +288,9 @@ func NewEngine(cfg EngineConfig) (*Engine, error) {
 	}
 	if cfg.StreamBuffer <= 0 {
 		cfg.StreamBuffer = 1024
+	}
+	if cfg.clock == nil {
+		cfg.clock = time.Now
 	}
 	e := &Engine{
 		cfg:    cfg,
@@ -350,6 +371,8 @@ func (e *Engine) Stats() EngineStats {
 		Relocated:       e.relocated.Load(),
 		Padded:          e.padded.Load(),
 		Disordered:      e.disordered.Load(),
+		Threads:         e.threads.Load(),
+		ThreadChanges:   e.threadChanges.Load(),
 	}
 }
 

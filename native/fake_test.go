@@ -7,7 +7,9 @@ import (
 	"math/bits"
 	"slices"
 	"strconv"
+	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // This file holds the worker's test doubles: a Backend that simulates
@@ -129,11 +131,17 @@ var errFakeCompute = errors.New("fake llama_decode: computation failed")
 // itself; fakeBackend.check reports them). Its state is the worker's: a
 // test reads it from the worker (hook, OnStep) or after Engine.Close.
 type fakeBackend struct {
-	cells  []fakeCell
-	head   int
-	used   int
-	batch  int
-	ubatch int
+	cells   []fakeCell
+	head    int
+	used    int
+	batch   int
+	threads int // SetThreads
+	// With clock set, each Decode moves it on by decodeCost(threads,
+	// tokens), and byThreads counts the decodes at each thread count.
+	clock      *fakeClock
+	decodeCost func(threads, tokens int) time.Duration
+	byThreads  map[int]int
+	ubatch  int
 
 	// hook, when set, runs at every Decode of a non-empty batch that
 	// passed llama.cpp's checks, before the batch is placed, with the
@@ -210,6 +218,17 @@ func (fb *fakeBackend) occupy(n int) {
 }
 
 func (fb *fakeBackend) Cells() int { return len(fb.cells) }
+
+// Threads returns the thread count SetThreads last set (1 at first).
+func (fb *fakeBackend) Threads() int { return max(fb.threads, 1) }
+
+// SetThreads records n; the fake's decodes take no time either way.
+func (fb *fakeBackend) SetThreads(n int) {
+	if n < 1 {
+		fb.violate("SetThreads(%d)", n)
+	}
+	fb.threads = n
+}
 
 // SequenceCells is Cells: the fake is a unified cache.
 func (fb *fakeBackend) SequenceCells() int { return len(fb.cells) }
@@ -290,6 +309,13 @@ func (fb *fakeBackend) Decode(b *Batch) error {
 		return nil // llama.cpp is not called; the last outputs stay
 	}
 	fb.calls++
+	if fb.clock != nil {
+		fb.clock.advance(fb.decodeCost(fb.Threads(), n))
+		if fb.byThreads == nil {
+			fb.byThreads = map[int]int{}
+		}
+		fb.byThreads[fb.Threads()]++
+	}
 	fb.outputs, fb.sampled = fb.outputs[:0], fb.sampled[:0]
 	switch {
 	case b.Invalid():
@@ -537,3 +563,9 @@ func (s *fakeSampler) Sample(out int) (int32, error) {
 }
 
 func (s *fakeSampler) Free() { s.freed = true }
+
+// fakeClock is a clock that only the fake backend's decodes move.
+type fakeClock struct{ ns atomic.Int64 }
+
+func (c *fakeClock) now() time.Time          { return time.Unix(0, c.ns.Load()) }
+func (c *fakeClock) advance(d time.Duration) { c.ns.Add(int64(d)) }

@@ -49,6 +49,13 @@ const (
 	// after each probe that loses, and returns to the minimum after a
 	// switch.
 	tunerMinInterval = 32
+	// tunerFirstProbe is when the first down probe is due: as soon as a
+	// baseline is trusted, so that a process started on a busy machine
+	// does not spend tunerMinInterval steps at a count that stalls every
+	// one. Being early, it must win by tunerFirstWin, a margin no noise
+	// of a machine that is not oversubscribed reaches.
+	tunerFirstProbe  = tunerMinSamples
+	tunerFirstWin    = 0.5
 	tunerMaxInterval = 2048
 	// tunerBudget is the share of step time that a losing probe may cost:
 	// after a probe that cost the time of x baseline steps more than
@@ -79,6 +86,8 @@ const (
 	// tunerAlarm is the ratio to the baseline of a step at the current
 	// count that means load arrived.
 	tunerAlarm = 4.0
+	// tunerAlarmSteps is how many alarming steps in a row raise the alarm.
+	tunerAlarmSteps = 2
 	// tunerBuckets is the number of batch-size buckets, one per value of
 	// bits.Len.
 	tunerBuckets = bits.UintSize + 1
@@ -128,19 +137,21 @@ const (
 //     probing costs at most tunerBudget of the step time, up to
 //     tunerMaxWait steps: every 2048 steps, a probe that costs one 1000×
 //     step would waste a third of the time.
-//   - Alarms. A step at the current count more than tunerAlarm times its
-//     baseline means load arrived. When cur > 1 the tuner descends at
-//     once, one step per count tried: cur-1, then 2, 4, 8... below the
-//     last count tried while its step is slow (no better than tunerWin of
-//     the alarming level), then bisecting between the highest count found
-//     not slow and the lowest found slow. It switches to the highest count
-//     not slow when tunerProbeSteps steps there have a median at most
-//     tunerWin of the alarming level. A descent that finds nothing better
-//     returns to the current count and relearns its baselines: the whole
-//     machine got slower. A lone slow step (a page fault storm, a GC
-//     pause) can thus move the count down for no reason; the first up
-//     probe, tunerMinInterval steps after, undoes that, a far smaller cost
-//     than running a second step at a count that has become 100× slow.
+//   - Alarms. tunerAlarmSteps steps in a row at the current count, each
+//     more than tunerAlarm times its baseline, mean load arrived. When
+//     cur > 1 the tuner descends at once, one step per count tried:
+//     cur-1, then 2, 4, 8... below the last count tried while its step is
+//     slow (no better than tunerWin of the alarming level), then bisecting
+//     between the highest count found not slow and the lowest found slow.
+//     It switches to the highest count not slow when tunerProbeSteps
+//     steps there have a median at most tunerWin of the alarming level. A
+//     descent that finds nothing better returns to the current count and
+//     relearns its baselines: the whole machine got slower. A lone slow
+//     step (a page fault storm, a pause of the process) raises no alarm:
+//     measured on a quiet 2-CPU machine, such steps sent the count down
+//     several times in 128 steps, at a quarter of one stream's throughput
+//     until the next up probe, while waiting for a second slow step costs
+//     real load one step.
 //
 // On a switch the baselines carry over to the new count scaled by the
 // winning probe's median ratio, so that they stay trusted.
@@ -163,6 +174,10 @@ type threadTuner struct {
 	probe tunerProbe
 	// Counts, for tests and logs.
 	probes, alarms, switches int
+	// alarmRun counts the alarming steps in a row so far, alarmRef is the
+	// ratio of the last of them.
+	alarmRun int
+	alarmRef float64
 }
 
 // tunerBucket is the baseline of one batch-size bucket at the current
@@ -199,7 +214,10 @@ func newThreadTuner(n int) *threadTuner {
 	n = max(n, 1)
 	t := &threadTuner{max: n, cur: n, last: tunerDown}
 	t.interval = [2]int{tunerMinInterval, tunerMinInterval}
-	t.wait = [2]int{tunerMinInterval, 2 * tunerMinInterval}
+	// The first down probe comes as soon as a baseline is trusted: a
+	// process that starts on a busy machine would otherwise spend its
+	// first tunerMinInterval steps at a count that may stall every one.
+	t.wait = [2]int{tunerFirstProbe, 2 * tunerMinInterval}
 	return t
 }
 
@@ -250,10 +268,21 @@ func (t *threadTuner) observe(tokens int, d time.Duration) int {
 	}
 	r, exact, ok := t.ratio(b, ns)
 	if ok && r > tunerAlarm && t.cur > 1 {
+		// Load that arrived slows every step; a lone slow step (a page
+		// fault, a pause of the process) must not send the count down,
+		// where the probe would beat the slow step and stay.
+		t.alarmRun++
+		if t.alarmRun < tunerAlarmSteps {
+			t.alarmRef = r
+			return t.threads()
+		}
+		ref := math.Min(r, t.alarmRef)
+		t.alarmRun = 0
 		t.alarms++
-		t.probe = tunerProbe{active: true, alarm: true, dir: tunerDown, count: t.cur - 1, ref: r, win: tunerWin, hi: t.cur, stride: 2}
+		t.probe = tunerProbe{active: true, alarm: true, dir: tunerDown, count: t.cur - 1, ref: ref, win: tunerWin, hi: t.cur, stride: 2}
 		return t.threads()
 	}
+	t.alarmRun = 0
 	if exact {
 		// A step past 1.5× (an outlier, or load below the alarm) counts
 		// as 0.5, so that one does not stall the down probes for long.
@@ -270,8 +299,12 @@ func (t *threadTuner) observe(tokens int, d time.Duration) int {
 			t.probes++
 			t.probe = tunerProbe{active: true, dir: dir, count: t.cur + 2*dir - 1, ref: 1,
 				win: math.Min(tunerWin, 1-tunerNoise*t.noise)}
-			if dir == tunerUp {
+			switch {
+			case dir == tunerUp:
 				t.probe.win = tunerUpWin
+			case t.probes == 1:
+				// The first probe comes before the noise is known.
+				t.probe.win = tunerFirstWin
 			}
 		}
 	}
@@ -440,6 +473,12 @@ func (t *threadTuner) lose() {
 		for i := range t.buckets {
 			t.buckets[i].n = 0
 		}
+		t.wait[d] = tunerMinInterval
+		return
+	}
+	if p.win == tunerFirstWin && d == tunerDown {
+		// The early first probe lost: the regular schedule starts as if
+		// it had not run.
 		t.wait[d] = tunerMinInterval
 		return
 	}

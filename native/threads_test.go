@@ -294,7 +294,11 @@ func TestTunerValley(t *testing.T) {
 		{name: "8 threads, best 5", max: 8, best: 5, tokens: one, m: valley(5), settle: 150},
 		{name: "8 threads, best 1", max: 8, best: 1, tokens: one, m: valley(1), settle: 300},
 		{name: "16 threads, best 12, mixed sizes", max: 16, best: 12, tokens: mixedSizes, m: valley(12), settle: 250},
-		{name: "8 threads, best 5, 20% noise per count", max: 8, best: 5, tokens: one, m: independentNoise(valley(5), 0.2, 3), settle: 400},
+		// Each count nearer the best is 1.2x faster, at the edge of the
+		// noise margin under ±20% noise (1 - 2·0.1): a probe wins only
+		// when the noise does not work against it, so settling takes a
+		// few losing probes, each doubling the interval.
+		{name: "8 threads, best 5, 20% noise per count", max: 8, best: 5, tokens: one, m: independentNoise(valley(5), 0.2, 3), settle: 5000},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -387,7 +391,7 @@ func TestTunerUntrustedBucket(t *testing.T) {
 	tt := newThreadTuner(4)
 	n := tt.threads()
 	// Trust bucket 5 (16 tokens) at 4 threads.
-	for range tunerMinInterval - 1 {
+	for range tunerFirstProbe {
 		n = tt.observe(16, 10*time.Millisecond)
 	}
 	if n != 4 {
@@ -395,7 +399,7 @@ func TestTunerUntrustedBucket(t *testing.T) {
 	}
 	n = tt.observe(16, 10*time.Millisecond)
 	if n != 3 || !tt.probe.active {
-		t.Fatalf("count %d after %d steps, want a probe at 3", n, tunerMinInterval)
+		t.Fatalf("count %d after %d steps, want a probe at 3", n, tunerFirstProbe+1)
 	}
 	// One-token steps (bucket 1, untrusted) faster than anything: no verdict.
 	for range tunerProbeMax - 1 {
@@ -424,14 +428,19 @@ func TestTunerUntrustedBucket(t *testing.T) {
 	if n = tt.observe(1, 30*time.Millisecond); n != 4 || tt.probe.active {
 		t.Fatalf("count %d after a 3× step, want the probe aborted", n)
 	}
-	// And at the current count such a step raises the alarm.
+	// And at the current count two such steps in a row raise the alarm;
+	// one alone does not.
+	if n = tt.observe(1, 50*time.Millisecond); n != 4 || tt.probe.active {
+		t.Fatalf("count %d after one 5× step, want no alarm yet", n)
+	}
 	if n = tt.observe(1, 50*time.Millisecond); n != 3 || !tt.probe.alarm {
-		t.Fatalf("count %d after a 5× step, want an alarm probe at 3", n)
+		t.Fatalf("count %d after two 5× steps, want an alarm probe at 3", n)
 	}
 }
 
-// TestTunerSchedule checks the probe intervals of a quiet machine: they
-// double from tunerMinInterval to tunerMaxInterval.
+// TestTunerSchedule checks the probe intervals of a quiet machine: the
+// first probe comes once a baseline is trusted, and then they double from
+// tunerMinInterval to tunerMaxInterval.
 func TestTunerSchedule(t *testing.T) {
 	r := simulate(4, 20000, one, quiet)
 	var starts []int
@@ -440,7 +449,8 @@ func TestTunerSchedule(t *testing.T) {
 			starts = append(starts, i)
 		}
 	}
-	want := []int{tunerMinInterval}
+	// The first, early probe loses without doubling the interval.
+	want := []int{tunerFirstProbe + 1, tunerFirstProbe + 1 + tunerProbeSteps + tunerMinInterval}
 	for gap := 2 * tunerMinInterval; want[len(want)-1] < 20000; gap = min(2*gap, tunerMaxInterval) {
 		want = append(want, want[len(want)-1]+tunerProbeSteps+gap)
 	}

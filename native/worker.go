@@ -21,6 +21,7 @@ type worker struct {
 	incoming []*sequence
 	step     allocator.Step // the report for the next Apply, and its answer
 	piece    []byte
+	tuner    *threadTuner // nil unless EngineConfig.TuneThreads
 }
 
 type seqState int
@@ -87,6 +88,10 @@ func (e *Engine) run(ready chan<- error) {
 		be.Close()
 		ready <- err
 		return
+	}
+	e.threads.Store(int64(be.Threads()))
+	if e.cfg.TuneThreads {
+		w.tuner = newThreadTuner(be.Threads())
 	}
 	w.b = NewBatch(be.BatchSize())
 	w.piece = make([]byte, 0, 256)
@@ -369,7 +374,11 @@ func (e *Engine) decodeStep() {
 		if !w.plan.fill(e, budget) {
 			return
 		}
+		t0 := e.cfg.clock()
 		err := w.be.Decode(w.b)
+		if err == nil && w.tuner != nil {
+			e.tune(w.b.Len(), e.cfg.clock().Sub(t0))
+		}
 		w.plan.decoded(e, err)
 		if err == nil {
 			break
@@ -415,6 +424,17 @@ func (e *Engine) decodeStep() {
 		if e.advance(w.active[i], step) {
 			i++
 		}
+	}
+}
+
+// tune feeds a successful decode of tokens tokens that took d to the thread
+// tuner and applies the thread count it picks for the next decode.
+func (e *Engine) tune(tokens int, d time.Duration) {
+	w := &e.w
+	if n := w.tuner.observe(tokens, d); n != w.be.Threads() {
+		w.be.SetThreads(n)
+		e.threads.Store(int64(w.be.Threads()))
+		e.threadChanges.Add(1)
 	}
 }
 

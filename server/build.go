@@ -77,7 +77,7 @@ func build(ctx context.Context, c *Config, log *slog.Logger, path string, d buil
 	if c.PrefixCache {
 		seqIDs = native.MaxSequenceIDs // the ids beyond running ones hold cached prefixes
 	}
-	params := llama.ContextParams{Cells: c.Ctx, Batch: c.Batch, MaxSequences: c.MaxSeqs, Threads: c.Threads, KVType: c.KVType,
+	params := llama.ContextParams{Cells: c.Ctx, Batch: c.Batch, MaxSequences: c.MaxSeqs, Threads: c.llamaThreads(), KVType: c.KVType,
 		Streams: c.KVLayout == LayoutStreams}
 	ecfg := native.EngineConfig{
 		Open:  func() (native.Backend, error) { return llama.NewContext(model, params) },
@@ -94,6 +94,7 @@ func build(ctx context.Context, c *Config, log *slog.Logger, path string, d buil
 		},
 		StreamBuffer:  c.StreamBuffer,
 		Deterministic: c.Deterministic,
+		TuneThreads:   c.TuneThreads,
 	}
 	if d.metrics != nil {
 		ecfg.OnStep = d.metrics.OnStep

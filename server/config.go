@@ -6,9 +6,9 @@ import (
 	"log/slog"
 	"math"
 	"net"
-	"runtime"
 	"time"
 
+	"github.com/kvgate/kvgate/internal/cpus"
 	"github.com/kvgate/kvgate/internal/kvmem"
 	"github.com/kvgate/kvgate/service"
 )
@@ -35,8 +35,16 @@ type Config struct {
 	// Ctx is the number of KV cells in the pool shared by all sequences
 	// (--ctx); llama.cpp pads it to a multiple of 256.
 	Ctx int
-	// Threads is llama.cpp's CPU thread count (--threads; 0: all CPUs).
+	// Threads is llama.cpp's CPU thread count (--threads). 0 picks it from
+	// the CPUs the process may use, its affinity mask and cgroup CPU
+	// quota (internal/cpus.Available), leaving one to the Go side above
+	// two (internal/cpus.DefaultThreads).
 	Threads int
+	// TuneThreads lets the decode worker lower the thread count, and raise
+	// it back up to Threads, when decode steps show that fewer threads are
+	// faster: on a machine busy with other work, ggml's spinning barriers
+	// make too many threads stall (--tune-threads).
+	TuneThreads bool
 	// Batch is the token budget of one decode step (--batch).
 	Batch int
 	// MaxSeqs is the most sequences running at once (--max-seqs).
@@ -167,6 +175,7 @@ func DefaultConfig() Config {
 		Watermark:         64,
 		KVType:            "f16",
 		KVLayout:          LayoutUnified,
+		TuneThreads:       true,
 		MaxRecvMsgSize:    4 << 20,
 		MaxStreamsPerConn: 128,
 		MaxConnections:    512,
@@ -205,7 +214,7 @@ func (c *Config) Validate() error {
 	case c.MaxStop < 0:
 		return fmt.Errorf("--max-stop %d: must be >= 0", c.MaxStop)
 	case c.Threads < 0:
-		return fmt.Errorf("--threads %d: must be >= 0 (0: all CPUs)", c.Threads)
+		return fmt.Errorf("--threads %d: must be >= 0 (0: from the CPUs the process may use)", c.Threads)
 	case c.StreamBuffer < 1 || c.StreamBuffer > maxStreamBuffer:
 		return fmt.Errorf("--stream-buffer %d: must be in [1, %d]", c.StreamBuffer, maxStreamBuffer)
 	case c.MaxStreamsPerConn < 1:
@@ -296,13 +305,13 @@ func (c *Config) kvCells() int {
 	return n
 }
 
-// llamaThreads returns the thread count llama.cpp will use: Threads, or
-// every CPU when it is 0.
+// llamaThreads returns the thread count llama.cpp will start with:
+// Threads, or when it is 0 the default for the CPUs the process may use.
 func (c *Config) llamaThreads() int {
 	if c.Threads > 0 {
 		return c.Threads
 	}
-	return runtime.NumCPU()
+	return cpus.DefaultThreads(cpus.Available().CPUs)
 }
 
 // connectionGrace returns how long streams on a connection past

@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"strings"
 
+	"github.com/kvgate/kvgate/internal/cpus"
 	"github.com/kvgate/kvgate/native/llama"
 )
 
@@ -39,7 +40,7 @@ func initLlama(level string) {
 // warns when SIMD the CPU has was not compiled in.
 func checkCPU(log *slog.Logger, threads int) {
 	sys := llama.SystemInfo()
-	log.Info("llama.cpp system info", "features", sys, "threads", threads, "cpus", runtime.NumCPU())
+	log.Info("llama.cpp system info", "features", sys, "threads", threads, "cpus", cpus.Available().String())
 	if runtime.GOARCH != "amd64" {
 		return
 	}

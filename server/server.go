@@ -198,7 +198,8 @@ func (s *Server) load(ctx context.Context) {
 	}
 	s.log.Info("kvgate ready", "addr", s.lis.Addr().String(), "model", filepath.Base(p.modelPath),
 		"arch", p.arch, "kv_cells", p.cells, "max_seqs", s.cfg.MaxSeqs, "batch", p.batch,
-		"kv_layout", s.cfg.KVLayout, "sequence_cells", p.engine.SequenceCells(), "deterministic", s.cfg.Deterministic)
+		"kv_layout", s.cfg.KVLayout, "sequence_cells", p.engine.SequenceCells(), "threads", p.engine.Stats().Threads,
+		"tune_threads", s.cfg.TuneThreads, "deterministic", s.cfg.Deterministic)
 	close(s.ready)
 }
 

@@ -11,9 +11,9 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"runtime"
 	"unsafe"
 
+	"github.com/kvgate/kvgate/internal/cpus"
 	"github.com/kvgate/kvgate/native"
 )
 
@@ -66,7 +66,9 @@ type ContextParams struct {
 	Batch int
 	// MaxSequences bounds the sequence ids in use (at most 256).
 	MaxSequences int
-	// Threads is the number of CPU threads; 0 means runtime.NumCPU().
+	// Threads is the number of CPU threads; 0 means
+	// cpus.DefaultThreads of the CPUs the process may use (its affinity
+	// and cgroup quota, cpus.Available).
 	Threads int
 	// KVType is the KV cache's element type, "f16" (the default) or "f32".
 	KVType string
@@ -99,6 +101,8 @@ type Context struct {
 	seqCells int
 	// streams: a KV stream per sequence.
 	streams bool
+	// threads is the CPU thread count of the next decodes.
+	threads int
 	// cand is the candidate buffer for sampling: one llama_token_data per
 	// vocabulary entry, allocated once in C memory.
 	cand *C.llama_token_data
@@ -123,7 +127,7 @@ func NewContext(m *Model, p ContextParams) (*Context, error) {
 	}
 	threads := p.Threads
 	if threads <= 0 {
-		threads = runtime.NumCPU()
+		threads = cpus.DefaultThreads(cpus.Available().CPUs)
 	}
 	params := C.llama_context_default_params()
 	params.n_ctx = C.uint32_t(p.Cells)
@@ -154,6 +158,7 @@ func NewContext(m *Model, p ContextParams) (*Context, error) {
 		cells:   int(C.llama_n_ctx(ptr)),
 		batch:   int(C.llama_n_batch(ptr)),
 		streams: p.Streams,
+		threads: threads,
 	}
 	c.seqIDs, c.seqCells = native.MaxSequenceIDs, c.cells
 	if p.Streams {
@@ -184,6 +189,21 @@ func (c *Context) Cells() int { return c.cells }
 // unified cache, a stream's cells (llama_n_ctx_seq) with a stream per
 // sequence.
 func (c *Context) SequenceCells() int { return c.seqCells }
+
+// Threads returns the CPU threads of the next decodes.
+func (c *Context) Threads() int { return c.threads }
+
+// SetThreads sets the CPU threads of the next decodes, for single tokens
+// and batches alike (llama_set_n_threads); n below 1 counts as 1. ggml's
+// CPU threadpool is created for each graph in this build (no OpenMP, no
+// attached threadpool), so the change costs nothing.
+func (c *Context) SetThreads(n int) {
+	n = max(n, 1)
+	if n != c.threads {
+		C.llama_set_n_threads(c.ptr, C.int32_t(n), C.int32_t(n))
+		c.threads = n
+	}
+}
 
 // Streams reports whether each sequence has a KV stream of its own.
 func (c *Context) Streams() bool { return c.streams }
