@@ -141,7 +141,7 @@ type fakeBackend struct {
 	clock      *fakeClock
 	decodeCost func(threads, tokens int) time.Duration
 	byThreads  map[int]int
-	ubatch  int
+	ubatch     int
 
 	// hook, when set, runs at every Decode of a non-empty batch that
 	// passed llama.cpp's checks, before the batch is placed, with the
