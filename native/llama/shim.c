@@ -90,6 +90,9 @@ void kv_model_params_set_progress(struct llama_model_params * p, uintptr_t handl
 
 #include <float.h>
 #include <math.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 // kv_sanitize_candidates replaces every NaN logit with -INFINITY (no
 // probability) and +INFINITY with FLT_MAX (the largest finite float, so that
@@ -160,12 +163,51 @@ llama_token kv_sample(struct llama_sampler * const * stages, int32_t n_stages, s
 // kv_greedy_pick returns what kv_sample with the greedy sampler alone picks
 // from logits[0..n), without the candidate array: the first index of the
 // largest logit once NaN counts as -inf and +inf as FLT_MAX (the sanitized
-// order), or KV_SAMPLE_NO_FINITE when no logit is finite. The first pass is
-// a max reduction the compiler vectorizes (NaN never compares greater); the
-// second finds the first index holding that value.
-int32_t kv_greedy_pick(const float * logits, int32_t n) {
+// order), or KV_SAMPLE_NO_FINITE when no logit is finite. The first pass
+// is a max reduction (vmaxps keeps the running max when the logit is NaN,
+// as l > m ? l : m does); the second finds the first index holding that
+// value. Scalar loops of the same rules took about 70 us for 32000 logits.
+static float kv_max_logit(const float * logits, int32_t n, int32_t * t_end) {
     float m = -INFINITY;
-    for (int32_t t = 0; t < n; t++) {
+    int32_t t = 0;
+#if defined(__AVX__)
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    for (; t + 8 <= n; t += 8) {
+        vm = _mm256_max_ps(_mm256_loadu_ps(logits + t), vm);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vm);
+    for (int i = 0; i < 8; i++) {
+        m = lanes[i] > m ? lanes[i] : m;
+    }
+#endif
+    *t_end = t;
+    return m;
+}
+
+static int32_t kv_first_equal(const float * logits, int32_t n, float m) {
+    int32_t t = 0;
+#if defined(__AVX__)
+    const __m256 vm = _mm256_set1_ps(m);
+    for (; t + 8 <= n; t += 8) {
+        const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(logits + t), vm, _CMP_EQ_OQ));
+        if (mask != 0) {
+            return t + __builtin_ctz((unsigned) mask);
+        }
+    }
+#endif
+    for (; t < n; t++) {
+        if (logits[t] == m) {
+            return t;
+        }
+    }
+    return -1;
+}
+
+int32_t kv_greedy_pick(const float * logits, int32_t n) {
+    int32_t t;
+    float m = kv_max_logit(logits, n, &t);
+    for (; t < n; t++) {
         const float l = logits[t];
         m = l > m ? l : m;
     }
@@ -174,18 +216,11 @@ int32_t kv_greedy_pick(const float * logits, int32_t n) {
     }
     if (m == INFINITY || m == FLT_MAX) {
         // +inf and FLT_MAX are equal once sanitized: the first of either.
-        for (int32_t t = 0; t < n; t++) {
-            if (logits[t] == INFINITY || logits[t] == FLT_MAX) {
-                return t;
-            }
-        }
+        const int32_t a = kv_first_equal(logits, n, INFINITY), b = kv_first_equal(logits, n, FLT_MAX);
+        return a < 0 ? b : (b < 0 || a < b ? a : b);
     }
-    for (int32_t t = 0; t < n; t++) {
-        if (logits[t] == m) {
-            return t;
-        }
-    }
-    return KV_SAMPLE_NO_SELECTION;
+    const int32_t i = kv_first_equal(logits, n, m);
+    return i >= 0 ? i : KV_SAMPLE_NO_SELECTION;
 }
 
 // kv_sample_greedy is kv_sample for a greedy sampler alone (no penalties):
