@@ -565,3 +565,48 @@ func TestEngineStreamsLayout(t *testing.T) {
 	}
 	checkReleased(t, streams)
 }
+
+// TestEngineStreamsPrefixCache runs the prefix cache on a context with a KV
+// stream per sequence, where llama.cpp cannot share cells between streams
+// and a shared prefix is a copy of a whole stream cut back to the prefix:
+// requests that share a cached prefix must get it (CachedTokens) and
+// generate exactly what they generate uncached on a unified pool.
+func TestEngineStreamsPrefixCache(t *testing.T) {
+	m := stories(t)
+	base := "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her"
+	prompts := []string{base + " dog.", base + " friends, and", base + " dog.", base + " mom"}
+	ref := newEngine(t, llama.ContextParams{Cells: 2048, Batch: 256, MaxSequences: 4}, native.EngineConfig{})
+	streams := newEngine(t, llama.ContextParams{Cells: 2048, Batch: 256, MaxSequences: 8, Streams: true},
+		native.EngineConfig{Admission: allocator.Config{MaxSequences: 8, MaxRunning: 4, PrefixCache: true, MaxQueue: 8}})
+	const n = 48
+	baseToks, _ := m.Tokenize(base, true, false)
+	for i, p := range prompts {
+		toks, _ := m.Tokenize(p, true, false)
+		s, err := ref.Submit(context.Background(), native.Request{Prompt: toks, MaxTokens: n, IgnoreEOS: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := collect(s).ids
+		s, err = streams.Submit(context.Background(), native.Request{Prompt: toks, MaxTokens: n, IgnoreEOS: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := collect(s)
+		if got.result.Err != nil {
+			t.Fatalf("request %d: %v", i, got.result.Err)
+		}
+		cached := got.result.CachedTokens
+		t.Logf("request %d: %d of %d prompt tokens cached", i, cached, len(toks))
+		switch {
+		case i == 0 && cached != 0:
+			t.Errorf("request 0: %d tokens cached from an empty cache", cached)
+		case i == 2 && cached < len(toks)-1:
+			t.Errorf("request 2 repeats request 0: %d of %d tokens cached", cached, len(toks))
+		case i > 0 && cached < len(baseToks)-1:
+			t.Errorf("request %d: %d tokens cached, want the %d-token shared prefix", i, cached, len(baseToks)-1)
+		}
+		if !slices.Equal(got.ids, want) {
+			t.Errorf("request %d (%d cached) differs from its uncached run on a unified pool:\n got %v\nwant %v", i, cached, got.ids, want)
+		}
+	}
+}

@@ -83,6 +83,12 @@ const (
 	// tunerAbort ends a probe at once after a step more than tunerAbort
 	// times the reference: a clear loss.
 	tunerAbort = 2.0
+	// tunerDownAbort ends a regular down probe after a step more than
+	// tunerDownAbort times its baseline: on a quiet machine a thread less
+	// is that much slower, and the probe's other steps would only add to
+	// its cost (short benchmark rounds and restarts pay the first probes
+	// in full). A down probe wins only at a median of tunerWin or less.
+	tunerDownAbort = 1.25
 	// tunerAlarm is the ratio to the baseline of a step at the current
 	// count that means load arrived.
 	tunerAlarm = 4.0
@@ -373,7 +379,7 @@ func (t *threadTuner) probeStep(b int, ns float64) {
 		return
 	}
 	switch {
-	case ok && r > tunerAbort*p.ref:
+	case ok && r > tunerAbort*p.ref, ok && p.dir == tunerDown && !p.alarm && r > tunerDownAbort*p.ref:
 		t.lose()
 		return
 	case exact:

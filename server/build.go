@@ -73,11 +73,17 @@ func build(ctx context.Context, c *Config, log *slog.Logger, path string, d buil
 		return nil, err
 	}
 	tenants := tenantPolicy{tokens: d.security.tokens, maxPriority: int32(c.MaxPriority), maxShare: c.TenantMaxShare, maxQueued: c.TenantMaxQueued}
-	seqIDs := c.MaxSeqs
-	if c.PrefixCache {
+	seqIDs, contextSeqs := c.MaxSeqs, c.MaxSeqs
+	switch {
+	case c.KVLayout == LayoutStreams:
+		// One stream per sequence id: the running ones, and with the
+		// prefix cache the streams its entries keep.
+		seqIDs = c.streams()
+		contextSeqs = seqIDs
+	case c.PrefixCache:
 		seqIDs = native.MaxSequenceIDs // the ids beyond running ones hold cached prefixes
 	}
-	params := llama.ContextParams{Cells: c.Ctx, Batch: c.Batch, MaxSequences: c.MaxSeqs, Threads: c.llamaThreads(), KVType: c.KVType,
+	params := llama.ContextParams{Cells: c.Ctx, Batch: c.Batch, MaxSequences: contextSeqs, Threads: c.llamaThreads(), KVType: c.KVType,
 		Streams: c.KVLayout == LayoutStreams}
 	ecfg := native.EngineConfig{
 		Open:  func() (native.Backend, error) { return llama.NewContext(model, params) },

@@ -82,8 +82,14 @@ type Config struct {
 	// each sequence (llama.cpp's default, and llama-server's with -np),
 	// whose attention spans only its own stream. Streams decode faster at
 	// high concurrency (see BENCHMARKS.md) but cap every sequence at its
-	// stream, and need PrefixCache and Deterministic off.
+	// stream, copy a shared prefix instead of sharing it, and need
+	// Deterministic off.
 	KVLayout string
+	// CacheStreams is, in the streams layout with PrefixCache, how many
+	// streams beyond MaxSeqs hold cached prefixes (--cache-streams; 0:
+	// MaxSeqs). A finished sequence's stream stays as a cache entry until
+	// a stream is needed.
+	CacheStreams int
 
 	// MaxPromptTokens is the most prompt tokens of a request
 	// (--max-prompt-tokens; 0: as many as fit a sequence).
@@ -259,13 +265,17 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("--max-connection-age %v, --max-connection-age-grace %v: must be >= 0", c.MaxConnAge, c.MaxConnAgeGrace)
 	case c.KVLayout != LayoutUnified && c.KVLayout != LayoutStreams:
 		return fmt.Errorf("--kv-layout %q: want %s or %s", c.KVLayout, LayoutUnified, LayoutStreams)
-	case c.KVLayout == LayoutStreams && c.PrefixCache:
-		return errors.New("--kv-layout streams needs --prefix-cache=false: a cached prefix would hold a whole stream")
+	case c.CacheStreams < 0:
+		return fmt.Errorf("--cache-streams %d: must be >= 0", c.CacheStreams)
 	case c.KVLayout == LayoutStreams && c.Deterministic:
 		return errors.New("--kv-layout streams and --deterministic do not go together: deterministic mode orders the cells of one shared pool")
-	case c.KVLayout == LayoutStreams && c.Ctx < minStreamCells*c.MaxSeqs:
-		return fmt.Errorf("--kv-layout streams gives each of --max-seqs %d sequences a stream of --ctx/--max-seqs cells, at least %d: "+
-			"raise --ctx to %d or lower --max-seqs to %d", c.MaxSeqs, minStreamCells, minStreamCells*c.MaxSeqs, max(1, c.Ctx/minStreamCells))
+	case c.KVLayout == LayoutStreams && c.streams() > maxSequenceIDs:
+		return fmt.Errorf("--kv-layout streams: --max-seqs %d and %d cache streams make %d streams, more than %d",
+			c.MaxSeqs, c.streams()-c.MaxSeqs, c.streams(), maxSequenceIDs)
+	case c.KVLayout == LayoutStreams && c.Ctx < minStreamCells*c.streams():
+		return fmt.Errorf("--kv-layout streams gives each of %d streams (--max-seqs %d, and as many for the prefix cache unless --cache-streams says otherwise) "+
+			"--ctx/streams cells, at least %d: raise --ctx to %d, lower --max-seqs or --cache-streams, or turn the prefix cache off",
+			c.streams(), c.MaxSeqs, minStreamCells, minStreamCells*c.streams())
 	case c.Deterministic && c.PrefixCache:
 		return errors.New("--deterministic needs --prefix-cache=false: a shared prefix pins a sequence's first cells where another put them")
 	case c.Deterministic && c.MaxSeqs >= retiredSequence:
@@ -294,13 +304,27 @@ const (
 // Ctx.
 const minStreamCells = 256
 
+// streams returns the KV streams of the streams layout: one per running
+// sequence, and with the prefix cache CacheStreams more (MaxSeqs when 0).
+func (c *Config) streams() int {
+	n := c.MaxSeqs
+	if c.PrefixCache {
+		if c.CacheStreams > 0 {
+			n += c.CacheStreams
+		} else {
+			n += c.MaxSeqs
+		}
+	}
+	return n
+}
+
 // kvCells returns the cells llama.cpp will allocate for Ctx: padded to a
 // multiple of 256, and with streams a multiple of 256 per stream.
 func (c *Config) kvCells() int {
 	n := (c.Ctx + 255) / 256 * 256
-	if c.KVLayout == LayoutStreams && c.MaxSeqs > 0 {
-		per := (n/c.MaxSeqs + 255) / 256 * 256
-		n = per * c.MaxSeqs
+	if s := c.streams(); c.KVLayout == LayoutStreams && s > 0 {
+		per := (n/s + 255) / 256 * 256
+		n = per * s
 	}
 	return n
 }

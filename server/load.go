@@ -46,7 +46,7 @@ func checkMemory(c *Config, path string, log *slog.Logger) error {
 	est := shape.Estimate(c.kvCells(), min(c.Batch, 512), c.KVType)
 	if pad := (c.Ctx + 255) / 256 * 256; int(est.Cells) > pad {
 		log.Warn("--kv-layout streams pads every stream to a multiple of 256 cells: the pool grows past --ctx",
-			"ctx", c.Ctx, "cells", est.Cells, "streams", c.MaxSeqs, "hint", fmt.Sprintf("--ctx %d", c.Ctx/(minStreamCells*c.MaxSeqs)*minStreamCells*c.MaxSeqs))
+			"ctx", c.Ctx, "cells", est.Cells, "streams", c.streams(), "hint", fmt.Sprintf("--ctx %d", c.Ctx/(minStreamCells*c.streams())*minStreamCells*c.streams()))
 	}
 	avail, from, err := kvmem.Available()
 	if err != nil {
