@@ -259,27 +259,32 @@ if [[ $sections == *e2e* ]]; then
 
 	# Shared prefix: 16 clients whose prompts share their first 256
 	# tokens, each with its own 32-token tail and 32 generated tokens.
-	# kvgate: the unified layout with its prefix cache (the default
-	# configuration); llama-server: its default prompt cache, -np 16 with
-	# 512 cells per slot.
+	# kvgate: its default configuration (the unified layout, zero-copy
+	# prefix sharing), and the streams layout with its prefix cache
+	# (prefixes copied between streams; 16 running + 16 cache streams of
+	# 512 cells); llama-server: its default prompt cache, -np 16 with 512
+	# cells per slot.
 	shared=(--workload shared-prefix --prefix-tokens 256 --input-tokens 288 --output-tokens 32 --concurrency 16 --requests 64 --warmup 16)
 	declare -A v=()
 	for r in $(seq 1 "$rounds"); do
-		for who in $(rotate "$r" kv ls); do
+		for who in $(rotate "$r" kv kvs ls); do
 			case $who in
 			kv) serve_kvgate "$out/kvgate-prefix-$r.log" --model "$m" --ctx 8192 --max-seqs 16 --batch 512 --threads "$threads"
 				v[$who,$r]=$(drive "kv-prefix-$r" grpc "$addr" "${shared[@]}") ;;
+			kvs) serve_kvgate "$out/kvgate-streams-prefix-$r.log" --model "$m" --ctx 16384 --max-seqs 16 --batch 512 --threads "$threads" \
+					--kv-layout streams
+				v[$who,$r]=$(drive "kvs-prefix-$r" grpc "$addr" "${shared[@]}") ;;
 			ls) serve_llama "$out/llama-server-prefix-$r.log" -m "$m" -c 8192 -np 16 -b 512 -ub 512 -t "$threads"
 				v[$who,$r]=$(drive "ls-prefix-$r" http "$url" "${shared[@]}") ;;
 			esac
 			stop_servers
 		done
-		log "shared prefix round $r: kvgate ${v[kv,$r]}, llama-server ${v[ls,$r]}"
+		log "shared prefix round $r: kvgate unified ${v[kv,$r]}, kvgate streams ${v[kvs,$r]}, llama-server ${v[ls,$r]}"
 	done
 	tps() { local w=$1 r; for r in $(seq 1 "$rounds"); do echo "${v[$w,$r]% *}"; done; }
 	ttft() { local w=$1 r; for r in $(seq 1 "$rounds"); do echo "${v[$w,$r]#* }"; done; }
-	rt() { local r; for r in $(seq 1 "$rounds"); do div "${v[kv,$r]% *}" "${v[ls,$r]% *}"; echo; done; }
-	prefix_rows+=("| shared prefix 256 + 32 / 32, 16 streams | $(fmt0 "$(stats $(tps kv))") | $(fmt0 "$(stats $(tps ls))") | $(fmt2 "$(stats $(rt))") | $(fmt0 "$(stats $(ttft kv))") / $(fmt0 "$(stats $(ttft ls))") |")
+	rt() { local w=$1 r; for r in $(seq 1 "$rounds"); do div "${v[$w,$r]% *}" "${v[ls,$r]% *}"; echo; done; }
+	prefix_rows+=("| shared prefix 256 + 32 / 32, 16 streams | $(fmt0 "$(stats $(tps kv))") | $(fmt0 "$(stats $(tps kvs))") | $(fmt0 "$(stats $(tps ls))") | $(fmt2 "$(stats $(rt kv))") | $(fmt2 "$(stats $(rt kvs))") | $(fmt0 "$(stats $(ttft kv))") / $(fmt0 "$(stats $(ttft kvs))") / $(fmt0 "$(stats $(ttft ls))") |")
 	unset v
 fi
 
@@ -340,10 +345,10 @@ EOF
 	printf '%s\n' "${e2e_rows[@]}"
 	cat <<EOF
 
-kvgate's default layout (unified, prefix cache on, \`--ctx 8192 --max-seqs 16\`) against llama-server's prompt cache (\`-c 8192 -np 16\`, \`cache_prompt\` on), 64 requests after 16 warm-up ones:
+Shared prefix, 64 requests after 16 warm-up ones: kvgate's default configuration (unified layout, prefix cache on, \`--ctx 8192 --max-seqs 16\`) and its streams layout with the prefix cache (\`--kv-layout streams --ctx 16384 --max-seqs 16\`: 16 running and 16 cache streams of 512 cells) against llama-server's prompt cache (\`-c 8192 -np 16\`, \`cache_prompt\` on):
 
-| workload | kvgate tok/s | llama-server tok/s | ratio | TTFT p50 ms (kvgate / llama-server) |
-|---|---|---|---|---|
+| workload | kvgate unified tok/s | kvgate streams tok/s | llama-server tok/s | ratio unified | ratio streams | TTFT p50 ms (unified / streams / llama-server) |
+|---|---|---|---|---|---|---|
 EOF
 	printf '%s\n' "${prefix_rows[@]}"
 fi
