@@ -535,5 +535,7 @@ func (s *Service) GetCacheStats(ctx context.Context, _ *kvgatev1.GetCacheStatsRe
 		OrderRelocationsTotal: e.Relocated,
 		OrderBreaksTotal:      e.Disordered,
 		PaddingTokensTotal:    e.Padded,
+		DecodeThreads:         uint32(max(e.Threads, 0)),
+		ThreadChangesTotal:    e.ThreadChanges,
 	}, nil
 }

@@ -259,9 +259,11 @@ var (
 	descOrder     = prometheus.NewDesc("kvgate_cell_order_events_total",
 		"Deterministic mode: sequences held back (hold), recomputed (relocation) or let out of cell order (break) to keep outputs load-invariant.", []string{"event"}, nil)
 	descPadding   = prometheus.NewDesc("kvgate_padding_tokens_total", "Deterministic mode: padding tokens that give every decode step two tokens and two outputs.", nil, nil)
+	descThreads   = prometheus.NewDesc("kvgate_decode_threads", "llama.cpp's CPU threads for the next decode step (lower than --threads while the thread tuner finds fewer faster).", nil, nil)
+	descThreadChg = prometheus.NewDesc("kvgate_thread_changes_total", "Times the thread tuner changed the thread count, probes included.", nil, nil)
 	snapshotDescs = []*prometheus.Desc{descCells, descCellsTotal, descRunning, descQueued, descCachedSeqs, descAdmitted,
 		descRejected, descSteps, descPrefill, descGenerated, descPrefixHit, descNoKVSlot, descSlow, descPreempt, descEvict, descDrainRate,
-		descOrder, descPadding}
+		descOrder, descPadding, descThreads, descThreadChg}
 )
 
 // Describe sends the descriptors of every series the collector exports.
@@ -309,4 +311,6 @@ func (c snapshotCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(descOrder, s.GetOrderRelocationsTotal(), "relocation")
 	counter(descOrder, s.GetOrderBreaksTotal(), "break")
 	counter(descPadding, s.GetPaddingTokensTotal())
+	gauge(descThreads, float64(s.GetDecodeThreads()))
+	counter(descThreadChg, s.GetThreadChangesTotal())
 }

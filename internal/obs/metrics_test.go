@@ -18,7 +18,7 @@ func TestMetricsHandler(t *testing.T) {
 		return &kvgatev1.GetCacheStatsResponse{
 			CellsTotal: 512, CellsUsed: 10, CellsReserved: 20, CellsFree: 482, SequencesQueued: 2,
 			AdmittedTotal: 7, RejectedTotal: map[string]uint64{"QUEUE_FULL": 3, "DRAINING": 1},
-			GeneratedTokensTotal: 99, PreemptionsTotal: 4,
+			GeneratedTokensTotal: 99, PreemptionsTotal: 4, DecodeThreads: 3, ThreadChangesTotal: 6,
 		}
 	})
 	m.Finished("OK", 5, 9)
@@ -52,6 +52,8 @@ func TestMetricsHandler(t *testing.T) {
 		`kvgate_rejections_total{code="Unavailable",reason="DRAINING"} 1`,
 		`kvgate_generated_tokens_total 99`,
 		`kvgate_preemptions_total 4`,
+		`kvgate_decode_threads 3`,
+		`kvgate_thread_changes_total 6`,
 		`kvgate_generate_requests_total{code="OK"} 1`,
 		`kvgate_generate_requests_total{code="ResourceExhausted"} 1`,
 		`kvgate_prompt_tokens_total 10`,

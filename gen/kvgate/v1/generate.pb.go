@@ -1581,6 +1581,13 @@ type GetCacheStatsResponse struct {
 	// Deterministic mode only. Padding tokens added so that every decode
 	// step carries at least two tokens and two outputs.
 	PaddingTokensTotal uint64 `protobuf:"varint,26,opt,name=padding_tokens_total,json=paddingTokensTotal,proto3" json:"padding_tokens_total,omitempty"`
+	// llama.cpp's CPU threads for the next decode step: --threads, or fewer
+	// while the thread tuner (--tune-threads) finds fewer faster on a busy
+	// CPU.
+	DecodeThreads uint32 `protobuf:"varint,27,opt,name=decode_threads,json=decodeThreads,proto3" json:"decode_threads,omitempty"`
+	// Times the thread tuner changed the thread count, its probes of a
+	// neighbouring count (there and back) included.
+	ThreadChangesTotal uint64 `protobuf:"varint,28,opt,name=thread_changes_total,json=threadChangesTotal,proto3" json:"thread_changes_total,omitempty"`
 	unknownFields      protoimpl.UnknownFields
 	sizeCache          protoimpl.SizeCache
 }
@@ -1797,6 +1804,20 @@ func (x *GetCacheStatsResponse) GetPaddingTokensTotal() uint64 {
 	return 0
 }
 
+func (x *GetCacheStatsResponse) GetDecodeThreads() uint32 {
+	if x != nil {
+		return x.DecodeThreads
+	}
+	return 0
+}
+
+func (x *GetCacheStatsResponse) GetThreadChangesTotal() uint64 {
+	if x != nil {
+		return x.ThreadChangesTotal
+	}
+	return 0
+}
+
 var File_kvgate_v1_generate_proto protoreflect.FileDescriptor
 
 const file_kvgate_v1_generate_proto_rawDesc = "" +
@@ -1909,7 +1930,8 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x12max_tokenize_bytes\x18\x19 \x01(\rR\x10maxTokenizeBytes\x12,\n" +
 	"\x12max_detokenize_ids\x18\x1a \x01(\rR\x10maxDetokenizeIds\x12,\n" +
 	"\x12default_max_tokens\x18\x1b \x01(\rR\x10defaultMaxTokens\"\x16\n" +
-	"\x14GetCacheStatsRequest\"\xf1\t\n" +
+	"\x14GetCacheStatsRequest\"\xca\n" +
+	"\n" +
 	"\x15GetCacheStatsResponse\x12\x1f\n" +
 	"\vcells_total\x18\x01 \x01(\rR\n" +
 	"cellsTotal\x12\x1d\n" +
@@ -1940,7 +1962,9 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x11order_holds_total\x18\x17 \x01(\x04R\x0forderHoldsTotal\x126\n" +
 	"\x17order_relocations_total\x18\x18 \x01(\x04R\x15orderRelocationsTotal\x12,\n" +
 	"\x12order_breaks_total\x18\x19 \x01(\x04R\x10orderBreaksTotal\x120\n" +
-	"\x14padding_tokens_total\x18\x1a \x01(\x04R\x12paddingTokensTotal\x1a@\n" +
+	"\x14padding_tokens_total\x18\x1a \x01(\x04R\x12paddingTokensTotal\x12%\n" +
+	"\x0edecode_threads\x18\x1b \x01(\rR\rdecodeThreads\x120\n" +
+	"\x14thread_changes_total\x18\x1c \x01(\x04R\x12threadChangesTotal\x1a@\n" +
 	"\x12RejectedTotalEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01*v\n" +
