@@ -615,6 +615,10 @@ func TestStreamsLayout(t *testing.T) {
 	if info.GetKvCells() != 1024 || info.GetMaxSequenceTokens() != 256 {
 		t.Fatalf("kv_cells %d, max_sequence_tokens %d: want 1024 and 256", info.GetKvCells(), info.GetMaxSequenceTokens())
 	}
+	stats, err := kvgatev1.NewCacheServiceClient(dial(t, s.Addr())).GetCacheStats(ctx, &kvgatev1.GetCacheStatsRequest{})
+	if err != nil || stats.GetDecodeThreads() != 1 {
+		t.Errorf("GetCacheStats: decode_threads %d, %v; want --threads 1", stats.GetDecodeThreads(), err)
+	}
 	if !strings.Contains(logs.String(), "kv_layout=streams sequence_cells=256") {
 		t.Errorf("the ready line does not name the layout:\n%s", logs.String())
 	}
