@@ -165,6 +165,19 @@ func checkHealth(ctx context.Context, t *testing.T, hc healthpb.HealthClient, wa
 	}
 }
 
+// waitReady waits until s has loaded its model, failing t when the load
+// fails or ctx ends first.
+func waitReady(ctx context.Context, t *testing.T, s *Server) {
+	t.Helper()
+	select {
+	case <-s.Ready():
+	case <-s.Done():
+		t.Fatalf("the load failed: %v", s.Err())
+	case <-ctx.Done():
+		t.Fatal("not ready")
+	}
+}
+
 // errorInfoReason returns the reason of err's ErrorInfo detail, if any.
 func errorInfoReason(err error) string {
 	for _, d := range status.Convert(err).Details() {
@@ -414,13 +427,7 @@ func TestCloseEndsStreams(t *testing.T) {
 			defer s.Close()
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 			defer cancel()
-			select {
-			case <-s.Ready():
-			case <-s.Done():
-				t.Fatalf("the load failed: %v", s.Err())
-			case <-ctx.Done():
-				t.Fatal("not ready")
-			}
+			waitReady(ctx, t, s)
 			stream, err := kvgatev1.NewGenerateServiceClient(dial(t, s.Addr())).Generate(ctx, &kvgatev1.GenerateRequest{
 				Prompt: &kvgatev1.GenerateRequest_Text{Text: "Once upon a time"}, MaxTokens: 16000, IgnoreEos: true,
 			})
@@ -600,13 +607,7 @@ func TestStreamsLayout(t *testing.T) {
 	defer s.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	select {
-	case <-s.Ready():
-	case <-s.Done():
-		t.Fatalf("the load failed: %v", s.Err())
-	case <-ctx.Done():
-		t.Fatal("not ready")
-	}
+	waitReady(ctx, t, s)
 	gen := kvgatev1.NewGenerateServiceClient(dial(t, s.Addr()))
 	info, err := gen.GetModelInfo(ctx, &kvgatev1.GetModelInfoRequest{})
 	if err != nil {
