@@ -77,21 +77,7 @@ func TestEngineBatches(t *testing.T) {
 		}
 		solo[i] = collect(s).ids
 	}
-	before := e.Stats().Steps
-	var wg sync.WaitGroup
-	got := make([]collected, len(prompts))
-	handOver := gate.arm()
-	defer handOver() // a failed Submit must not leave the worker held
-	for i := range prompts {
-		s, err := e.Submit(context.Background(), native.Request{Prompt: toks[i], MaxTokens: n, IgnoreEOS: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		wg.Go(func() { got[i] = collect(s) })
-	}
-	handOver()
-	wg.Wait()
-	steps := e.Stats().Steps - before
+	got, steps := runTogether(t, e, &gate, toks, n)
 	for i := range prompts {
 		if !slices.Equal(got[i].ids, solo[i]) {
 			t.Errorf("stream %d differs from its solo run:\n got %v\nwant %v", i, got[i].ids, solo[i])
@@ -525,21 +511,8 @@ func TestEngineStreamsLayout(t *testing.T) {
 		}
 		solo[i] = collect(s).ids
 	}
-	before := streams.Stats().Steps
-	var wg sync.WaitGroup
-	got := make([]collected, len(prompts))
-	handOver := gate.arm()
-	defer handOver()
-	for i := range prompts {
-		s, err := streams.Submit(context.Background(), native.Request{Prompt: toks[i], MaxTokens: n, IgnoreEOS: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		wg.Go(func() { got[i] = collect(s) })
-	}
-	handOver()
-	wg.Wait()
-	if steps := streams.Stats().Steps - before; steps > n+1 {
+	got, steps := runTogether(t, streams, &gate, toks, n)
+	if steps > n+1 {
 		t.Errorf("%d steps for 8 concurrent streams of %d tokens: not batched", steps, n)
 	}
 	for i := range prompts {
@@ -609,4 +582,26 @@ func TestEngineStreamsPrefixCache(t *testing.T) {
 			t.Errorf("request %d (%d cached) differs from its uncached run on a unified pool:\n got %v\nwant %v", i, cached, got.ids, want)
 		}
 	}
+}
+
+// runTogether submits one greedy request of n tokens per prompt while gate
+// holds the worker, so that all of them run from the same step on, and
+// returns what each stream delivered and the decode steps they took.
+func runTogether(t *testing.T, e *native.Engine, gate *stepGate, toks [][]int32, n int) ([]collected, uint64) {
+	t.Helper()
+	before := e.Stats().Steps
+	var wg sync.WaitGroup
+	got := make([]collected, len(toks))
+	handOver := gate.arm()
+	defer handOver() // a failed Submit must not leave the worker held
+	for i := range toks {
+		s, err := e.Submit(context.Background(), native.Request{Prompt: toks[i], MaxTokens: n, IgnoreEOS: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Go(func() { got[i] = collect(s) })
+	}
+	handOver()
+	wg.Wait()
+	return got, e.Stats().Steps - before
 }
