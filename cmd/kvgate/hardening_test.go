@@ -761,7 +761,7 @@ func (s *syncBuffer) String() string {
 // count llama.cpp uses, not the machine's CPU count.
 func TestStartupLogsThreads(t *testing.T) {
 	s := startServer(t, "--model", testModel(t, "stories260K.gguf"), "--ctx", "256") // the harness passes --threads 1
-	if !strings.Contains(s.Logs(), `msg="llama.cpp system info"`) || !regexp.MustCompile(`msg="llama.cpp system info" .* threads=1 cpus=\d+`).MatchString(s.Logs()) {
+	if !strings.Contains(s.Logs(), `msg="llama.cpp system info"`) || !regexp.MustCompile(`msg="llama.cpp system info" .* threads=1 cpus="\d+ CPUs`).MatchString(s.Logs()) {
 		t.Errorf("the start-up log does not give threads=1:\n%s", s.Logs())
 	}
 }

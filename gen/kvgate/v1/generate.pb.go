@@ -43,6 +43,64 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// ContextOverflow chooses what happens to a conversation that does not fit.
+type ContextOverflow int32
+
+const (
+	// The same as CONTEXT_OVERFLOW_REFUSE.
+	ContextOverflow_CONTEXT_OVERFLOW_UNSPECIFIED ContextOverflow = 0
+	// Refuse the request with INVALID_ARGUMENT and a BadRequest field
+	// violation on messages.
+	ContextOverflow_CONTEXT_OVERFLOW_REFUSE ContextOverflow = 1
+	// Drop the oldest messages that are not system messages, one at a time,
+	// until the rendered conversation and max_tokens fit. The number dropped
+	// is reported in Started.dropped_messages. System messages and the last
+	// message are never dropped; a conversation that still does not fit is
+	// refused as with CONTEXT_OVERFLOW_REFUSE.
+	ContextOverflow_CONTEXT_OVERFLOW_DROP_OLDEST ContextOverflow = 2
+)
+
+// Enum value maps for ContextOverflow.
+var (
+	ContextOverflow_name = map[int32]string{
+		0: "CONTEXT_OVERFLOW_UNSPECIFIED",
+		1: "CONTEXT_OVERFLOW_REFUSE",
+		2: "CONTEXT_OVERFLOW_DROP_OLDEST",
+	}
+	ContextOverflow_value = map[string]int32{
+		"CONTEXT_OVERFLOW_UNSPECIFIED": 0,
+		"CONTEXT_OVERFLOW_REFUSE":      1,
+		"CONTEXT_OVERFLOW_DROP_OLDEST": 2,
+	}
+)
+
+func (x ContextOverflow) Enum() *ContextOverflow {
+	p := new(ContextOverflow)
+	*p = x
+	return p
+}
+
+func (x ContextOverflow) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ContextOverflow) Descriptor() protoreflect.EnumDescriptor {
+	return file_kvgate_v1_generate_proto_enumTypes[0].Descriptor()
+}
+
+func (ContextOverflow) Type() protoreflect.EnumType {
+	return &file_kvgate_v1_generate_proto_enumTypes[0]
+}
+
+func (x ContextOverflow) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ContextOverflow.Descriptor instead.
+func (ContextOverflow) EnumDescriptor() ([]byte, []int) {
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{0}
+}
+
 // FinishReason says why generation ended.
 type FinishReason int32
 
@@ -84,11 +142,11 @@ func (x FinishReason) String() string {
 }
 
 func (FinishReason) Descriptor() protoreflect.EnumDescriptor {
-	return file_kvgate_v1_generate_proto_enumTypes[0].Descriptor()
+	return file_kvgate_v1_generate_proto_enumTypes[1].Descriptor()
 }
 
 func (FinishReason) Type() protoreflect.EnumType {
-	return &file_kvgate_v1_generate_proto_enumTypes[0]
+	return &file_kvgate_v1_generate_proto_enumTypes[1]
 }
 
 func (x FinishReason) Number() protoreflect.EnumNumber {
@@ -97,18 +155,19 @@ func (x FinishReason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FinishReason.Descriptor instead.
 func (FinishReason) EnumDescriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{0}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{1}
 }
 
 // GenerateRequest asks for the completion of one prompt.
 type GenerateRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The prompt. Exactly one of the two must be set and non-empty.
+	// The prompt. Exactly one of the three must be set and non-empty.
 	//
 	// Types that are valid to be assigned to Prompt:
 	//
 	//	*GenerateRequest_Text
 	//	*GenerateRequest_Tokens
+	//	*GenerateRequest_Messages
 	Prompt isGenerateRequest_Prompt `protobuf_oneof:"prompt"`
 	// The most tokens to generate. Prompt tokens plus max_tokens must fit both
 	// the KV-cell pool and the model's training context (see
@@ -149,9 +208,13 @@ type GenerateRequest struct {
 	// cache_salt, so a secret salt keeps even callers of one tenant from
 	// learning (through cached_prompt_tokens or time to first token) whether
 	// someone sent the same prompt before. Empty is a salt like any other.
-	CacheSalt     string `protobuf:"bytes,11,opt,name=cache_salt,json=cacheSalt,proto3" json:"cache_salt,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	CacheSalt string `protobuf:"bytes,11,opt,name=cache_salt,json=cacheSalt,proto3" json:"cache_salt,omitempty"`
+	// What happens when a conversation (messages) and max_tokens do not fit
+	// max_sequence_tokens or max_prompt_tokens. Ignored for text and tokens
+	// prompts, which are refused.
+	ContextOverflow ContextOverflow `protobuf:"varint,13,opt,name=context_overflow,json=contextOverflow,proto3,enum=kvgate.v1.ContextOverflow" json:"context_overflow,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *GenerateRequest) Reset() {
@@ -204,6 +267,15 @@ func (x *GenerateRequest) GetTokens() *TokenList {
 	if x != nil {
 		if x, ok := x.Prompt.(*GenerateRequest_Tokens); ok {
 			return x.Tokens
+		}
+	}
+	return nil
+}
+
+func (x *GenerateRequest) GetMessages() *ChatMessages {
+	if x != nil {
+		if x, ok := x.Prompt.(*GenerateRequest_Messages); ok {
+			return x.Messages
 		}
 	}
 	return nil
@@ -272,6 +344,13 @@ func (x *GenerateRequest) GetCacheSalt() string {
 	return ""
 }
 
+func (x *GenerateRequest) GetContextOverflow() ContextOverflow {
+	if x != nil {
+		return x.ContextOverflow
+	}
+	return ContextOverflow_CONTEXT_OVERFLOW_UNSPECIFIED
+}
+
 type isGenerateRequest_Prompt interface {
 	isGenerateRequest_Prompt()
 }
@@ -292,9 +371,253 @@ type GenerateRequest_Tokens struct {
 	Tokens *TokenList `protobuf:"bytes,2,opt,name=tokens,proto3,oneof"`
 }
 
+type GenerateRequest_Messages struct {
+	// The prompt as a conversation, rendered with the model's chat template
+	// (or the server's --chat-template) with the assistant's generation
+	// prompt after the last message; RenderChat shows the result. Only the
+	// template's own markers become special tokens: a message's content is
+	// tokenized with special-token parsing off, so a control-token marker
+	// written in it stays text. A model without a usable template gets
+	// FAILED_PRECONDITION (ErrorInfo reason NO_CHAT_TEMPLATE). Generation
+	// stops at every end-of-generation token of the vocabulary (such as
+	// <|im_end|> or <|eot_id|>), which is never streamed.
+	Messages *ChatMessages `protobuf:"bytes,12,opt,name=messages,proto3,oneof"`
+}
+
 func (*GenerateRequest_Text) isGenerateRequest_Prompt() {}
 
 func (*GenerateRequest_Tokens) isGenerateRequest_Prompt() {}
+
+func (*GenerateRequest_Messages) isGenerateRequest_Prompt() {}
+
+// ChatMessages is a conversation, oldest message first.
+type ChatMessages struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The messages: at least one, at most
+	// GetModelInfoResponse.max_chat_messages.
+	Messages      []*ChatMessage `protobuf:"bytes,1,rep,name=messages,proto3" json:"messages,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChatMessages) Reset() {
+	*x = ChatMessages{}
+	mi := &file_kvgate_v1_generate_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChatMessages) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChatMessages) ProtoMessage() {}
+
+func (x *ChatMessages) ProtoReflect() protoreflect.Message {
+	mi := &file_kvgate_v1_generate_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChatMessages.ProtoReflect.Descriptor instead.
+func (*ChatMessages) Descriptor() ([]byte, []int) {
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ChatMessages) GetMessages() []*ChatMessage {
+	if x != nil {
+		return x.Messages
+	}
+	return nil
+}
+
+// ChatMessage is one turn of a conversation.
+type ChatMessage struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The speaker: "system", "user" or "assistant", or another role the
+	// template knows (such as "tool"), passed through as given. Non-empty, at
+	// most 64 bytes, letters, digits, '_' and '-' only.
+	Role string `protobuf:"bytes,1,opt,name=role,proto3" json:"role,omitempty"`
+	// The text of the turn, valid UTF-8. Control-token markers in it are
+	// tokenized as plain text. All contents together are bounded by
+	// GetModelInfoResponse.max_prompt_bytes.
+	Content       string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChatMessage) Reset() {
+	*x = ChatMessage{}
+	mi := &file_kvgate_v1_generate_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChatMessage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChatMessage) ProtoMessage() {}
+
+func (x *ChatMessage) ProtoReflect() protoreflect.Message {
+	mi := &file_kvgate_v1_generate_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChatMessage.ProtoReflect.Descriptor instead.
+func (*ChatMessage) Descriptor() ([]byte, []int) {
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ChatMessage) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *ChatMessage) GetContent() string {
+	if x != nil {
+		return x.Content
+	}
+	return ""
+}
+
+// RenderChatRequest asks for the prompt of a conversation.
+type RenderChatRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The conversation, as in GenerateRequest.messages.
+	Messages []*ChatMessage `protobuf:"bytes,1,rep,name=messages,proto3" json:"messages,omitempty"`
+	// Whether to add the assistant's generation prompt after the last
+	// message, as Generate does. Unset means true.
+	AddGenerationPrompt *bool `protobuf:"varint,2,opt,name=add_generation_prompt,json=addGenerationPrompt,proto3,oneof" json:"add_generation_prompt,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *RenderChatRequest) Reset() {
+	*x = RenderChatRequest{}
+	mi := &file_kvgate_v1_generate_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenderChatRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenderChatRequest) ProtoMessage() {}
+
+func (x *RenderChatRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvgate_v1_generate_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenderChatRequest.ProtoReflect.Descriptor instead.
+func (*RenderChatRequest) Descriptor() ([]byte, []int) {
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *RenderChatRequest) GetMessages() []*ChatMessage {
+	if x != nil {
+		return x.Messages
+	}
+	return nil
+}
+
+func (x *RenderChatRequest) GetAddGenerationPrompt() bool {
+	if x != nil && x.AddGenerationPrompt != nil {
+		return *x.AddGenerationPrompt
+	}
+	return false
+}
+
+// RenderChatResponse is the prompt of a conversation.
+type RenderChatResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The rendered prompt text.
+	Text string `protobuf:"bytes,1,opt,name=text,proto3" json:"text,omitempty"`
+	// Its token ids, as Generate would feed them: the beginning-of-sequence
+	// token when the model adds one, the template's markers as special
+	// tokens, and the messages' contents as plain text.
+	Ids []int32 `protobuf:"varint,2,rep,packed,name=ids,proto3" json:"ids,omitempty"`
+	// The template used: the name of llama.cpp's built-in template (such as
+	// "chatml" or "llama3") that rendered it.
+	Template      string `protobuf:"bytes,3,opt,name=template,proto3" json:"template,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenderChatResponse) Reset() {
+	*x = RenderChatResponse{}
+	mi := &file_kvgate_v1_generate_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenderChatResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenderChatResponse) ProtoMessage() {}
+
+func (x *RenderChatResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvgate_v1_generate_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenderChatResponse.ProtoReflect.Descriptor instead.
+func (*RenderChatResponse) Descriptor() ([]byte, []int) {
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *RenderChatResponse) GetText() string {
+	if x != nil {
+		return x.Text
+	}
+	return ""
+}
+
+func (x *RenderChatResponse) GetIds() []int32 {
+	if x != nil {
+		return x.Ids
+	}
+	return nil
+}
+
+func (x *RenderChatResponse) GetTemplate() string {
+	if x != nil {
+		return x.Template
+	}
+	return ""
+}
 
 // TokenList is a list of token ids.
 type TokenList struct {
@@ -307,7 +630,7 @@ type TokenList struct {
 
 func (x *TokenList) Reset() {
 	*x = TokenList{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[1]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -319,7 +642,7 @@ func (x *TokenList) String() string {
 func (*TokenList) ProtoMessage() {}
 
 func (x *TokenList) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[1]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -332,7 +655,7 @@ func (x *TokenList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenList.ProtoReflect.Descriptor instead.
 func (*TokenList) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{1}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *TokenList) GetIds() []int32 {
@@ -392,7 +715,7 @@ type SamplingParams struct {
 
 func (x *SamplingParams) Reset() {
 	*x = SamplingParams{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[2]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -404,7 +727,7 @@ func (x *SamplingParams) String() string {
 func (*SamplingParams) ProtoMessage() {}
 
 func (x *SamplingParams) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[2]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -417,7 +740,7 @@ func (x *SamplingParams) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SamplingParams.ProtoReflect.Descriptor instead.
 func (*SamplingParams) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{2}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *SamplingParams) GetTemperature() float32 {
@@ -500,7 +823,7 @@ type GenerateResponse struct {
 
 func (x *GenerateResponse) Reset() {
 	*x = GenerateResponse{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[3]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -512,7 +835,7 @@ func (x *GenerateResponse) String() string {
 func (*GenerateResponse) ProtoMessage() {}
 
 func (x *GenerateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[3]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -525,7 +848,7 @@ func (x *GenerateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateResponse.ProtoReflect.Descriptor instead.
 func (*GenerateResponse) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{3}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GenerateResponse) GetEvent() isGenerateResponse_Event {
@@ -599,14 +922,17 @@ type Started struct {
 	// ever reused.
 	CachedPromptTokens uint32 `protobuf:"varint,3,opt,name=cached_prompt_tokens,json=cachedPromptTokens,proto3" json:"cached_prompt_tokens,omitempty"`
 	// Time the request waited for admission, in milliseconds.
-	QueueWaitMs   float64 `protobuf:"fixed64,4,opt,name=queue_wait_ms,json=queueWaitMs,proto3" json:"queue_wait_ms,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	QueueWaitMs float64 `protobuf:"fixed64,4,opt,name=queue_wait_ms,json=queueWaitMs,proto3" json:"queue_wait_ms,omitempty"`
+	// Messages dropped from the start of the conversation to make it fit
+	// (GenerateRequest.context_overflow = CONTEXT_OVERFLOW_DROP_OLDEST).
+	DroppedMessages uint32 `protobuf:"varint,5,opt,name=dropped_messages,json=droppedMessages,proto3" json:"dropped_messages,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Started) Reset() {
 	*x = Started{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[4]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -618,7 +944,7 @@ func (x *Started) String() string {
 func (*Started) ProtoMessage() {}
 
 func (x *Started) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[4]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -631,7 +957,7 @@ func (x *Started) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Started.ProtoReflect.Descriptor instead.
 func (*Started) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{4}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Started) GetRequestId() string {
@@ -662,6 +988,13 @@ func (x *Started) GetQueueWaitMs() float64 {
 	return 0
 }
 
+func (x *Started) GetDroppedMessages() uint32 {
+	if x != nil {
+		return x.DroppedMessages
+	}
+	return 0
+}
+
 // Chunk carries generated text. Its text is always valid UTF-8: a token that
 // ends inside a multi-byte character is held back until the character is
 // complete, so a chunk may carry several token ids.
@@ -677,7 +1010,7 @@ type Chunk struct {
 
 func (x *Chunk) Reset() {
 	*x = Chunk{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[5]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -689,7 +1022,7 @@ func (x *Chunk) String() string {
 func (*Chunk) ProtoMessage() {}
 
 func (x *Chunk) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[5]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -702,7 +1035,7 @@ func (x *Chunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Chunk.ProtoReflect.Descriptor instead.
 func (*Chunk) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{5}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Chunk) GetText() string {
@@ -736,7 +1069,7 @@ type Finished struct {
 
 func (x *Finished) Reset() {
 	*x = Finished{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[6]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -748,7 +1081,7 @@ func (x *Finished) String() string {
 func (*Finished) ProtoMessage() {}
 
 func (x *Finished) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[6]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -761,7 +1094,7 @@ func (x *Finished) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Finished.ProtoReflect.Descriptor instead.
 func (*Finished) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{6}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Finished) GetReason() FinishReason {
@@ -807,7 +1140,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[7]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -819,7 +1152,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[7]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -832,7 +1165,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{7}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Usage) GetPromptTokens() uint32 {
@@ -871,7 +1204,7 @@ type Timings struct {
 
 func (x *Timings) Reset() {
 	*x = Timings{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[8]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -883,7 +1216,7 @@ func (x *Timings) String() string {
 func (*Timings) ProtoMessage() {}
 
 func (x *Timings) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[8]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -896,7 +1229,7 @@ func (x *Timings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timings.ProtoReflect.Descriptor instead.
 func (*Timings) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{8}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Timings) GetQueueMs() float64 {
@@ -938,7 +1271,7 @@ type TokenizeRequest struct {
 
 func (x *TokenizeRequest) Reset() {
 	*x = TokenizeRequest{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[9]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -950,7 +1283,7 @@ func (x *TokenizeRequest) String() string {
 func (*TokenizeRequest) ProtoMessage() {}
 
 func (x *TokenizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[9]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -963,7 +1296,7 @@ func (x *TokenizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenizeRequest.ProtoReflect.Descriptor instead.
 func (*TokenizeRequest) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{9}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *TokenizeRequest) GetText() string {
@@ -1000,7 +1333,7 @@ type TokenizeResponse struct {
 
 func (x *TokenizeResponse) Reset() {
 	*x = TokenizeResponse{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[10]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1012,7 +1345,7 @@ func (x *TokenizeResponse) String() string {
 func (*TokenizeResponse) ProtoMessage() {}
 
 func (x *TokenizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[10]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1025,7 +1358,7 @@ func (x *TokenizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenizeResponse.ProtoReflect.Descriptor instead.
 func (*TokenizeResponse) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{10}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *TokenizeResponse) GetIds() []int32 {
@@ -1060,7 +1393,7 @@ type DetokenizeRequest struct {
 
 func (x *DetokenizeRequest) Reset() {
 	*x = DetokenizeRequest{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[11]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1072,7 +1405,7 @@ func (x *DetokenizeRequest) String() string {
 func (*DetokenizeRequest) ProtoMessage() {}
 
 func (x *DetokenizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[11]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1085,7 +1418,7 @@ func (x *DetokenizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DetokenizeRequest.ProtoReflect.Descriptor instead.
 func (*DetokenizeRequest) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{11}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *DetokenizeRequest) GetIds() []int32 {
@@ -1121,7 +1454,7 @@ type DetokenizeResponse struct {
 
 func (x *DetokenizeResponse) Reset() {
 	*x = DetokenizeResponse{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[12]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1133,7 +1466,7 @@ func (x *DetokenizeResponse) String() string {
 func (*DetokenizeResponse) ProtoMessage() {}
 
 func (x *DetokenizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[12]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1146,7 +1479,7 @@ func (x *DetokenizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DetokenizeResponse.ProtoReflect.Descriptor instead.
 func (*DetokenizeResponse) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{12}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *DetokenizeResponse) GetText() string {
@@ -1165,7 +1498,7 @@ type GetModelInfoRequest struct {
 
 func (x *GetModelInfoRequest) Reset() {
 	*x = GetModelInfoRequest{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[13]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1177,7 +1510,7 @@ func (x *GetModelInfoRequest) String() string {
 func (*GetModelInfoRequest) ProtoMessage() {}
 
 func (x *GetModelInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[13]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1190,7 +1523,7 @@ func (x *GetModelInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetModelInfoRequest.ProtoReflect.Descriptor instead.
 func (*GetModelInfoRequest) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{13}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{17}
 }
 
 // GetModelInfoResponse describes the model and the server's limits.
@@ -1254,13 +1587,19 @@ type GetModelInfoResponse struct {
 	// The max_tokens of a GenerateRequest that leaves it unset (serve
 	// --default-max-tokens); 0 when such a request is refused.
 	DefaultMaxTokens uint32 `protobuf:"varint,27,opt,name=default_max_tokens,json=defaultMaxTokens,proto3" json:"default_max_tokens,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// The chat template GenerateRequest.messages and RenderChat use: the name
+	// of llama.cpp's built-in template, or empty when the model has no usable
+	// template (such requests then get FAILED_PRECONDITION).
+	ChatTemplate string `protobuf:"bytes,28,opt,name=chat_template,json=chatTemplate,proto3" json:"chat_template,omitempty"`
+	// The most messages in one conversation.
+	MaxChatMessages uint32 `protobuf:"varint,29,opt,name=max_chat_messages,json=maxChatMessages,proto3" json:"max_chat_messages,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *GetModelInfoResponse) Reset() {
 	*x = GetModelInfoResponse{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[14]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1272,7 +1611,7 @@ func (x *GetModelInfoResponse) String() string {
 func (*GetModelInfoResponse) ProtoMessage() {}
 
 func (x *GetModelInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[14]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1285,7 +1624,7 @@ func (x *GetModelInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetModelInfoResponse.ProtoReflect.Descriptor instead.
 func (*GetModelInfoResponse) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{14}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *GetModelInfoResponse) GetPath() string {
@@ -1477,6 +1816,20 @@ func (x *GetModelInfoResponse) GetDefaultMaxTokens() uint32 {
 	return 0
 }
 
+func (x *GetModelInfoResponse) GetChatTemplate() string {
+	if x != nil {
+		return x.ChatTemplate
+	}
+	return ""
+}
+
+func (x *GetModelInfoResponse) GetMaxChatMessages() uint32 {
+	if x != nil {
+		return x.MaxChatMessages
+	}
+	return 0
+}
+
 // GetCacheStatsRequest asks for allocator statistics.
 type GetCacheStatsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1486,7 +1839,7 @@ type GetCacheStatsRequest struct {
 
 func (x *GetCacheStatsRequest) Reset() {
 	*x = GetCacheStatsRequest{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[15]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1498,7 +1851,7 @@ func (x *GetCacheStatsRequest) String() string {
 func (*GetCacheStatsRequest) ProtoMessage() {}
 
 func (x *GetCacheStatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[15]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1511,7 +1864,7 @@ func (x *GetCacheStatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetCacheStatsRequest.ProtoReflect.Descriptor instead.
 func (*GetCacheStatsRequest) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{15}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{19}
 }
 
 // GetCacheStatsResponse is a snapshot of the KV-cell allocator.
@@ -1594,7 +1947,7 @@ type GetCacheStatsResponse struct {
 
 func (x *GetCacheStatsResponse) Reset() {
 	*x = GetCacheStatsResponse{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[16]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1606,7 +1959,7 @@ func (x *GetCacheStatsResponse) String() string {
 func (*GetCacheStatsResponse) ProtoMessage() {}
 
 func (x *GetCacheStatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[16]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1619,7 +1972,7 @@ func (x *GetCacheStatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetCacheStatsResponse.ProtoReflect.Descriptor instead.
 func (*GetCacheStatsResponse) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{16}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GetCacheStatsResponse) GetCellsTotal() uint32 {
@@ -1822,10 +2175,11 @@ var File_kvgate_v1_generate_proto protoreflect.FileDescriptor
 
 const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\n" +
-	"\x18kvgate/v1/generate.proto\x12\tkvgate.v1\"\x9a\x03\n" +
+	"\x18kvgate/v1/generate.proto\x12\tkvgate.v1\"\x98\x04\n" +
 	"\x0fGenerateRequest\x12\x14\n" +
 	"\x04text\x18\x01 \x01(\tH\x00R\x04text\x12.\n" +
-	"\x06tokens\x18\x02 \x01(\v2\x14.kvgate.v1.TokenListH\x00R\x06tokens\x12\x1d\n" +
+	"\x06tokens\x18\x02 \x01(\v2\x14.kvgate.v1.TokenListH\x00R\x06tokens\x125\n" +
+	"\bmessages\x18\f \x01(\v2\x17.kvgate.v1.ChatMessagesH\x00R\bmessages\x12\x1d\n" +
 	"\n" +
 	"max_tokens\x18\x03 \x01(\rR\tmaxTokens\x125\n" +
 	"\bsampling\x18\x04 \x01(\v2\x19.kvgate.v1.SamplingParamsR\bsampling\x12\x12\n" +
@@ -1839,8 +2193,22 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x11skip_prefix_cache\x18\n" +
 	" \x01(\bR\x0fskipPrefixCache\x12\x1d\n" +
 	"\n" +
-	"cache_salt\x18\v \x01(\tR\tcacheSaltB\b\n" +
-	"\x06prompt\"\x1d\n" +
+	"cache_salt\x18\v \x01(\tR\tcacheSalt\x12E\n" +
+	"\x10context_overflow\x18\r \x01(\x0e2\x1a.kvgate.v1.ContextOverflowR\x0fcontextOverflowB\b\n" +
+	"\x06prompt\"B\n" +
+	"\fChatMessages\x122\n" +
+	"\bmessages\x18\x01 \x03(\v2\x16.kvgate.v1.ChatMessageR\bmessages\";\n" +
+	"\vChatMessage\x12\x12\n" +
+	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
+	"\acontent\x18\x02 \x01(\tR\acontent\"\x9a\x01\n" +
+	"\x11RenderChatRequest\x122\n" +
+	"\bmessages\x18\x01 \x03(\v2\x16.kvgate.v1.ChatMessageR\bmessages\x127\n" +
+	"\x15add_generation_prompt\x18\x02 \x01(\bH\x00R\x13addGenerationPrompt\x88\x01\x01B\x18\n" +
+	"\x16_add_generation_prompt\"V\n" +
+	"\x12RenderChatResponse\x12\x12\n" +
+	"\x04text\x18\x01 \x01(\tR\x04text\x12\x10\n" +
+	"\x03ids\x18\x02 \x03(\x05R\x03ids\x12\x1a\n" +
+	"\btemplate\x18\x03 \x01(\tR\btemplate\"\x1d\n" +
 	"\tTokenList\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\x05R\x03ids\"\xcf\x02\n" +
 	"\x0eSamplingParams\x12 \n" +
@@ -1859,13 +2227,14 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\astarted\x18\x01 \x01(\v2\x12.kvgate.v1.StartedH\x00R\astarted\x12(\n" +
 	"\x05chunk\x18\x02 \x01(\v2\x10.kvgate.v1.ChunkH\x00R\x05chunk\x121\n" +
 	"\bfinished\x18\x03 \x01(\v2\x13.kvgate.v1.FinishedH\x00R\bfinishedB\a\n" +
-	"\x05event\"\xa3\x01\n" +
+	"\x05event\"\xce\x01\n" +
 	"\aStarted\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12#\n" +
 	"\rprompt_tokens\x18\x02 \x01(\rR\fpromptTokens\x120\n" +
 	"\x14cached_prompt_tokens\x18\x03 \x01(\rR\x12cachedPromptTokens\x12\"\n" +
-	"\rqueue_wait_ms\x18\x04 \x01(\x01R\vqueueWaitMs\"8\n" +
+	"\rqueue_wait_ms\x18\x04 \x01(\x01R\vqueueWaitMs\x12)\n" +
+	"\x10dropped_messages\x18\x05 \x01(\rR\x0fdroppedMessages\"8\n" +
 	"\x05Chunk\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\x12\x1b\n" +
 	"\ttoken_ids\x18\x02 \x03(\x05R\btokenIds\"\xa5\x01\n" +
@@ -1897,7 +2266,7 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x13strip_leading_space\x18\x03 \x01(\bR\x11stripLeadingSpace\"(\n" +
 	"\x12DetokenizeResponse\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\"\x15\n" +
-	"\x13GetModelInfoRequest\"\xb8\b\n" +
+	"\x13GetModelInfoRequest\"\x89\t\n" +
 	"\x14GetModelInfoResponse\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\"\n" +
 	"\farchitecture\x18\x02 \x01(\tR\farchitecture\x12 \n" +
@@ -1929,7 +2298,9 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x06tenant\x18\x18 \x01(\tR\x06tenant\x12,\n" +
 	"\x12max_tokenize_bytes\x18\x19 \x01(\rR\x10maxTokenizeBytes\x12,\n" +
 	"\x12max_detokenize_ids\x18\x1a \x01(\rR\x10maxDetokenizeIds\x12,\n" +
-	"\x12default_max_tokens\x18\x1b \x01(\rR\x10defaultMaxTokens\"\x16\n" +
+	"\x12default_max_tokens\x18\x1b \x01(\rR\x10defaultMaxTokens\x12#\n" +
+	"\rchat_template\x18\x1c \x01(\tR\fchatTemplate\x12*\n" +
+	"\x11max_chat_messages\x18\x1d \x01(\rR\x0fmaxChatMessages\"\x16\n" +
 	"\x14GetCacheStatsRequest\"\xca\n" +
 	"\n" +
 	"\x15GetCacheStatsResponse\x12\x1f\n" +
@@ -1967,18 +2338,24 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x14thread_changes_total\x18\x1c \x01(\x04R\x12threadChangesTotal\x1a@\n" +
 	"\x12RejectedTotalEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01*v\n" +
+	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01*r\n" +
+	"\x0fContextOverflow\x12 \n" +
+	"\x1cCONTEXT_OVERFLOW_UNSPECIFIED\x10\x00\x12\x1b\n" +
+	"\x17CONTEXT_OVERFLOW_REFUSE\x10\x01\x12 \n" +
+	"\x1cCONTEXT_OVERFLOW_DROP_OLDEST\x10\x02*v\n" +
 	"\fFinishReason\x12\x1d\n" +
 	"\x19FINISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11FINISH_REASON_EOS\x10\x01\x12\x18\n" +
 	"\x14FINISH_REASON_LENGTH\x10\x02\x12\x16\n" +
-	"\x12FINISH_REASON_STOP\x10\x032\xb9\x02\n" +
+	"\x12FINISH_REASON_STOP\x10\x032\x84\x03\n" +
 	"\x0fGenerateService\x12E\n" +
 	"\bGenerate\x12\x1a.kvgate.v1.GenerateRequest\x1a\x1b.kvgate.v1.GenerateResponse0\x01\x12C\n" +
 	"\bTokenize\x12\x1a.kvgate.v1.TokenizeRequest\x1a\x1b.kvgate.v1.TokenizeResponse\x12I\n" +
 	"\n" +
 	"Detokenize\x12\x1c.kvgate.v1.DetokenizeRequest\x1a\x1d.kvgate.v1.DetokenizeResponse\x12O\n" +
-	"\fGetModelInfo\x12\x1e.kvgate.v1.GetModelInfoRequest\x1a\x1f.kvgate.v1.GetModelInfoResponse2b\n" +
+	"\fGetModelInfo\x12\x1e.kvgate.v1.GetModelInfoRequest\x1a\x1f.kvgate.v1.GetModelInfoResponse\x12I\n" +
+	"\n" +
+	"RenderChat\x12\x1c.kvgate.v1.RenderChatRequest\x1a\x1d.kvgate.v1.RenderChatResponse2b\n" +
 	"\fCacheService\x12R\n" +
 	"\rGetCacheStats\x12\x1f.kvgate.v1.GetCacheStatsRequest\x1a .kvgate.v1.GetCacheStatsResponseB1Z/github.com/kvgate/kvgate/gen/kvgate/v1;kvgatev1b\x06proto3"
 
@@ -1994,54 +2371,65 @@ func file_kvgate_v1_generate_proto_rawDescGZIP() []byte {
 	return file_kvgate_v1_generate_proto_rawDescData
 }
 
-var file_kvgate_v1_generate_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_kvgate_v1_generate_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_kvgate_v1_generate_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_kvgate_v1_generate_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_kvgate_v1_generate_proto_goTypes = []any{
-	(FinishReason)(0),             // 0: kvgate.v1.FinishReason
-	(*GenerateRequest)(nil),       // 1: kvgate.v1.GenerateRequest
-	(*TokenList)(nil),             // 2: kvgate.v1.TokenList
-	(*SamplingParams)(nil),        // 3: kvgate.v1.SamplingParams
-	(*GenerateResponse)(nil),      // 4: kvgate.v1.GenerateResponse
-	(*Started)(nil),               // 5: kvgate.v1.Started
-	(*Chunk)(nil),                 // 6: kvgate.v1.Chunk
-	(*Finished)(nil),              // 7: kvgate.v1.Finished
-	(*Usage)(nil),                 // 8: kvgate.v1.Usage
-	(*Timings)(nil),               // 9: kvgate.v1.Timings
-	(*TokenizeRequest)(nil),       // 10: kvgate.v1.TokenizeRequest
-	(*TokenizeResponse)(nil),      // 11: kvgate.v1.TokenizeResponse
-	(*DetokenizeRequest)(nil),     // 12: kvgate.v1.DetokenizeRequest
-	(*DetokenizeResponse)(nil),    // 13: kvgate.v1.DetokenizeResponse
-	(*GetModelInfoRequest)(nil),   // 14: kvgate.v1.GetModelInfoRequest
-	(*GetModelInfoResponse)(nil),  // 15: kvgate.v1.GetModelInfoResponse
-	(*GetCacheStatsRequest)(nil),  // 16: kvgate.v1.GetCacheStatsRequest
-	(*GetCacheStatsResponse)(nil), // 17: kvgate.v1.GetCacheStatsResponse
-	nil,                           // 18: kvgate.v1.GetCacheStatsResponse.RejectedTotalEntry
+	(ContextOverflow)(0),          // 0: kvgate.v1.ContextOverflow
+	(FinishReason)(0),             // 1: kvgate.v1.FinishReason
+	(*GenerateRequest)(nil),       // 2: kvgate.v1.GenerateRequest
+	(*ChatMessages)(nil),          // 3: kvgate.v1.ChatMessages
+	(*ChatMessage)(nil),           // 4: kvgate.v1.ChatMessage
+	(*RenderChatRequest)(nil),     // 5: kvgate.v1.RenderChatRequest
+	(*RenderChatResponse)(nil),    // 6: kvgate.v1.RenderChatResponse
+	(*TokenList)(nil),             // 7: kvgate.v1.TokenList
+	(*SamplingParams)(nil),        // 8: kvgate.v1.SamplingParams
+	(*GenerateResponse)(nil),      // 9: kvgate.v1.GenerateResponse
+	(*Started)(nil),               // 10: kvgate.v1.Started
+	(*Chunk)(nil),                 // 11: kvgate.v1.Chunk
+	(*Finished)(nil),              // 12: kvgate.v1.Finished
+	(*Usage)(nil),                 // 13: kvgate.v1.Usage
+	(*Timings)(nil),               // 14: kvgate.v1.Timings
+	(*TokenizeRequest)(nil),       // 15: kvgate.v1.TokenizeRequest
+	(*TokenizeResponse)(nil),      // 16: kvgate.v1.TokenizeResponse
+	(*DetokenizeRequest)(nil),     // 17: kvgate.v1.DetokenizeRequest
+	(*DetokenizeResponse)(nil),    // 18: kvgate.v1.DetokenizeResponse
+	(*GetModelInfoRequest)(nil),   // 19: kvgate.v1.GetModelInfoRequest
+	(*GetModelInfoResponse)(nil),  // 20: kvgate.v1.GetModelInfoResponse
+	(*GetCacheStatsRequest)(nil),  // 21: kvgate.v1.GetCacheStatsRequest
+	(*GetCacheStatsResponse)(nil), // 22: kvgate.v1.GetCacheStatsResponse
+	nil,                           // 23: kvgate.v1.GetCacheStatsResponse.RejectedTotalEntry
 }
 var file_kvgate_v1_generate_proto_depIdxs = []int32{
-	2,  // 0: kvgate.v1.GenerateRequest.tokens:type_name -> kvgate.v1.TokenList
-	3,  // 1: kvgate.v1.GenerateRequest.sampling:type_name -> kvgate.v1.SamplingParams
-	5,  // 2: kvgate.v1.GenerateResponse.started:type_name -> kvgate.v1.Started
-	6,  // 3: kvgate.v1.GenerateResponse.chunk:type_name -> kvgate.v1.Chunk
-	7,  // 4: kvgate.v1.GenerateResponse.finished:type_name -> kvgate.v1.Finished
-	0,  // 5: kvgate.v1.Finished.reason:type_name -> kvgate.v1.FinishReason
-	8,  // 6: kvgate.v1.Finished.usage:type_name -> kvgate.v1.Usage
-	9,  // 7: kvgate.v1.Finished.timings:type_name -> kvgate.v1.Timings
-	18, // 8: kvgate.v1.GetCacheStatsResponse.rejected_total:type_name -> kvgate.v1.GetCacheStatsResponse.RejectedTotalEntry
-	1,  // 9: kvgate.v1.GenerateService.Generate:input_type -> kvgate.v1.GenerateRequest
-	10, // 10: kvgate.v1.GenerateService.Tokenize:input_type -> kvgate.v1.TokenizeRequest
-	12, // 11: kvgate.v1.GenerateService.Detokenize:input_type -> kvgate.v1.DetokenizeRequest
-	14, // 12: kvgate.v1.GenerateService.GetModelInfo:input_type -> kvgate.v1.GetModelInfoRequest
-	16, // 13: kvgate.v1.CacheService.GetCacheStats:input_type -> kvgate.v1.GetCacheStatsRequest
-	4,  // 14: kvgate.v1.GenerateService.Generate:output_type -> kvgate.v1.GenerateResponse
-	11, // 15: kvgate.v1.GenerateService.Tokenize:output_type -> kvgate.v1.TokenizeResponse
-	13, // 16: kvgate.v1.GenerateService.Detokenize:output_type -> kvgate.v1.DetokenizeResponse
-	15, // 17: kvgate.v1.GenerateService.GetModelInfo:output_type -> kvgate.v1.GetModelInfoResponse
-	17, // 18: kvgate.v1.CacheService.GetCacheStats:output_type -> kvgate.v1.GetCacheStatsResponse
-	14, // [14:19] is the sub-list for method output_type
-	9,  // [9:14] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	7,  // 0: kvgate.v1.GenerateRequest.tokens:type_name -> kvgate.v1.TokenList
+	3,  // 1: kvgate.v1.GenerateRequest.messages:type_name -> kvgate.v1.ChatMessages
+	8,  // 2: kvgate.v1.GenerateRequest.sampling:type_name -> kvgate.v1.SamplingParams
+	0,  // 3: kvgate.v1.GenerateRequest.context_overflow:type_name -> kvgate.v1.ContextOverflow
+	4,  // 4: kvgate.v1.ChatMessages.messages:type_name -> kvgate.v1.ChatMessage
+	4,  // 5: kvgate.v1.RenderChatRequest.messages:type_name -> kvgate.v1.ChatMessage
+	10, // 6: kvgate.v1.GenerateResponse.started:type_name -> kvgate.v1.Started
+	11, // 7: kvgate.v1.GenerateResponse.chunk:type_name -> kvgate.v1.Chunk
+	12, // 8: kvgate.v1.GenerateResponse.finished:type_name -> kvgate.v1.Finished
+	1,  // 9: kvgate.v1.Finished.reason:type_name -> kvgate.v1.FinishReason
+	13, // 10: kvgate.v1.Finished.usage:type_name -> kvgate.v1.Usage
+	14, // 11: kvgate.v1.Finished.timings:type_name -> kvgate.v1.Timings
+	23, // 12: kvgate.v1.GetCacheStatsResponse.rejected_total:type_name -> kvgate.v1.GetCacheStatsResponse.RejectedTotalEntry
+	2,  // 13: kvgate.v1.GenerateService.Generate:input_type -> kvgate.v1.GenerateRequest
+	15, // 14: kvgate.v1.GenerateService.Tokenize:input_type -> kvgate.v1.TokenizeRequest
+	17, // 15: kvgate.v1.GenerateService.Detokenize:input_type -> kvgate.v1.DetokenizeRequest
+	19, // 16: kvgate.v1.GenerateService.GetModelInfo:input_type -> kvgate.v1.GetModelInfoRequest
+	5,  // 17: kvgate.v1.GenerateService.RenderChat:input_type -> kvgate.v1.RenderChatRequest
+	21, // 18: kvgate.v1.CacheService.GetCacheStats:input_type -> kvgate.v1.GetCacheStatsRequest
+	9,  // 19: kvgate.v1.GenerateService.Generate:output_type -> kvgate.v1.GenerateResponse
+	16, // 20: kvgate.v1.GenerateService.Tokenize:output_type -> kvgate.v1.TokenizeResponse
+	18, // 21: kvgate.v1.GenerateService.Detokenize:output_type -> kvgate.v1.DetokenizeResponse
+	20, // 22: kvgate.v1.GenerateService.GetModelInfo:output_type -> kvgate.v1.GetModelInfoResponse
+	6,  // 23: kvgate.v1.GenerateService.RenderChat:output_type -> kvgate.v1.RenderChatResponse
+	22, // 24: kvgate.v1.CacheService.GetCacheStats:output_type -> kvgate.v1.GetCacheStatsResponse
+	19, // [19:25] is the sub-list for method output_type
+	13, // [13:19] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_kvgate_v1_generate_proto_init() }
@@ -2052,9 +2440,11 @@ func file_kvgate_v1_generate_proto_init() {
 	file_kvgate_v1_generate_proto_msgTypes[0].OneofWrappers = []any{
 		(*GenerateRequest_Text)(nil),
 		(*GenerateRequest_Tokens)(nil),
+		(*GenerateRequest_Messages)(nil),
 	}
-	file_kvgate_v1_generate_proto_msgTypes[2].OneofWrappers = []any{}
-	file_kvgate_v1_generate_proto_msgTypes[3].OneofWrappers = []any{
+	file_kvgate_v1_generate_proto_msgTypes[3].OneofWrappers = []any{}
+	file_kvgate_v1_generate_proto_msgTypes[6].OneofWrappers = []any{}
+	file_kvgate_v1_generate_proto_msgTypes[7].OneofWrappers = []any{
 		(*GenerateResponse_Started)(nil),
 		(*GenerateResponse_Chunk)(nil),
 		(*GenerateResponse_Finished)(nil),
@@ -2064,8 +2454,8 @@ func file_kvgate_v1_generate_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvgate_v1_generate_proto_rawDesc), len(file_kvgate_v1_generate_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   18,
+			NumEnums:      2,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -45,6 +45,7 @@ const (
 	GenerateService_Tokenize_FullMethodName     = "/kvgate.v1.GenerateService/Tokenize"
 	GenerateService_Detokenize_FullMethodName   = "/kvgate.v1.GenerateService/Detokenize"
 	GenerateService_GetModelInfo_FullMethodName = "/kvgate.v1.GenerateService/GetModelInfo"
+	GenerateService_RenderChat_FullMethodName   = "/kvgate.v1.GenerateService/RenderChat"
 )
 
 // GenerateServiceClient is the client API for GenerateService service.
@@ -66,6 +67,12 @@ type GenerateServiceClient interface {
 	Detokenize(ctx context.Context, in *DetokenizeRequest, opts ...grpc.CallOption) (*DetokenizeResponse, error)
 	// GetModelInfo describes the loaded model and the server's limits.
 	GetModelInfo(ctx context.Context, in *GetModelInfoRequest, opts ...grpc.CallOption) (*GetModelInfoResponse, error)
+	// RenderChat renders a conversation with the model's chat template,
+	// exactly as Generate does for GenerateRequest.messages, and returns the
+	// prompt text and token ids without generating. It shares the work budget
+	// of Tokenize. A model without a usable chat template gets
+	// FAILED_PRECONDITION (ErrorInfo reason NO_CHAT_TEMPLATE).
+	RenderChat(ctx context.Context, in *RenderChatRequest, opts ...grpc.CallOption) (*RenderChatResponse, error)
 }
 
 type generateServiceClient struct {
@@ -125,6 +132,16 @@ func (c *generateServiceClient) GetModelInfo(ctx context.Context, in *GetModelIn
 	return out, nil
 }
 
+func (c *generateServiceClient) RenderChat(ctx context.Context, in *RenderChatRequest, opts ...grpc.CallOption) (*RenderChatResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RenderChatResponse)
+	err := c.cc.Invoke(ctx, GenerateService_RenderChat_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // GenerateServiceServer is the server API for GenerateService service.
 // All implementations must embed UnimplementedGenerateServiceServer
 // for forward compatibility.
@@ -144,6 +161,12 @@ type GenerateServiceServer interface {
 	Detokenize(context.Context, *DetokenizeRequest) (*DetokenizeResponse, error)
 	// GetModelInfo describes the loaded model and the server's limits.
 	GetModelInfo(context.Context, *GetModelInfoRequest) (*GetModelInfoResponse, error)
+	// RenderChat renders a conversation with the model's chat template,
+	// exactly as Generate does for GenerateRequest.messages, and returns the
+	// prompt text and token ids without generating. It shares the work budget
+	// of Tokenize. A model without a usable chat template gets
+	// FAILED_PRECONDITION (ErrorInfo reason NO_CHAT_TEMPLATE).
+	RenderChat(context.Context, *RenderChatRequest) (*RenderChatResponse, error)
 	mustEmbedUnimplementedGenerateServiceServer()
 }
 
@@ -165,6 +188,9 @@ func (UnimplementedGenerateServiceServer) Detokenize(context.Context, *Detokeniz
 }
 func (UnimplementedGenerateServiceServer) GetModelInfo(context.Context, *GetModelInfoRequest) (*GetModelInfoResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetModelInfo not implemented")
+}
+func (UnimplementedGenerateServiceServer) RenderChat(context.Context, *RenderChatRequest) (*RenderChatResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RenderChat not implemented")
 }
 func (UnimplementedGenerateServiceServer) mustEmbedUnimplementedGenerateServiceServer() {}
 func (UnimplementedGenerateServiceServer) testEmbeddedByValue()                         {}
@@ -252,6 +278,24 @@ func _GenerateService_GetModelInfo_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _GenerateService_RenderChat_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RenderChatRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(GenerateServiceServer).RenderChat(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: GenerateService_RenderChat_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(GenerateServiceServer).RenderChat(ctx, req.(*RenderChatRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // GenerateService_ServiceDesc is the grpc.ServiceDesc for GenerateService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -270,6 +314,10 @@ var GenerateService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetModelInfo",
 			Handler:    _GenerateService_GetModelInfo_Handler,
+		},
+		{
+			MethodName: "RenderChat",
+			Handler:    _GenerateService_RenderChat_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
