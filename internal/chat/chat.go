@@ -151,11 +151,22 @@ func parseSentinels(s string, n int) (pieces []string, slots []int, err error) {
 // continues with, followed by the next template piece). The spans' texts
 // concatenated equal real byte for byte, or Split fails with ErrRender: the
 // template then renders contents in some other way (such as leaving out
-// empty ones), and the conversation cannot be split safely.
+// empty ones), and the conversation cannot be split safely. A message the
+// template leaves out altogether (a role it does not know) is an ErrRender
+// too, rather than silently lost.
 func Split(real, sentinel string, msgs []Message) ([]Span, error) {
 	pieces, slots, err := parseSentinels(sentinel, len(msgs))
 	if err != nil {
 		return nil, err
+	}
+	seen := make([]bool, len(msgs))
+	for _, i := range slots {
+		seen[i] = true
+	}
+	for i, ok := range seen {
+		if !ok {
+			return nil, fmt.Errorf("%w: the template leaves out messages[%d] (role %q): it does not know the role", ErrRender, i, msgs[i].Role)
+		}
 	}
 	spans := make([]Span, 0, len(pieces)+len(slots))
 	pos := 0

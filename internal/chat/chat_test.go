@@ -176,6 +176,15 @@ func TestRenderRefuses(t *testing.T) {
 		}, []Message{{"user", "abc"}}},
 		{"stray marker", func(m []Message, add bool) (string, error) { return sentinelClose, nil }, []Message{{"user", "a"}}},
 		{"no messages", chatml, nil},
+		{"unknown role left out", func(m []Message, add bool) (string, error) {
+			var b strings.Builder
+			for _, x := range m {
+				if x.Role == "user" {
+					b.WriteString("U:" + x.Content)
+				}
+			}
+			return b.String(), nil
+		}, []Message{{"user", "a"}, {"tool", "b"}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
