@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/kvgate/kvgate/allocator"
+	"github.com/kvgate/kvgate/internal/chat"
 	"github.com/kvgate/kvgate/internal/obs"
 	"github.com/kvgate/kvgate/native"
 	"github.com/kvgate/kvgate/native/llama"
@@ -127,6 +128,7 @@ func build(ctx context.Context, c *Config, log *slog.Logger, path string, d buil
 	if d.metrics != nil {
 		scfg.Observer = d.metrics
 	}
+	scfg.Chat, scfg.MaxChatMessages = chatTemplate(c, model, log), c.MaxChatMessages
 	svc := service.New(scfg, model, engineAdapter{engine})
 	return &parts{
 		svc:       svc,
@@ -199,4 +201,18 @@ func (a engineAdapter) Submit(ctx context.Context, r native.Request) (service.St
 // Stats returns a snapshot of the allocator and the worker.
 func (a engineAdapter) Stats() service.Stats {
 	return service.Stats{Allocator: a.e.Allocator().Stats(), Engine: a.e.Stats()}
+}
+
+// chatTemplate returns the template that renders conversations: the
+// built-in Config.ChatTemplate names (Validate checked the name), or the
+// model's own; nil, logged, when the model has none llama.cpp recognizes,
+// so that conversations get FAILED_PRECONDITION (NO_CHAT_TEMPLATE).
+func chatTemplate(c *Config, model *llama.Model, log *slog.Logger) *chat.Template {
+	t, err := model.ChatTemplate(c.ChatTemplate)
+	if err != nil {
+		log.Info("no chat template: conversations will be refused", "reason", err.Error())
+		return nil
+	}
+	log.Info("chat template", "name", t.Name(), "from", map[bool]string{true: "--chat-template", false: "model"}[c.ChatTemplate != ""])
+	return t
 }

@@ -6,10 +6,13 @@ import (
 	"log/slog"
 	"math"
 	"net"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/kvgate/kvgate/internal/cpus"
 	"github.com/kvgate/kvgate/internal/kvmem"
+	"github.com/kvgate/kvgate/native/llama"
 	"github.com/kvgate/kvgate/service"
 )
 
@@ -159,6 +162,14 @@ type Config struct {
 	// token line says otherwise (--tenant-max-queued; 0: only MaxQueue).
 	TenantMaxQueued int
 
+	// ChatTemplate names the llama.cpp built-in chat template
+	// (llama_chat_builtin_templates) that renders conversations, instead
+	// of the model's own (--chat-template; empty: the model's).
+	ChatTemplate string
+	// MaxChatMessages is the most messages of one conversation
+	// (--max-chat-messages).
+	MaxChatMessages int
+
 	// Logger receives the server's log; nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -192,6 +203,7 @@ func DefaultConfig() Config {
 		TokenizerBudget:   service.DefaultWorkBudget,
 		MaxPriority:       service.DefaultMaxPriority,
 		TenantMaxShare:    1,
+		MaxChatMessages:   service.DefaultMaxChatMessages,
 	}
 }
 
@@ -289,6 +301,19 @@ func (c *Config) Validate() error {
 	}
 	if _, err := llamaLogLevel(c.LlamaLog); err != nil {
 		return err
+	}
+	return c.validateChat()
+}
+
+// validateChat checks the chat settings: the template must be one of
+// llama.cpp's built-in names, so that a typo fails at start-up rather than
+// on the first conversation.
+func (c *Config) validateChat() error {
+	if c.MaxChatMessages < 1 {
+		return fmt.Errorf("--max-chat-messages %d: must be positive", c.MaxChatMessages)
+	}
+	if c.ChatTemplate != "" && !slices.Contains(llama.BuiltinTemplates(), c.ChatTemplate) {
+		return fmt.Errorf("--chat-template %q: not a llama.cpp built-in template; want one of %s", c.ChatTemplate, strings.Join(llama.BuiltinTemplates(), ", "))
 	}
 	return nil
 }

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/kvgate/kvgate/allocator"
+	"github.com/kvgate/kvgate/internal/chat"
 	"github.com/kvgate/kvgate/native"
 )
 
@@ -37,6 +38,10 @@ const ReasonNoValidToken = "NO_VALID_TOKEN"
 // ReasonWorkBudget is the ErrorInfo reason of a Tokenize or Detokenize
 // call refused because the server's tokenizer work budget was spent.
 const ReasonWorkBudget = "TOKENIZER_BUSY"
+
+// ReasonNoChatTemplate is the ErrorInfo reason of a conversation sent to
+// a server whose model has no usable chat template.
+const ReasonNoChatTemplate = "NO_CHAT_TEMPLATE"
 
 // PriorityError refuses a request whose priority exceeds its tenant's
 // limit. Such a request is refused, not clamped, so that a client learns
@@ -172,6 +177,11 @@ func toStatus(ctx context.Context, err error) error {
 		return status.Error(codes.DeadlineExceeded, "deadline exceeded")
 	case errors.Is(err, native.ErrTokenOutOfRange):
 		return errInvalid(err.Error(), violation("ids", err.Error()))
+	case errors.Is(err, chat.ErrNoTemplate):
+		setPushback(ctx, -1)
+		return withInfo(codes.FailedPrecondition, err.Error(), ReasonNoChatTemplate, nil)
+	case errors.Is(err, chat.ErrRender):
+		return errInvalid(err.Error(), violation("messages", err.Error()))
 	}
 	return status.Error(codes.Internal, err.Error())
 }

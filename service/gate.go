@@ -72,6 +72,14 @@ func (g *Gate) Detokenize(ctx context.Context, req *kvgatev1.DetokenizeRequest) 
 	return nil, g.loading(ctx)
 }
 
+// RenderChat implements kvgatev1.GenerateServiceServer.
+func (g *Gate) RenderChat(ctx context.Context, req *kvgatev1.RenderChatRequest) (*kvgatev1.RenderChatResponse, error) {
+	if s := g.svc.Load(); s != nil {
+		return s.RenderChat(ctx, req)
+	}
+	return nil, g.loading(ctx)
+}
+
 // GetModelInfo implements kvgatev1.GenerateServiceServer.
 func (g *Gate) GetModelInfo(ctx context.Context, req *kvgatev1.GetModelInfoRequest) (*kvgatev1.GetModelInfoResponse, error) {
 	if s := g.svc.Load(); s != nil {

@@ -20,6 +20,7 @@ import (
 
 	"github.com/kvgate/kvgate/allocator"
 	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
+	"github.com/kvgate/kvgate/internal/chat"
 	"github.com/kvgate/kvgate/native"
 )
 
@@ -130,6 +131,13 @@ type Config struct {
 	// WorkBudget bounds the tokenizer work in flight; 0 means
 	// DefaultWorkBudget. It must be at least MaxTokenizeBytes.
 	WorkBudget int
+	// Chat renders conversations (GenerateRequest.messages, RenderChat);
+	// nil means the model has no usable template, and such requests get
+	// FAILED_PRECONDITION (NO_CHAT_TEMPLATE).
+	Chat *chat.Template
+	// MaxChatMessages bounds the messages of a conversation; 0 means
+	// DefaultMaxChatMessages.
+	MaxChatMessages int
 }
 
 // Observer receives the latencies of Generate calls, for metrics. Its
@@ -184,6 +192,9 @@ func New(cfg Config, m Model, e Engine) *Service {
 		cfg.WorkBudget = DefaultWorkBudget
 	}
 	cfg.WorkBudget = max(cfg.WorkBudget, cfg.MaxTokenizeBytes)
+	if cfg.MaxChatMessages <= 0 {
+		cfg.MaxChatMessages = DefaultMaxChatMessages
+	}
 	s := &Service{cfg: cfg, model: m, engine: e, work: semaphore.NewWeighted(int64(cfg.WorkBudget))}
 	s.maxPiece = longestPiece(m)
 	lim := &s.cfg.Limits
@@ -287,9 +298,22 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 		}
 		defer s.work.Release(w)
 	}
-	r, err := validate(req, s.model, s.cfg.Limits)
+	if m := req.GetMessages(); m != nil {
+		// Rendering a conversation is tokenizer work too: its contents'
+		// bytes, as for a text prompt.
+		n := 0
+		for _, msg := range m.GetMessages() {
+			n += len(msg.GetContent())
+		}
+		w := int64(min(max(n, 1), s.cfg.WorkBudget))
+		if err := s.work.Acquire(ctx, w); err != nil {
+			return toStatus(ctx, err)
+		}
+		defer s.work.Release(w)
+	}
+	r, err := validateChat(req, s.model, s.cfg.Limits, chatInput{tmpl: s.cfg.Chat, limits: s.chatLimits()})
 	if err != nil {
-		return err
+		return toStatus(ctx, err)
 	}
 	if r.priority > tenant.MaxPriority {
 		return toStatus(ctx, &PriorityError{Tenant: tenant.Name, Priority: r.priority, Max: tenant.MaxPriority})
@@ -325,6 +349,7 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 		PromptTokens:       uint32(len(r.prompt)),
 		CachedPromptTokens: uint32(cached),
 		QueueWaitMs:        queueMS,
+		DroppedMessages:    uint32(r.dropped),
 	}}})
 	var last time.Time
 	events := out.Events()
@@ -501,6 +526,8 @@ func (s *Service) GetModelInfo(ctx context.Context, _ *kvgatev1.GetModelInfoRequ
 		MaxTokenizeBytes:    uint32(s.cfg.MaxTokenizeBytes),
 		MaxDetokenizeIds:    uint32(s.cfg.MaxDetokenizeIDs),
 		DefaultMaxTokens:    uint32(max(s.cfg.Limits.DefaultMaxTokens, 0)),
+		ChatTemplate:        s.chatTemplateName(),
+		MaxChatMessages:     uint32(s.cfg.MaxChatMessages),
 	}, nil
 }
 
@@ -538,4 +565,13 @@ func (s *Service) GetCacheStats(ctx context.Context, _ *kvgatev1.GetCacheStatsRe
 		DecodeThreads:         uint32(max(e.Threads, 0)),
 		ThreadChangesTotal:    e.ThreadChanges,
 	}, nil
+}
+
+// chatTemplateName returns the name of the chat template, or "" without
+// one.
+func (s *Service) chatTemplateName() string {
+	if s.cfg.Chat == nil {
+		return ""
+	}
+	return s.cfg.Chat.Name()
 }

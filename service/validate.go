@@ -1,12 +1,14 @@
 package service
 
 import (
+	"errors"
 	"fmt"
 	"unicode/utf8"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 
 	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
+	"github.com/kvgate/kvgate/internal/chat"
 	"github.com/kvgate/kvgate/native"
 )
 
@@ -74,6 +76,14 @@ type request struct {
 	stop        []string
 	priority    int32
 	ignoreEOS   bool
+	dropped     int // messages dropped to fit (CONTEXT_OVERFLOW_DROP_OLDEST)
+}
+
+// chatInput is what validation needs to render a conversation: the
+// template (nil: the server has none) and the conversation's bounds.
+type chatInput struct {
+	tmpl   *chat.Template
+	limits chatLimits
 }
 
 // Sampling ranges: see SamplingParams in the .proto for why. They keep
@@ -93,6 +103,16 @@ const (
 // prompt + max_tokens fits a sequence is left to the allocator, which
 // refuses it with NEVER_FITS.
 func validate(req *kvgatev1.GenerateRequest, m tokenizer, lim Limits) (*request, error) {
+	return validateChat(req, m, lim, chatInput{limits: chatLimits{maxMessages: DefaultMaxChatMessages, maxBytes: lim.MaxPromptBytes}})
+}
+
+// validateChat is validate with a chat template for conversation prompts.
+// A conversation is checked (checkMessages) before it is rendered, and
+// rendered to fit (fitChat) with the request's max_tokens, or 1 when it is
+// unset (the default is then shortened to what the prompt leaves). A
+// server without a template refuses it with chat.ErrNoTemplate, which
+// toStatus makes FAILED_PRECONDITION.
+func validateChat(req *kvgatev1.GenerateRequest, m tokenizer, lim Limits, ch chatInput) (*request, error) {
 	var vs []*errdetails.BadRequest_FieldViolation
 	bad := func(field, format string, args ...any) {
 		vs = append(vs, violation(field, fmt.Sprintf(format, args...)))
@@ -129,8 +149,27 @@ func validate(req *kvgatev1.GenerateRequest, m tokenizer, lim Limits) (*request,
 			bad(fmt.Sprintf("tokens.ids[%d]", i), "token id %d is outside the vocabulary [0, %d)", ids[i], m.Info().VocabSize)
 		}
 		out.prompt = ids
+	case *kvgatev1.GenerateRequest_Messages:
+		promptField = "messages"
+		before := len(vs)
+		msgs, _ := checkMessages(p.Messages.GetMessages(), ch.limits, "messages.messages", bad)
+		if len(vs) > before {
+			break
+		}
+		if ch.tmpl == nil {
+			return nil, errNoTemplate
+		}
+		cp, err := fitChat(ch.tmpl, msgs, max(out.maxTokens, 1), req.GetContextOverflow(), lim, "messages")
+		switch {
+		case errors.Is(err, chat.ErrRender):
+			bad("messages", "%v", err)
+		case err != nil:
+			return nil, err
+		default:
+			out.prompt, out.dropped = cp.IDs, cp.dropped
+		}
 	default:
-		bad("prompt", "set text or tokens")
+		bad("prompt", "set text, tokens or messages")
 	}
 
 	out.promptField = promptField

@@ -30,6 +30,7 @@ func mkmodel(ctx context.Context, args []string) error {
 	tied := fs.Bool("tied", true, "tie the output matrix to the token embeddings, as llama2.c's models do")
 	seed := fs.Uint64("seed", 0, "random seed of the weights")
 	name := fs.String("name", "", "general.name (default: kvgate-random-PRESET)")
+	chatTemplate := fs.String("chat-template", "", "write this Hugging Face chat template as tokenizer.chat_template and add its marker tokens as control tokens, the end marker as EOT: "+strings.Join(mk.ChatTemplates(), ", "))
 	out := fs.String("o", "", "output file (default: PRESET-TYPE.gguf)")
 	fs.Usage = func() {
 		w := fs.Output()
@@ -106,6 +107,17 @@ func mkmodel(ctx context.Context, args []string) error {
 	default:
 		return fmt.Errorf("unknown --tokenizer %q (want spm or bpe)", *tokenizer)
 	}
+	if *chatTemplate != "" {
+		v := spec.Vocab
+		if v == nil {
+			if v, err = mk.BuiltinVocab(spec.VocabSize); err != nil {
+				return err
+			}
+		}
+		if spec.Vocab, err = mk.WithChatTemplate(v, *chatTemplate); err != nil {
+			return err
+		}
+	}
 	if err := spec.Validate(); err != nil {
 		return err
 	}
@@ -123,8 +135,11 @@ func mkmodel(ctx context.Context, args []string) error {
 	switch {
 	case *vocab != "":
 		about = fmt.Sprintf("%s from %s", spec.Vocab.Model(), spec.Vocab.Source())
-	case spec.Vocab != nil:
+	case *tokenizer == "bpe":
 		about = "built-in byte-level BPE (gpt2)"
+	}
+	if *chatTemplate != "" {
+		about += ", chat template " + *chatTemplate
 	}
 	fmt.Fprintf(os.Stdout, "wrote %s in %s\n  %s\n  tokenizer: %s\n  %s parameters (%d), %s (%d bytes)\n",
 		path, time.Since(start).Round(time.Millisecond), spec, about,

@@ -1053,7 +1053,9 @@ func TestREADME(t *testing.T) {
 	}
 
 	// Everything below runs commands; one server answers them all.
-	s := startServer(t, "--model", testModel(t, "stories260K.gguf"))
+	// --chat-template chatml: the README's conversation examples assume
+	// it, since the default model has no template of its own.
+	s := startServer(t, "--model", testModel(t, "stories260K.gguf"), "--chat-template", "chatml")
 	services := reflectionServices(t, s)
 	for _, c := range cmds {
 		c := c

@@ -71,6 +71,9 @@ func serveFlags(o *serveOptions) *flag.FlagSet {
 	fs.IntVar(&o.MaxPriority, "max-priority", d.MaxPriority, "highest request priority a tenant may use unless its token-file line sets max-priority; higher ones get PERMISSION_DENIED")
 	fs.Float64Var(&o.TenantMaxShare, "tenant-max-share", d.TenantMaxShare, "fraction of the KV cells one tenant's running requests may hold unless its token-file line sets max-share")
 	fs.IntVar(&o.TenantMaxQueued, "tenant-max-queued", d.TenantMaxQueued, "most queued requests of one tenant unless its token-file line sets max-queued (0: only --max-queue)")
+	// Chat (issue 14).
+	fs.StringVar(&o.ChatTemplate, "chat-template", d.ChatTemplate, "llama.cpp built-in chat template for GenerateRequest.messages and RenderChat, instead of the model's own (empty: the model's; see README for the names)")
+	fs.IntVar(&o.MaxChatMessages, "max-chat-messages", d.MaxChatMessages, "most messages in one conversation (GenerateRequest.messages, RenderChat)")
 	fs.Usage = func() { serveUsage(fs) }
 	return fs
 }

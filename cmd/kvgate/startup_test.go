@@ -284,6 +284,8 @@ func TestStartupFlagsBeforeLoad(t *testing.T) {
 		{[]string{"--watermark", "-1"}, "--watermark -1"},
 		{[]string{"--log-format", "yaml"}, "--log-format"},
 		{[]string{"--auth-tokens", "/nonexistent/tokens"}, "--auth-tokens"},
+		{[]string{"--chat-template", "nope"}, `--chat-template "nope": not a llama.cpp built-in template; want one of`},
+		{[]string{"--max-chat-messages", "0"}, "--max-chat-messages 0: must be positive"},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {

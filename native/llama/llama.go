@@ -27,6 +27,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/kvgate/kvgate/internal/chat"
 	"github.com/kvgate/kvgate/native"
 	"io"
 	"os"
@@ -106,6 +107,9 @@ type Model struct {
 	vocab *C.struct_llama_vocab
 	path  string
 	info  native.ModelInfo
+	// specials are the tokens llama.cpp matches in text before tokenizing
+	// it, read once at load for chat rendering (chat.go).
+	specials []chat.Special
 
 	closeOnce sync.Once
 }
@@ -199,6 +203,7 @@ func LoadModelContext(ctx context.Context, path string, opts LoadOptions) (*Mode
 		C.llama_model_free(ptr)
 		return nil, err
 	}
+	m.specials = m.readSpecials()
 	return m, nil
 }
 

@@ -198,6 +198,15 @@ void llama_sampler_free(struct llama_sampler * smpl);
 // compare kv_sample with it.
 llama_token llama_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx);
 
+// Chat templates (issue 14): see chat.go.
+typedef struct llama_chat_message {
+    const char * role;
+    const char * content;
+} llama_chat_message;
+int32_t llama_chat_apply_template(const char * tmpl, const struct llama_chat_message * chat, size_t n_msg,
+                                  bool add_ass, char * buf, int32_t length);
+int32_t llama_chat_builtin_templates(const char ** output, size_t len);
+
 // kvgate's own helpers, defined in shim.c.
 void kv_log_install(int min_level);
 void kv_log_set_level(int min_level);

@@ -210,8 +210,10 @@ type GenerateRequest struct {
 	// someone sent the same prompt before. Empty is a salt like any other.
 	CacheSalt string `protobuf:"bytes,11,opt,name=cache_salt,json=cacheSalt,proto3" json:"cache_salt,omitempty"`
 	// What happens when a conversation (messages) and max_tokens do not fit
-	// max_sequence_tokens or max_prompt_tokens. Ignored for text and tokens
-	// prompts, which are refused.
+	// max_sequence_tokens or max_prompt_tokens. With max_tokens unset, the
+	// conversation must leave room for one token, and the default is then
+	// shortened to what it leaves. Ignored for text and tokens prompts, which
+	// are refused.
 	ContextOverflow ContextOverflow `protobuf:"varint,13,opt,name=context_overflow,json=contextOverflow,proto3,enum=kvgate.v1.ContextOverflow" json:"context_overflow,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
@@ -442,11 +444,16 @@ type ChatMessage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The speaker: "system", "user" or "assistant", or another role the
 	// template knows (such as "tool"), passed through as given. Non-empty, at
-	// most 64 bytes, letters, digits, '_' and '-' only.
+	// most 64 bytes, letters, digits, '_' and '-' only. A message the
+	// template leaves out (a role it does not know) is refused with
+	// INVALID_ARGUMENT rather than silently lost.
 	Role string `protobuf:"bytes,1,opt,name=role,proto3" json:"role,omitempty"`
-	// The text of the turn, valid UTF-8. Control-token markers in it are
-	// tokenized as plain text. All contents together are bounded by
-	// GetModelInfoResponse.max_prompt_bytes.
+	// The text of the turn, valid UTF-8 without NUL (U+0000): templates take
+	// C strings. Control-token markers in it are tokenized as plain text. All
+	// contents together are bounded by GetModelInfoResponse.max_prompt_bytes.
+	// Some templates trim a content (llama3, gemma); one that changes it in
+	// another way, or renders the conversation differently for some content
+	// (gemma leaves out an empty system message), gets INVALID_ARGUMENT.
 	Content       string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
