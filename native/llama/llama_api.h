@@ -227,6 +227,7 @@ enum { KV_LLAMA_POOLING_TYPE_UNSPECIFIED = -1, KV_LLAMA_POOLING_TYPE_NONE = 0, K
        KV_LLAMA_POOLING_TYPE_CLS = 2, KV_LLAMA_POOLING_TYPE_LAST = 3, KV_LLAMA_POOLING_TYPE_RANK = 4 };
 int32_t llama_pooling_type(const struct llama_context * ctx); // enum llama_pooling_type
 float * llama_get_embeddings_seq(struct llama_context * ctx, llama_seq_id seq_id);
+int32_t llama_model_n_embd_inp(const struct llama_model * model);
 // ---- end of embeddings -------------------------------------------------------
 
 #endif
