@@ -159,6 +159,10 @@ type Config struct {
 	// token line says otherwise (--tenant-max-queued; 0: only MaxQueue).
 	TenantMaxQueued int
 
+	// Embedding configures the embedding model and its worker
+	// (server/embed.go; issue 14).
+	Embedding EmbeddingConfig
+
 	// Logger receives the server's log; nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -192,6 +196,7 @@ func DefaultConfig() Config {
 		TokenizerBudget:   service.DefaultWorkBudget,
 		MaxPriority:       service.DefaultMaxPriority,
 		TenantMaxShare:    1,
+		Embedding:         DefaultEmbeddingConfig(), // issue 14
 	}
 }
 
@@ -288,6 +293,9 @@ func (c *Config) Validate() error {
 		return errors.New("--client-ca needs --tls-cert and --tls-key")
 	}
 	if _, err := llamaLogLevel(c.LlamaLog); err != nil {
+		return err
+	}
+	if err := c.Embedding.validate(c); err != nil { // issue 14
 		return err
 	}
 	return nil
