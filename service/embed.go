@@ -137,7 +137,7 @@ func (s *EmbedService) Register(srv grpc.ServiceRegistrar) {
 // embedLimits are the limits validateEmbed checks.
 type embedLimits struct {
 	maxInputs, maxInputBytes, maxInputTokens, maxRequestID, vocab int
-	addsEnd                                                      bool
+	addsEnd                                                       bool
 }
 
 // embedInput is one validated input.

@@ -33,7 +33,9 @@ type EmbedTarget interface {
 }
 
 // grpcEmbed is kvgate's EmbeddingService as an EmbedTarget.
-type grpcEmbed struct{ c kvgatev1.EmbeddingServiceClient }
+type grpcEmbed struct {
+	c kvgatev1.EmbeddingServiceClient
+}
 
 // NewGRPCEmbedTarget returns kvgate's EmbeddingService on conn as an
 // EmbedTarget. Its calls ask for normalized vectors, as llama-server's
