@@ -31,12 +31,13 @@ TEXTS=(
 PROMPT=$(printf '%s\n' "${TEXTS[@]}")
 PROMPT=${PROMPT%$'\n'}
 # One batch of 512 tokens as kvgate's default --embedding-batch; the
-# model's mean pooling; L2 normalization (2); two threads.
+# model's mean pooling; L2 normalization (2); two threads; -nr (no weight
+# repacking), since kvgate's cgo build of ggml has no CPU_REPACK buffer.
 CMD=("$BIN/llama-embedding" -m "$MODEL" --pooling mean --embd-normalize 2 -t 2 -c 512 -b 512 -ub 512
-     --embd-output-format json --embd-separator $'\n' -p "$PROMPT")
+     -nr ${EXTRA_FLAGS:-} --embd-output-format json --embd-separator $'\n' -p "$PROMPT")
 mkdir -p "$(dirname "$OUT")"
 "${CMD[@]}" >/tmp/embed-reference.out 2>/tmp/embed-reference.err || { cat /tmp/embed-reference.err >&2; exit 1; }
-SHOWN="llama-embedding -m all-MiniLM-L6-v2-Q4_K_M.gguf --pooling mean --embd-normalize 2 -t 2 -c 512 -b 512 -ub 512 --embd-output-format json --embd-separator '\\n' -p \"\$(printf '%s\\n' TEXTS...)\""
+SHOWN="llama-embedding -m all-MiniLM-L6-v2-Q4_K_M.gguf --pooling mean --embd-normalize 2 -t 2 -c 512 -b 512 -ub 512 -nr --embd-output-format json --embd-separator '\\n' -p \"\$(printf '%s\\n' TEXTS...)\""
 python3 - "$OUT" "$SHOWN" "$BIN" "${TEXTS[@]}" <<'PY'
 import json, sys, subprocess
 out, shown, bindir, texts = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
