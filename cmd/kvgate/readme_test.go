@@ -1052,8 +1052,9 @@ func TestREADME(t *testing.T) {
 		t.Fatal("no shell commands found in README.md")
 	}
 
-	// Everything below runs commands; one server answers them all.
-	s := startServer(t, "--model", testModel(t, "stories260K.gguf"))
+	// Everything below runs commands; one server answers them all, with
+	// both a generation and an embedding model (issue 14).
+	s := startServer(t, "--model", testModel(t, "stories260K.gguf"), "--embedding-model", testModel(t, "all-MiniLM-L6-v2-Q4_K_M.gguf"))
 	services := reflectionServices(t, s)
 	for _, c := range cmds {
 		c := c
