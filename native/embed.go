@@ -90,6 +90,25 @@ type EmbedConfig struct {
 	// OnEncode, when set, is called on the worker after every encode call
 	// with its inputs, its tokens and its duration. It must not block.
 	OnEncode func(inputs, tokens int, d time.Duration)
+	// TuneThreads lets the worker lower the backend's thread count, and
+	// raise it back, from encode durations, as EngineConfig.TuneThreads
+	// does for decodes, when the backend implements ThreadSetter: ggml's
+	// threads spin at their barriers, so a busy CPU can make an encode
+	// with too many threads far slower than one with fewer.
+	TuneThreads bool
+
+	// clock times encodes for the thread tuner; nil means time.Now. The
+	// package's tests set it to a clock the fake encoder moves.
+	clock func() time.Time
+}
+
+// ThreadSetter is a backend whose CPU thread count can change between
+// calls (llama_set_n_threads).
+type ThreadSetter interface {
+	// Threads returns the CPU threads of the next call.
+	Threads() int
+	// SetThreads sets them (at least 1).
+	SetThreads(n int)
 }
 
 // EmbedRequest is one call's inputs, already tokenized and within the
@@ -129,6 +148,10 @@ type EmbedStats struct {
 	// Rejected counts refusals by allocator reason (QUEUE_FULL, DRAINING,
 	// DEADLINE_EXCEEDED, CANCELLED, QUEUE_TIMEOUT).
 	Rejected map[string]uint64
+	// Threads is the backend's CPU threads of the next encode (0 when it
+	// cannot tell); ThreadChanges counts the tuner's changes.
+	Threads       int64
+	ThreadChanges uint64
 }
 
 // embedReasons are the refusal reasons an EmbedEngine counts.
@@ -156,6 +179,8 @@ type EmbedEngine struct {
 	done chan struct{}
 
 	requests, inputs, tokens, calls, failed atomic.Uint64
+	threads                                 atomic.Int64
+	threadChanges                           atomic.Uint64
 	// encodeNanos is math.Float64bits of the moving average of an encode
 	// call's duration per token, for RetryAfter; the worker writes it.
 	encodeNanos atomic.Uint64
@@ -178,6 +203,9 @@ func NewEmbedEngine(cfg EmbedConfig) (*EmbedEngine, error) {
 	}
 	if cfg.MaxRetryDelay <= 0 {
 		cfg.MaxRetryDelay = 30 * time.Second
+	}
+	if cfg.clock == nil {
+		cfg.clock = time.Now
 	}
 	e := &EmbedEngine{
 		cfg: cfg, q: newEmbedQueue(), idle: make(chan struct{}), rejected: map[string]uint64{},
@@ -227,6 +255,14 @@ func (e *EmbedEngine) run(ready chan<- error) {
 			e.batchTokens, e.maxSeqs, e.maxInput, e.dims)
 		return
 	}
+	var tuner *threadTuner
+	ts, canTune := b.(ThreadSetter)
+	if canTune {
+		e.threads.Store(int64(ts.Threads()))
+		if e.cfg.TuneThreads {
+			tuner = newThreadTuner(ts.Threads())
+		}
+	}
 	ready <- nil
 	defer e.failAll(ErrEngineClosed)
 	var inputs [][]int32
@@ -255,10 +291,17 @@ func (e *EmbedEngine) run(ready chan<- error) {
 			outs = append(outs, s.req.vectors[s.index])
 			tokens += len(s.req.inputs[s.index])
 		}
-		start := time.Now()
+		start := e.cfg.clock()
 		err := b.Encode(inputs, outs)
-		d := time.Since(start)
+		d := e.cfg.clock().Sub(start)
 		e.calls.Add(1)
+		if err == nil && tuner != nil {
+			if n := tuner.observe(tokens, d); n != ts.Threads() {
+				ts.SetThreads(n)
+				e.threads.Store(int64(ts.Threads()))
+				e.threadChanges.Add(1)
+			}
+		}
 		if err == nil {
 			e.recordEncode(d, tokens)
 			e.tokens.Add(uint64(tokens))
@@ -502,6 +545,6 @@ func (e *EmbedEngine) Stats() EmbedStats {
 	return EmbedStats{
 		Queued: queued, Running: active - queued,
 		Requests: e.requests.Load(), Inputs: e.inputs.Load(), Tokens: e.tokens.Load(), EncodeCalls: e.calls.Load(),
-		Failed: e.failed.Load(), Rejected: rej,
+		Failed: e.failed.Load(), Rejected: rej, Threads: e.threads.Load(), ThreadChanges: e.threadChanges.Load(),
 	}
 }

@@ -414,3 +414,79 @@ func TestEmbedOpenFails(t *testing.T) {
 		})
 	}
 }
+
+// tunedEncoder is a fakeEncoder with a thread count, whose encodes take,
+// on a clock only they move, what cost says.
+type tunedEncoder struct {
+	*fakeEncoder
+	threads   int
+	clock     *fakeClock
+	cost      func(threads, tokens int) time.Duration
+	byThreads map[int]int
+}
+
+func (f *tunedEncoder) Threads() int     { return f.threads }
+func (f *tunedEncoder) SetThreads(n int) { f.threads = max(n, 1) }
+func (f *tunedEncoder) Encode(inputs [][]int32, out [][]float32) error {
+	tokens := 0
+	for _, in := range inputs {
+		tokens += len(in)
+	}
+	f.clock.advance(f.cost(f.threads, tokens))
+	f.byThreads[f.threads]++
+	return f.fakeEncoder.Encode(inputs, out)
+}
+
+// TestEmbedTunesThreads runs the embedding worker with TuneThreads on an
+// encoder whose two threads stall (a busy 2-CPU machine) or help (a quiet
+// one): the worker must end at the faster count. Counts, not times, are
+// checked.
+func TestEmbedTunesThreads(t *testing.T) {
+	tests := []struct {
+		name string
+		cost func(threads, tokens int) time.Duration
+		tune bool
+		want int64
+	}{
+		{"busy: two threads stall at their barriers", func(threads, tokens int) time.Duration {
+			if threads == 2 {
+				return 300 * time.Millisecond
+			}
+			return time.Duration(3+tokens/8) * time.Millisecond
+		}, true, 1},
+		{"quiet: two threads are faster", func(threads, tokens int) time.Duration {
+			return time.Duration(2+tokens/4) * time.Millisecond / time.Duration(threads) * 3 / 2
+		}, true, 2},
+		{"busy, tuning off", func(threads, tokens int) time.Duration {
+			if threads == 2 {
+				return 300 * time.Millisecond
+			}
+			return time.Millisecond
+		}, false, 2},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			f := &tunedEncoder{fakeEncoder: &fakeEncoder{batch: 64, seqs: 4, input: 32, dims: 2, vocab: 100},
+				threads: 2, clock: &fakeClock{}, cost: tc.cost, byThreads: map[int]int{}}
+			e, err := NewEmbedEngine(EmbedConfig{Open: func() (EmbedBackend, error) { return f, nil }, Vocab: vocabN(100),
+				MaxQueue: 4, TuneThreads: tc.tune, clock: f.clock.now})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer e.Close()
+			for i := range 300 {
+				if _, err := e.Embed(context.Background(), EmbedRequest{Inputs: [][]int32{tokens(8+i%16, int32(i))}}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			st := e.Stats()
+			t.Logf("threads %d after %d changes; encodes by threads %v", st.Threads, st.ThreadChanges, f.byThreads)
+			if st.Threads != tc.want {
+				t.Errorf("threads %d at the end, want %d", st.Threads, tc.want)
+			}
+			if !tc.tune && st.ThreadChanges != 0 {
+				t.Errorf("%d thread changes with tuning off", st.ThreadChanges)
+			}
+		})
+	}
+}

@@ -125,9 +125,10 @@ func buildEmbed(ctx context.Context, c *Config, log *slog.Logger, d buildDeps) (
 			pooling = ctx.Pooling()
 			return ctx, nil
 		},
-		Vocab:    model,
-		MaxQueue: ec.MaxQueue,
-		Tenants:  tenants.limits,
+		Vocab:       model,
+		MaxQueue:    ec.MaxQueue,
+		Tenants:     tenants.limits,
+		TuneThreads: c.TuneThreads,
 	}
 	if d.metrics != nil {
 		cfg.OnEncode = d.metrics.OnEncode

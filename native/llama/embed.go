@@ -169,8 +169,18 @@ func (c *EmbedContext) Dimensions() int { return c.dims }
 // Pooling returns the context's pooling: "mean", "cls" or "last".
 func (c *EmbedContext) Pooling() string { return poolingNames[c.pooling] }
 
-// Threads returns the CPU threads of the context.
+// Threads returns the CPU threads of the next Encode.
 func (c *EmbedContext) Threads() int { return c.threads }
+
+// SetThreads sets the CPU threads of the next Encodes (llama_set_n_threads);
+// n below 1 counts as 1.
+func (c *EmbedContext) SetThreads(n int) {
+	n = max(n, 1)
+	if n != c.threads {
+		C.llama_set_n_threads(c.ptr, C.int32_t(n), C.int32_t(n))
+		c.threads = n
+	}
+}
 
 // ErrEncodeLimits refuses a batch outside the context's limits, before
 // llama.cpp sees it.
@@ -264,4 +274,7 @@ func (m *Model) AddsEndToken() bool {
 	return bool(C.llama_vocab_get_add_eos(m.vocab)) || bool(C.llama_vocab_get_add_sep(m.vocab))
 }
 
-var _ native.EmbedBackend = (*EmbedContext)(nil)
+var (
+	_ native.EmbedBackend = (*EmbedContext)(nil)
+	_ native.ThreadSetter = (*EmbedContext)(nil)
+)
