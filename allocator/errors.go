@@ -126,3 +126,11 @@ func (e *RejectError) Error() string {
 // Unwrap returns the errors the refusal wraps: the sentinel for its Reason,
 // or the context's error and, when it differs, the context's cause.
 func (e *RejectError) Unwrap() []error { return e.errs }
+
+// NewRejectError returns a copy of r that wraps causes: a refusal built
+// outside the allocator, such as the embedding queue's, which shares the
+// allocator's reasons and their mapping onto gRPC status.
+func NewRejectError(r RejectError, causes ...error) *RejectError {
+	r.errs = causes
+	return &r
+}

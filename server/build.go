@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/kvgate/kvgate/allocator"
+	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
 	"github.com/kvgate/kvgate/internal/chat"
 	"github.com/kvgate/kvgate/internal/obs"
 	"github.com/kvgate/kvgate/native"
@@ -46,8 +47,11 @@ type parts struct {
 	batch     int
 
 	model  *llama.Model
-	engine *native.Engine
+	engine *native.Engine // nil with --model none
 	alloc  *allocator.Allocator
+
+	// embed is the embedding model's part (server/embed.go).
+	embed *embedParts
 }
 
 // build loads the model at path and builds the engine (which creates the
@@ -142,31 +146,94 @@ func build(ctx context.Context, c *Config, log *slog.Logger, path string, d buil
 	}, nil
 }
 
-// requests returns the requests running and queued.
+// requests returns the requests running and queued, embedding requests
+// included.
 func (p *parts) requests() (running, queued int) {
-	st := p.alloc.Stats()
-	return st.Running, st.Queued
+	running, queued = p.embed.requests()
+	if p.alloc != nil {
+		st := p.alloc.Stats()
+		running, queued = running+st.Running, queued+st.Queued
+	}
+	return running, queued
 }
 
 // stopAdmitting refuses every later request with DRAINING.
-func (p *parts) stopAdmitting() { p.alloc.Drain() }
+func (p *parts) stopAdmitting() {
+	if p.alloc != nil {
+		p.alloc.Drain()
+	}
+	p.embed.stopAdmitting()
+}
 
 // idle returns a channel closed once no request runs or waits.
-func (p *parts) idle() <-chan struct{} { return p.alloc.Idle() }
+func (p *parts) idle() <-chan struct{} {
+	gen := (<-chan struct{})(closedChan)
+	if p.alloc != nil {
+		gen = p.alloc.Idle()
+	}
+	return bothIdle(gen, p.embed.idle())
+}
 
 // stop ends whatever still runs with UNAVAILABLE and frees the cells of
 // the prefix cache, which goes with the context; it returns how many
 // cells the cache held.
 func (p *parts) stop() int {
+	p.embed.close()
+	if p.engine == nil {
+		return 0
+	}
 	p.engine.Close()
 	return p.alloc.FlushCache()
 }
 
-// close frees the engine and the model. The service must no longer be
+// close frees the engines and the models. The services must no longer be
 // called.
 func (p *parts) close() {
-	p.engine.Close()
-	p.model.Close()
+	p.embed.close()
+	if p.engine != nil {
+		p.engine.Close()
+		p.model.Close()
+	}
+}
+
+// publish hands the services to the gate.
+func (p *parts) publish(g *service.Gate) {
+	if p.svc == nil {
+		g.NoGeneration()
+	} else {
+		g.Ready(p.svc)
+	}
+	g.ReadyEmbed(p.embed.svc)
+}
+
+// serves reports whether the health service name (see servedNames) has
+// its model: the generation services need the generation model, the
+// embedding service the embedding model, and the server as a whole ("")
+// serves when everything it was configured with does.
+func (p *parts) serves(name string) bool {
+	switch name {
+	case kvgatev1.EmbeddingService_ServiceDesc.ServiceName:
+		return p.embed.engine != nil
+	case "":
+		return true
+	}
+	return p.engine != nil
+}
+
+// sequenceCells and threads are the generation engine's, for the ready
+// line; 0 without a generation model.
+func (p *parts) sequenceCells() int {
+	if p.engine == nil {
+		return 0
+	}
+	return p.engine.SequenceCells()
+}
+
+func (p *parts) threads() int64 {
+	if p.engine == nil {
+		return 0
+	}
+	return p.engine.Stats().Threads
 }
 
 // admissionPolicy parses Config.Admission.

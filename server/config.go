@@ -169,6 +169,9 @@ type Config struct {
 	// MaxChatMessages is the most messages of one conversation
 	// (--max-chat-messages).
 	MaxChatMessages int
+	// Embedding configures the embedding model and its worker
+	// (server/embed.go; issue 14).
+	Embedding EmbeddingConfig
 
 	// Logger receives the server's log; nil means slog.Default().
 	Logger *slog.Logger
@@ -204,6 +207,7 @@ func DefaultConfig() Config {
 		MaxPriority:       service.DefaultMaxPriority,
 		TenantMaxShare:    1,
 		MaxChatMessages:   service.DefaultMaxChatMessages,
+		Embedding:         DefaultEmbeddingConfig(), // issue 14
 	}
 }
 
@@ -300,6 +304,9 @@ func (c *Config) Validate() error {
 		return errors.New("--client-ca needs --tls-cert and --tls-key")
 	}
 	if _, err := llamaLogLevel(c.LlamaLog); err != nil {
+		return err
+	}
+	if err := c.Embedding.validate(c); err != nil { // issue 14
 		return err
 	}
 	return c.validateChat()

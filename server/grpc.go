@@ -21,7 +21,8 @@ import (
 
 // servedNames are the health service names kvgate reports: the server as a
 // whole ("") and each kvgate service.
-var servedNames = []string{"", kvgatev1.GenerateService_ServiceDesc.ServiceName, kvgatev1.CacheService_ServiceDesc.ServiceName}
+var servedNames = []string{"", kvgatev1.GenerateService_ServiceDesc.ServiceName, kvgatev1.CacheService_ServiceDesc.ServiceName,
+	kvgatev1.EmbeddingService_ServiceDesc.ServiceName} // issue 14
 
 // serverDeps are what newGRPCServer wires together.
 type serverDeps struct {

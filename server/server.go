@@ -189,16 +189,18 @@ func (s *Server) load(ctx context.Context) {
 		return
 	}
 	s.parts = p
-	s.gate.Ready(p.svc)
+	p.publish(s.gate)
 	if s.metrics != nil {
 		s.metrics.SetLoading(false)
 	}
 	for _, name := range servedNames {
-		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+		if p.serves(name) {
+			s.health.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+		}
 	}
 	s.log.Info("kvgate ready", "addr", s.lis.Addr().String(), "model", filepath.Base(p.modelPath),
 		"arch", p.arch, "kv_cells", p.cells, "max_seqs", s.cfg.MaxSeqs, "batch", p.batch,
-		"kv_layout", s.cfg.KVLayout, "sequence_cells", p.engine.SequenceCells(), "threads", p.engine.Stats().Threads,
+		"kv_layout", s.cfg.KVLayout, "sequence_cells", p.sequenceCells(), "threads", p.threads(),
 		"tune_threads", s.cfg.TuneThreads, "deterministic", s.cfg.Deterministic)
 	close(s.ready)
 }
@@ -207,14 +209,28 @@ func (s *Server) load(ctx context.Context) {
 // empty), checks that the KV cache fits the memory available, and builds
 // the parts on it.
 func (s *Server) loadParts(ctx context.Context) (*parts, error) {
-	path, err := modelPath(ctx, &s.cfg, s.log)
+	deps := buildDeps{security: s.sec, metrics: s.metrics}
+	p := &parts{modelPath: ModelNone}
+	if s.cfg.Model != ModelNone {
+		path, err := modelPath(ctx, &s.cfg, s.log)
+		if err != nil {
+			return nil, err
+		}
+		if err := checkMemory(&s.cfg, path, s.log); err != nil {
+			return nil, err
+		}
+		if p, err = build(ctx, &s.cfg, s.log, path, deps); err != nil {
+			return nil, err
+		}
+	}
+	// The embedding model (server/embed.go).
+	e, err := buildEmbed(ctx, &s.cfg, s.log, deps)
 	if err != nil {
+		p.close()
 		return nil, err
 	}
-	if err := checkMemory(&s.cfg, path, s.log); err != nil {
-		return nil, err
-	}
-	return build(ctx, &s.cfg, s.log, path, buildDeps{security: s.sec, metrics: s.metrics})
+	p.embed = e
+	return p, nil
 }
 
 // fail records err as the reason the server stopped serving, if it is the

@@ -158,9 +158,15 @@ func healthz(t *testing.T, s *Server) int {
 func checkHealth(ctx context.Context, t *testing.T, hc healthpb.HealthClient, want healthpb.HealthCheckResponse_ServingStatus) {
 	t.Helper()
 	for _, name := range servedNames {
+		w := want
+		if name == kvgatev1.EmbeddingService_ServiceDesc.ServiceName {
+			// These servers load no embedding model: that service never
+			// serves (issue 14).
+			w = healthpb.HealthCheckResponse_NOT_SERVING
+		}
 		resp, err := hc.Check(ctx, &healthpb.HealthCheckRequest{Service: name})
-		if err != nil || resp.GetStatus() != want {
-			t.Errorf("health of %q: %v, %v; want %v", name, resp, err, want)
+		if err != nil || resp.GetStatus() != w {
+			t.Errorf("health of %q: %v, %v; want %v", name, resp, err, w)
 		}
 	}
 }

@@ -123,6 +123,9 @@ func toStatus(ctx context.Context, err error) error {
 	if _, ok := status.FromError(err); ok {
 		return err
 	}
+	if st := embedStatus(err); st != nil { // issue 14: embeddings
+		return st
+	}
 	var (
 		rej  *allocator.RejectError
 		nf   *neverFitsError
@@ -278,3 +281,37 @@ func setPushback(ctx context.Context, d time.Duration) {
 	}
 	_ = grpc.SetTrailer(ctx, metadata.Pairs(PushbackTrailer, strconv.FormatInt(ms, 10)))
 }
+
+// ---- embeddings (issue 14) ----------------------------------------------------
+
+// ErrorInfo reasons of calls to a service whose model the server did not
+// load.
+const (
+	// ReasonNoEmbeddingModel: EmbeddingService on a server without
+	// --embedding-model.
+	ReasonNoEmbeddingModel = "NO_EMBEDDING_MODEL"
+	// ReasonNoGenerationModel: GenerateService on a server that serves an
+	// embedding model only.
+	ReasonNoGenerationModel = "NO_GENERATION_MODEL"
+)
+
+// embedStatus maps the errors of the embedding service and of a missing
+// model, or returns nil for toStatus to go on. The embedding queue's
+// refusals are *allocator.RejectError and go through rejectStatus like
+// Generate's.
+func embedStatus(err error) error {
+	var ie *native.EmbedInputError
+	switch {
+	case errors.Is(err, native.ErrNoEmbeddingModel):
+		return withInfo(codes.FailedPrecondition, "this server has no embedding model: start it with --embedding-model PATH",
+			ReasonNoEmbeddingModel, nil)
+	case errors.Is(err, native.ErrNoGenerationModel):
+		return withInfo(codes.FailedPrecondition, "this server has no generation model: it serves embeddings only (start it with --model PATH)",
+			ReasonNoGenerationModel, nil)
+	case errors.As(err, &ie):
+		return errInvalid(ie.Error(), violation(fmt.Sprintf("inputs[%d]", ie.Index), ie.Reason))
+	}
+	return nil
+}
+
+// ---- end of embeddings -----------------------------------------------------------

@@ -9,6 +9,7 @@ import (
 	"google.golang.org/grpc"
 
 	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
+	"github.com/kvgate/kvgate/native"
 )
 
 // ReasonModelLoading is the ErrorInfo reason of a call that reached the
@@ -30,14 +31,19 @@ var ErrLoading = errors.New("the model is still loading")
 type Gate struct {
 	kvgatev1.UnimplementedGenerateServiceServer
 	kvgatev1.UnimplementedCacheServiceServer
+	kvgatev1.UnimplementedEmbeddingServiceServer
 
 	svc atomic.Pointer[Service]
+	// embed and noGeneration: embed_gate.go (issue 14).
+	embed        atomic.Pointer[EmbedService]
+	noGeneration atomic.Bool
 }
 
 // Register registers both kvgate services on srv, answered by g.
 func (g *Gate) Register(srv grpc.ServiceRegistrar) {
 	kvgatev1.RegisterGenerateServiceServer(srv, g)
 	kvgatev1.RegisterCacheServiceServer(srv, g)
+	kvgatev1.RegisterEmbeddingServiceServer(srv, g)
 }
 
 // Ready hands every later call to s.
@@ -46,7 +52,12 @@ func (g *Gate) Ready(s *Service) { g.svc.Store(s) }
 // Service returns the Service given to Ready, or nil before it.
 func (g *Gate) Service() *Service { return g.svc.Load() }
 
-func (g *Gate) loading(ctx context.Context) error { return toStatus(ctx, ErrLoading) }
+func (g *Gate) loading(ctx context.Context) error {
+	if g.noGeneration.Load() {
+		return toStatus(ctx, native.ErrNoGenerationModel)
+	}
+	return toStatus(ctx, ErrLoading)
+}
 
 // Generate implements kvgatev1.GenerateServiceServer.
 func (g *Gate) Generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStreamingServer[kvgatev1.GenerateResponse]) error {

@@ -106,6 +106,7 @@ func benchCmd(ctx context.Context, args []string) error {
 	seed := fs.Uint64("seed", 0, "seed of prompts and arrivals (0: random, recorded in the report)")
 	jsonOut := fs.Bool("json", false, "print the report as JSON (schema "+bench.Schema+")")
 	progress := fs.Bool("progress", false, "print progress to stderr every second (default: when stderr is a terminal)")
+	embedFlags := addEmbedBenchFlags(fs) // issue 14
 	if err := parseClientFlags(fs, args); err != nil {
 		return err
 	}
@@ -122,6 +123,9 @@ func benchCmd(ctx context.Context, args []string) error {
 	}
 	if *duration == 0 && *requests == 0 {
 		*duration = 30 * time.Second
+	}
+	if *embedFlags.on { // issue 14
+		return runEmbedBench(ctx, embedFlags, cf, *llamaServer, *concurrency, *duration, warmup, *timeout, *seed, *jsonOut)
 	}
 	cfg := bench.Config{
 		Target:         cf.addr,

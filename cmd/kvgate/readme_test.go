@@ -1052,10 +1052,11 @@ func TestREADME(t *testing.T) {
 		t.Fatal("no shell commands found in README.md")
 	}
 
-	// Everything below runs commands; one server answers them all.
-	// --chat-template chatml: the README's conversation examples assume
-	// it, since the default model has no template of its own.
-	s := startServer(t, "--model", testModel(t, "stories260K.gguf"), "--chat-template", "chatml")
+	// Everything below runs commands; one server answers them all, with
+	// both a generation and an embedding model (issue 14). --chat-template
+	// chatml: the README's conversation examples assume it, since the
+	// default model has no template of its own.
+	s := startServer(t, "--model", testModel(t, "stories260K.gguf"), "--chat-template", "chatml", "--embedding-model", testModel(t, "all-MiniLM-L6-v2-Q4_K_M.gguf"))
 	services := reflectionServices(t, s)
 	for _, c := range cmds {
 		c := c

@@ -29,7 +29,7 @@ func serveFlags(o *serveOptions) *flag.FlagSet {
 	d := kvserver.DefaultConfig()
 	fs := flag.NewFlagSet("kvgate serve", flag.ContinueOnError)
 	fs.StringVar(&o.Listen, "listen", d.Listen, "address to serve gRPC on")
-	fs.StringVar(&o.Model, "model", d.Model, "GGUF model file (default: stories260K, fetched once from the Go module proxy)")
+	fs.StringVar(&o.Model, "model", d.Model, "GGUF model file (default: stories260K, fetched once from the Go module proxy; none: no generation model, serve --embedding-model only)")
 	fs.IntVar(&o.Ctx, "ctx", d.Ctx, "KV cells in the pool shared by all sequences (llama.cpp pads to a multiple of 256)")
 	fs.IntVar(&o.Threads, "threads", d.Threads, "CPU threads for llama.cpp (0: from the CPUs the process may use: affinity and cgroup quota, one left to the Go side above 2)")
 	fs.BoolVar(&o.TuneThreads, "tune-threads", d.TuneThreads, "lower the threads between decode steps, and raise them back up to --threads, when fewer are faster (a busy CPU)")
@@ -74,8 +74,20 @@ func serveFlags(o *serveOptions) *flag.FlagSet {
 	// Chat (issue 14).
 	fs.StringVar(&o.ChatTemplate, "chat-template", d.ChatTemplate, "llama.cpp built-in chat template for GenerateRequest.messages and RenderChat, instead of the model's own (empty: the model's; see README for the names)")
 	fs.IntVar(&o.MaxChatMessages, "max-chat-messages", d.MaxChatMessages, "most messages in one conversation (GenerateRequest.messages, RenderChat)")
+	embeddingFlags(fs, &o.Embedding, d.Embedding) // issue 14
 	fs.Usage = func() { serveUsage(fs) }
 	return fs
+}
+
+// embeddingFlags adds the embedding model's flags (issue 14).
+func embeddingFlags(fs *flag.FlagSet, e *kvserver.EmbeddingConfig, d kvserver.EmbeddingConfig) {
+	fs.StringVar(&e.Model, "embedding-model", d.Model, "GGUF embedding model (a BERT-class encoder) served by EmbeddingService, with its own context and worker (empty: none; with --model none, the only model)")
+	fs.IntVar(&e.Batch, "embedding-batch", d.Batch, "most tokens of one encode call, across the inputs it packs (llama.cpp's n_batch = n_ubatch); one input holds at most this or the model's training context")
+	fs.IntVar(&e.MaxSeqs, "embedding-max-seqs", d.MaxSeqs, "most inputs of one encode call (llama.cpp's n_seq_max, at most 256)")
+	fs.IntVar(&e.MaxQueue, "embedding-max-queue", d.MaxQueue, "most Embed calls queued or being encoded; more get RESOURCE_EXHAUSTED")
+	fs.IntVar(&e.MaxInputs, "embedding-max-inputs", d.MaxInputs, "most inputs of one Embed call")
+	fs.IntVar(&e.MaxInputBytes, "embedding-max-input-bytes", d.MaxInputBytes, "longest text input of an Embed call, in bytes")
+	fs.IntVar(&e.Threads, "embedding-threads", d.Threads, "CPU threads of the embedding context (0: as --threads)")
 }
 
 // serveUsage prints serve's flags and the environment variables it reads.

@@ -43,6 +43,8 @@ type Metrics struct {
 	drainingGauge    prometheus.GaugeFunc
 	connsOpen        prometheus.Gauge
 	connsRefused     prometheus.Counter
+
+	embed embedMetrics // embed_metrics.go (issue 14)
 }
 
 // latencyBuckets span a token of a tiny model to a long queue, in seconds.
@@ -121,6 +123,7 @@ func NewMetrics() *Metrics {
 		m.grpc, m.requests, m.promptTokens, m.completionTokens, m.queueWait, m.ttft, m.interToken,
 		m.batchTokens, m.batchSequences, m.panics, m.drainingGauge, m.connsOpen, m.connsRefused,
 	)
+	m.embed.register(m.reg) // issue 14
 	return m
 }
 

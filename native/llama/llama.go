@@ -170,6 +170,12 @@ func LoadModel(path string, opts LoadOptions) (*Model, error) {
 // stops at its next progress report (many times a second while weights are
 // read) and the error wraps ctx.Err().
 func LoadModelContext(ctx context.Context, path string, opts LoadOptions) (*Model, error) {
+	return loadModel(ctx, path, opts, (*Model).checkSupported)
+}
+
+// loadModel loads the model at path and frees it again when check refuses
+// it.
+func loadModel(ctx context.Context, path string, opts LoadOptions, check func(*Model) error) (*Model, error) {
 	Init(LogError)
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("load %s: %w", path, err)
@@ -199,7 +205,7 @@ func LoadModelContext(ctx context.Context, path string, opts LoadOptions) (*Mode
 	}
 	m := &Model{ptr: ptr, vocab: C.llama_model_get_vocab(ptr), path: path}
 	m.info = m.readInfo()
-	if err := m.checkSupported(); err != nil {
+	if err := check(m); err != nil {
 		C.llama_model_free(ptr)
 		return nil, err
 	}

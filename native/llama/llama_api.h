@@ -229,4 +229,14 @@ llama_token kv_sample_greedy(struct llama_context * ctx, int32_t idx, int32_t n_
 void kv_batch_set(struct llama_batch * b, int32_t i, llama_token tok, llama_pos pos,
                   llama_seq_id seq, int8_t logits);
 
+// ---- embeddings (issue 14) -------------------------------------------------
+// The embedding context (embed.go): an encoder without KV memory, whose
+// llama_decode runs encode() and pools each sequence's output.
+enum { KV_LLAMA_POOLING_TYPE_UNSPECIFIED = -1, KV_LLAMA_POOLING_TYPE_NONE = 0, KV_LLAMA_POOLING_TYPE_MEAN = 1,
+       KV_LLAMA_POOLING_TYPE_CLS = 2, KV_LLAMA_POOLING_TYPE_LAST = 3, KV_LLAMA_POOLING_TYPE_RANK = 4 };
+int32_t llama_pooling_type(const struct llama_context * ctx); // enum llama_pooling_type
+float * llama_get_embeddings_seq(struct llama_context * ctx, llama_seq_id seq_id);
+int32_t llama_model_n_embd_inp(const struct llama_model * model);
+// ---- end of embeddings -------------------------------------------------------
+
 #endif
