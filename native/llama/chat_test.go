@@ -177,8 +177,13 @@ func TestDetectHFTemplates(t *testing.T) {
 	}
 }
 
-// sharedVocab returns the path of a vocabulary file of the shared models
-// folder beside the repository, or skips.
+// sharedVocab returns the path of one of llama.cpp's vocabulary-only test
+// files (models/ggml-vocab-*.gguf) in $KVGATE_TEST_MODELS or the shared
+// models folder beside the repository, or "" when neither has it. These
+// files come from llama.cpp's source tree, which no package registry
+// kvgate uses ships, so a fresh clone runs the token tests on the built-in
+// SentencePiece and BPE vocabularies only; where the files are present they
+// add three real vocabularies.
 func sharedVocab(t *testing.T, name string) string {
 	t.Helper()
 	for _, d := range []string{os.Getenv("KVGATE_TEST_MODELS"), "../../../shared/models"} {
@@ -189,7 +194,6 @@ func sharedVocab(t *testing.T, name string) string {
 			return p
 		}
 	}
-	t.Skipf("%s not found (put it in $KVGATE_TEST_MODELS)", name)
 	return ""
 }
 
@@ -254,6 +258,10 @@ func chatVocabs(t *testing.T) []struct {
 		{"gpt2-chatml", "ggml-vocab-gpt-2.gguf", "chatml"},
 	} {
 		p := sharedVocab(t, v.file)
+		if p == "" {
+			t.Logf("%s: llama.cpp's %s is absent here (see sharedVocab); running on the built-in vocabularies", v.name, v.file)
+			continue
+		}
 		voc, err := mkmodel.LoadVocab(p)
 		if err != nil {
 			t.Fatal(err)
