@@ -227,14 +227,14 @@ func rejectStatus(ctx context.Context, rej *allocator.RejectError) error {
 		return withInfo(codes.Unavailable, "server is draining: send new requests to another replica", rej.Reason, nil)
 	case allocator.ReasonCancelled:
 		if deadlinePassed(ctx) {
-			return withInfo(codes.DeadlineExceeded, "deadline exceeded while waiting for KV cells", allocator.ReasonDeadlineExceeded, meta)
+			return withInfo(codes.DeadlineExceeded, "deadline exceeded while waiting in the admission queue", allocator.ReasonDeadlineExceeded, meta)
 		}
-		return withInfo(codes.Canceled, "request cancelled while waiting for KV cells", rej.Reason, meta)
+		return withInfo(codes.Canceled, "request cancelled while waiting in the admission queue", rej.Reason, meta)
 	case allocator.ReasonDeadlineExceeded:
-		return withInfo(codes.DeadlineExceeded, "deadline exceeded while waiting for KV cells", rej.Reason, meta)
+		return withInfo(codes.DeadlineExceeded, "deadline exceeded while waiting in the admission queue", rej.Reason, meta)
 	case allocator.ReasonQueueTimeout:
 		setPushback(ctx, time.Second)
-		return withInfo(codes.ResourceExhausted, "queue_timeout_ms passed while waiting for KV cells", rej.Reason, meta,
+		return withInfo(codes.ResourceExhausted, "queue_timeout_ms passed while waiting in the admission queue", rej.Reason, meta,
 			&errdetails.RetryInfo{RetryDelay: durationpb.New(time.Second)})
 	}
 	return status.Error(codes.Internal, rej.Error())
