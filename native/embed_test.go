@@ -448,15 +448,8 @@ func TestEmbedTunesThreads(t *testing.T) {
 		tune bool
 		want int64
 	}{
-		{"busy: two threads stall at their barriers", func(threads, tokens int) time.Duration {
-			if threads == 2 {
-				return 300 * time.Millisecond
-			}
-			return time.Duration(3+tokens/8) * time.Millisecond
-		}, true, 1},
-		{"quiet: two threads are faster", func(threads, tokens int) time.Duration {
-			return time.Duration(2+tokens/4) * time.Millisecond / time.Duration(threads) * 3 / 2
-		}, true, 2},
+		{"busy: two threads stall at their barriers", busyCost, true, 1},
+		{"quiet: two threads are faster", quietCost, true, 2},
 		{"busy, tuning off", func(threads, tokens int) time.Duration {
 			if threads == 2 {
 				return 300 * time.Millisecond

@@ -7,6 +7,20 @@ import (
 	"time"
 )
 
+// busyCost is the time of a step (or encode) of tokens tokens on a busy
+// 2-CPU machine, where two threads stall at ggml's spinning barriers.
+func busyCost(threads, tokens int) time.Duration {
+	if threads == 2 {
+		return 300 * time.Millisecond
+	}
+	return time.Duration(3+tokens/8) * time.Millisecond
+}
+
+// quietCost is the same on a quiet machine, where two threads are faster.
+func quietCost(threads, tokens int) time.Duration {
+	return time.Duration(2+tokens/4) * time.Millisecond / time.Duration(threads) * 3 / 2
+}
+
 // TestWorkerTunesThreads runs the worker with TuneThreads on a fake backend
 // whose decodes take, on a clock only they move, what a busy or a quiet
 // 2-CPU machine would: the worker must move to the faster count and stay
@@ -21,15 +35,8 @@ func TestWorkerTunesThreads(t *testing.T) {
 		// steps before the first probe and one per probe back up.
 		maxOff int
 	}{
-		{"busy: two threads stall at their barriers", func(threads, tokens int) time.Duration {
-			if threads == 2 {
-				return 300 * time.Millisecond
-			}
-			return time.Duration(3+tokens/8) * time.Millisecond
-		}, 1, 8},
-		{"quiet: two threads are faster", func(threads, tokens int) time.Duration {
-			return time.Duration(2+tokens/4) * time.Millisecond / time.Duration(threads) * 3 / 2
-		}, 2, 12},
+		{"busy: two threads stall at their barriers", busyCost, 1, 8},
+		{"quiet: two threads are faster", quietCost, 2, 12},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -48,19 +48,6 @@ func msgs(pairs ...string) []*kvgatev1.ChatMessage {
 	return out
 }
 
-// violations returns the BadRequest fields of a status error.
-func violations(err error) []string {
-	var fields []string
-	for _, d := range status.Convert(err).Details() {
-		if br, ok := d.(*errdetails.BadRequest); ok {
-			for _, v := range br.GetFieldViolations() {
-				fields = append(fields, v.GetField())
-			}
-		}
-	}
-	return fields
-}
-
 func TestCheckMessages(t *testing.T) {
 	lim := chatLimits{maxMessages: 3, maxBytes: 10}
 	tests := []struct {
@@ -126,7 +113,7 @@ func TestFitChat(t *testing.T) {
 			if err != nil || refused.dropped != 0 || !slices.Equal(refused.IDs, full.IDs) {
 				t.Errorf("limit %d: refuse policy on a fitting conversation: %v", seqLimit, err)
 			}
-		} else if status.Code(err) != codes.InvalidArgument || !slices.Equal(violations(err), []string{"messages"}) {
+		} else if status.Code(err) != codes.InvalidArgument || !slices.Equal(fieldsOf(t, err), []string{"messages"}) {
 			t.Errorf("limit %d: refuse policy: %v, want INVALID_ARGUMENT on messages", seqLimit, err)
 		}
 		got, err := fitChat(tmpl, conv, need, kvgatev1.ContextOverflow_CONTEXT_OVERFLOW_DROP_OLDEST, lim, "messages")

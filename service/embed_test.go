@@ -3,6 +3,7 @@ package service
 import (
 	"context"
 	"math"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -153,7 +154,7 @@ func TestEmbedTruncationKeepsSeparator(t *testing.T) {
 	}
 	want := [][]int32{{101, 1001, 1002, 1003, 1004, 1005, 1006, 102}, {1, 2, 3, 4, 5, 6, 7, 8}, {101, 1005, 102}}
 	for i, w := range want {
-		if got := f.last.Inputs[i]; !equalIDs(got, w) {
+		if got := f.last.Inputs[i]; !slices.Equal(got, w) {
 			t.Errorf("input %d: %v, want %v", i, got, w)
 		}
 		e := resp.GetEmbeddings()[i]
@@ -164,18 +165,6 @@ func TestEmbedTruncationKeepsSeparator(t *testing.T) {
 	if got := resp.GetUsage().GetPromptTokens(); got != 19 {
 		t.Errorf("prompt tokens %d, want 19", got)
 	}
-}
-
-func equalIDs(a, b []int32) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func TestEmbedNormalize(t *testing.T) {

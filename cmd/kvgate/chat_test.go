@@ -188,7 +188,7 @@ func TestChatEndToEnd(t *testing.T) {
 		conv := chatMsgs("system", "sys", "user", long, "assistant", long, "user", long, "assistant", long, "user", "last one")
 		g := generateAll(ctx, c, chatRequest(conv, 8))
 		st := status.Convert(g.err)
-		if st.Code() != codes.InvalidArgument || !slices.Contains(badFields(st), "messages") {
+		if st.Code() != codes.InvalidArgument || !slices.Contains(violationFields(g.err), "messages") {
 			t.Fatalf("default policy: %v, want INVALID_ARGUMENT with a violation on messages", g.err)
 		}
 		req := chatRequest(conv, 8)
@@ -285,18 +285,6 @@ func count(ids []int32, id int32) int {
 		}
 	}
 	return n
-}
-
-func badFields(st *status.Status) []string {
-	var fields []string
-	for _, d := range st.Details() {
-		if br, ok := d.(*errdetails.BadRequest); ok {
-			for _, v := range br.GetFieldViolations() {
-				fields = append(fields, v.GetField())
-			}
-		}
-	}
-	return fields
 }
 
 func errorReason(err error) string {

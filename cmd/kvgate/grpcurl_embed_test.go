@@ -1,13 +1,10 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"math"
-	"os/exec"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/kvgate/kvgate/internal/testmodels"
 )
@@ -17,16 +14,7 @@ import (
 func TestGrpcurlEmbed(t *testing.T) {
 	grpcurl := grpcurlPath(t)
 	s := startServer(t, "--model", "none", "--embedding-model", testModel(t, testmodels.MiniLM))
-	run := func(args ...string) string {
-		t.Helper()
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		out, err := exec.CommandContext(ctx, grpcurl, append([]string{"-plaintext"}, args...)...).CombinedOutput()
-		if err != nil {
-			t.Fatalf("grpcurl %v: %v\n%s", args, err, out)
-		}
-		return string(out)
-	}
+	run := grpcurlRunner(t, grpcurl)
 	if list := run(s.addr, "list"); !strings.Contains(list, "kvgate.v1.EmbeddingService") {
 		t.Errorf("grpcurl list lacks kvgate.v1.EmbeddingService:\n%s", list)
 	}

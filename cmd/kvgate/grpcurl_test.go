@@ -28,12 +28,10 @@ func grpcurlPath(t *testing.T) string {
 	return ""
 }
 
-// TestGrpcurl drives the server with grpcurl and server reflection alone,
-// as an engineer would: no .proto files at hand.
-func TestGrpcurl(t *testing.T) {
-	grpcurl := grpcurlPath(t)
-	s := startServer(t, "--model", testModel(t, "stories260K.gguf"))
-	run := func(args ...string) string {
+// grpcurlRunner returns a function that runs grpcurl -plaintext with its
+// arguments and returns its output, failing the test when grpcurl fails.
+func grpcurlRunner(t *testing.T, grpcurl string) func(args ...string) string {
+	return func(args ...string) string {
 		t.Helper()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
@@ -43,6 +41,14 @@ func TestGrpcurl(t *testing.T) {
 		}
 		return string(out)
 	}
+}
+
+// TestGrpcurl drives the server with grpcurl and server reflection alone,
+// as an engineer would: no .proto files at hand.
+func TestGrpcurl(t *testing.T) {
+	grpcurl := grpcurlPath(t)
+	s := startServer(t, "--model", testModel(t, "stories260K.gguf"))
+	run := grpcurlRunner(t, grpcurl)
 
 	list := run(s.addr, "list")
 	for _, svc := range []string{"kvgate.v1.GenerateService", "kvgate.v1.CacheService", "grpc.health.v1.Health"} {

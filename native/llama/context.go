@@ -115,6 +115,16 @@ type Context struct {
 	cbatch C.struct_llama_batch
 }
 
+// threadsOrDefault returns n, or for n <= 0 the default thread count:
+// cpus.DefaultThreads of the CPUs the process may use. Decode and embedding
+// contexts share it.
+func threadsOrDefault(n int) int {
+	if n > 0 {
+		return n
+	}
+	return cpus.DefaultThreads(cpus.Available().CPUs)
+}
+
 // NewContext creates a context for m: by default with kv_unified = true, one
 // pool of cells for every sequence; with p.Streams, a KV stream per
 // sequence.
@@ -125,10 +135,7 @@ func NewContext(m *Model, p ContextParams) (*Context, error) {
 	if p.MaxSequences <= 0 || p.MaxSequences > native.MaxSequenceIDs {
 		return nil, fmt.Errorf("new context: max sequences %d outside [1, %d]", p.MaxSequences, native.MaxSequenceIDs)
 	}
-	threads := p.Threads
-	if threads <= 0 {
-		threads = cpus.DefaultThreads(cpus.Available().CPUs)
-	}
+	threads := threadsOrDefault(p.Threads)
 	params := C.llama_context_default_params()
 	params.n_ctx = C.uint32_t(p.Cells)
 	params.n_batch = C.uint32_t(p.Batch)

@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"unsafe"
 
-	"github.com/kvgate/kvgate/internal/cpus"
 	"github.com/kvgate/kvgate/native"
 )
 
@@ -102,10 +101,7 @@ func NewEmbedContext(m *Model, p EmbedParams) (*EmbedContext, error) {
 	if p.MaxSequences <= 0 || p.MaxSequences > native.MaxSequenceIDs {
 		return nil, fmt.Errorf("new embedding context: max sequences %d outside [1, %d]", p.MaxSequences, native.MaxSequenceIDs)
 	}
-	threads := p.Threads
-	if threads <= 0 {
-		threads = cpus.DefaultThreads(cpus.Available().CPUs)
-	}
+	threads := threadsOrDefault(p.Threads)
 	params := C.llama_context_default_params()
 	params.n_ctx = C.uint32_t(p.Batch)
 	params.n_batch = C.uint32_t(p.Batch)
