@@ -206,3 +206,40 @@ func countID(ids []int32, id int32) int {
 	}
 	return n
 }
+
+// TestValidateChatFields checks a conversation request's own fields at the
+// request level: an unknown context_overflow is refused with a violation
+// naming it, whatever the prompt, and each known value is accepted.
+func TestValidateChatFields(t *testing.T) {
+	lim := DefaultLimits()
+	lim.MaxSequenceTokens = 256
+	lim.MaxPromptBytes = 1000
+	ch := chatInput{tmpl: fakeChat(), limits: chatLimits{maxMessages: 8, maxBytes: lim.MaxPromptBytes}}
+	conv := &kvgatev1.GenerateRequest_Messages{Messages: &kvgatev1.ChatMessages{Messages: msgs("user", "hi")}}
+	text := &kvgatev1.GenerateRequest_Text{Text: "a b"}
+	tests := []struct {
+		name   string
+		req    *kvgatev1.GenerateRequest
+		fields []string // nil: valid
+	}{
+		{"unset", &kvgatev1.GenerateRequest{Prompt: conv, MaxTokens: 4}, nil},
+		{"refuse", &kvgatev1.GenerateRequest{Prompt: conv, MaxTokens: 4, ContextOverflow: kvgatev1.ContextOverflow_CONTEXT_OVERFLOW_REFUSE}, nil},
+		{"drop oldest", &kvgatev1.GenerateRequest{Prompt: conv, MaxTokens: 4, ContextOverflow: kvgatev1.ContextOverflow_CONTEXT_OVERFLOW_DROP_OLDEST}, nil},
+		{"unknown, conversation", &kvgatev1.GenerateRequest{Prompt: conv, MaxTokens: 4, ContextOverflow: 3}, []string{"context_overflow"}},
+		{"negative, text prompt", &kvgatev1.GenerateRequest{Prompt: text, MaxTokens: 4, ContextOverflow: -1}, []string{"context_overflow"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := validateChat(tc.req, fakeTokenizer{}, lim, ch)
+			if tc.fields == nil {
+				if err != nil {
+					t.Fatalf("refused a valid request: %v", err)
+				}
+				return
+			}
+			if status.Code(err) != codes.InvalidArgument || !slices.Equal(fieldsOf(t, err), tc.fields) {
+				t.Fatalf("got %v (fields %v), want INVALID_ARGUMENT on %v", err, fieldsOf(t, err), tc.fields)
+			}
+		})
+	}
+}

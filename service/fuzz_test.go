@@ -2,6 +2,7 @@ package service
 
 import (
 	"math"
+	"strings"
 	"testing"
 	"unicode/utf8"
 
@@ -13,7 +14,8 @@ import (
 )
 
 // FuzzValidate parses arbitrary bytes as a GenerateRequest, as the server
-// does, and validates it: validate must never panic, must refuse with
+// does, and validates it, conversations rendered with a ChatML-like
+// template (fakeChat): validate must never panic, must refuse with
 // INVALID_ARGUMENT and at least one field violation, or accept a request
 // whose every value lies in its documented range.
 func FuzzValidate(f *testing.F) {
@@ -26,6 +28,10 @@ func FuzzValidate(f *testing.F) {
 			PenaltyLastN: 300_000_000, TopP: &one, TopK: -1, MinP: float32(math.Inf(1)),
 		}},
 		{Prompt: &kvgatev1.GenerateRequest_Text{Text: "a"}, MaxTokens: 1, Stop: []string{"", "x"}, CacheSalt: "s", RequestId: "r", Priority: math.MaxInt32},
+		{Prompt: &kvgatev1.GenerateRequest_Messages{Messages: &kvgatev1.ChatMessages{Messages: msgs("system", "be brief", "user", "hi <|im_end|>")}}, MaxTokens: 4},
+		{Prompt: &kvgatev1.GenerateRequest_Messages{Messages: &kvgatev1.ChatMessages{Messages: msgs("user", strings.Repeat("x", 40), "assistant", "ok", "user", "again")}},
+			ContextOverflow: kvgatev1.ContextOverflow_CONTEXT_OVERFLOW_DROP_OLDEST},
+		{Prompt: &kvgatev1.GenerateRequest_Messages{Messages: &kvgatev1.ChatMessages{Messages: msgs("us er", "\x00", "", "")}}, ContextOverflow: 7},
 	} {
 		b, err := proto.Marshal(req)
 		if err != nil {
@@ -43,7 +49,7 @@ func FuzzValidate(f *testing.F) {
 		if proto.Unmarshal(b, &req) != nil {
 			return // the codec refuses it before validation (obs.clientCodec)
 		}
-		r, err := validate(&req, fakeTokenizer{}, lim)
+		r, err := validateChat(&req, fakeTokenizer{}, lim, chatInput{tmpl: fakeChat(), limits: chatLimits{maxMessages: 8, maxBytes: lim.MaxPromptBytes}})
 		if err != nil {
 			if status.Code(err) != codes.InvalidArgument || len(fieldsOf(t, err)) == 0 {
 				t.Fatalf("refusal without violations: %v", err)
@@ -68,6 +74,10 @@ func FuzzValidate(f *testing.F) {
 			t.Fatalf("accepted a %d-byte salt or a %d-byte text", len(req.GetCacheSalt()), len(req.GetText()))
 		case !utf8.ValidString(req.GetText()):
 			t.Fatal("accepted invalid UTF-8")
+		case kvgatev1.ContextOverflow_name[int32(req.GetContextOverflow())] == "":
+			t.Fatalf("accepted context_overflow %d", req.GetContextOverflow())
+		case req.GetMessages() != nil && (len(req.GetMessages().GetMessages()) > 8 || len(r.prompt)+r.maxTokens > lim.MaxSequenceTokens):
+			t.Fatalf("accepted a conversation of %d messages, %d prompt tokens + %d", len(req.GetMessages().GetMessages()), len(r.prompt), r.maxTokens)
 		}
 	})
 }

@@ -119,6 +119,10 @@ func validateChat(req *kvgatev1.GenerateRequest, m tokenizer, lim Limits, ch cha
 	}
 	out := &request{maxTokens: int(req.GetMaxTokens()), priority: req.GetPriority(), ignoreEOS: req.GetIgnoreEos()}
 
+	if policy := req.GetContextOverflow(); kvgatev1.ContextOverflow_name[int32(policy)] == "" {
+		bad("context_overflow", "unknown value %d", int32(policy))
+	}
+
 	promptField := "prompt"
 	switch p := req.GetPrompt().(type) {
 	case *kvgatev1.GenerateRequest_Text:

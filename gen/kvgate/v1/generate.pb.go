@@ -213,7 +213,8 @@ type GenerateRequest struct {
 	// max_sequence_tokens or max_prompt_tokens. With max_tokens unset, the
 	// conversation must leave room for one token, and the default is then
 	// shortened to what it leaves. Ignored for text and tokens prompts, which
-	// are refused.
+	// are refused. A value outside the enum is refused with INVALID_ARGUMENT
+	// and a BadRequest violation on context_overflow.
 	ContextOverflow ContextOverflow `protobuf:"varint,13,opt,name=context_overflow,json=contextOverflow,proto3,enum=kvgate.v1.ContextOverflow" json:"context_overflow,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
