@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -255,11 +254,11 @@ func TestChatNoTemplate(t *testing.T) {
 		t.Fatalf("GetModelInfo: %v, chat_template %q", err, info.GetChatTemplate())
 	}
 	_, err = c.RenderChat(ctx, &kvgatev1.RenderChatRequest{Messages: chatMsgs("user", "hi")})
-	if status.Code(err) != codes.FailedPrecondition || errorReason(err) != "NO_CHAT_TEMPLATE" {
+	if status.Code(err) != codes.FailedPrecondition || errorInfoReason(err) != "NO_CHAT_TEMPLATE" {
 		t.Errorf("RenderChat: %v, want FAILED_PRECONDITION NO_CHAT_TEMPLATE", err)
 	}
 	g := generateAll(ctx, c, chatRequest(chatMsgs("user", "hi"), 4))
-	if status.Code(g.err) != codes.FailedPrecondition || errorReason(g.err) != "NO_CHAT_TEMPLATE" {
+	if status.Code(g.err) != codes.FailedPrecondition || errorInfoReason(g.err) != "NO_CHAT_TEMPLATE" {
 		t.Errorf("Generate: %v, want FAILED_PRECONDITION NO_CHAT_TEMPLATE", g.err)
 	}
 	s.Stop()
@@ -285,13 +284,4 @@ func count(ids []int32, id int32) int {
 		}
 	}
 	return n
-}
-
-func errorReason(err error) string {
-	for _, d := range status.Convert(err).Details() {
-		if ei, ok := d.(*errdetails.ErrorInfo); ok {
-			return ei.GetReason()
-		}
-	}
-	return ""
 }

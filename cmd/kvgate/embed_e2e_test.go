@@ -229,7 +229,7 @@ func TestEmbedEndToEnd(t *testing.T) {
 	// No generation model: generation calls fail FAILED_PRECONDITION, and
 	// health says which services serve.
 	_, err = s.Generate().Tokenize(ctx, &kvgatev1.TokenizeRequest{Text: "x"})
-	if status.Code(err) != codes.FailedPrecondition || errorReason(err) != "NO_GENERATION_MODEL" {
+	if status.Code(err) != codes.FailedPrecondition || errorInfoReason(err) != "NO_GENERATION_MODEL" {
 		t.Errorf("Tokenize without a generation model: %v", err)
 	}
 	h := healthpb.NewHealthClient(s.conn)
@@ -254,7 +254,7 @@ func TestEmbedWithoutEmbeddingModel(t *testing.T) {
 	defer cancel()
 	c := kvgatev1.NewEmbeddingServiceClient(s.conn)
 	_, err := c.Embed(ctx, &kvgatev1.EmbedRequest{Inputs: []*kvgatev1.EmbedInput{embedText("x")}})
-	if status.Code(err) != codes.FailedPrecondition || errorReason(err) != "NO_EMBEDDING_MODEL" {
+	if status.Code(err) != codes.FailedPrecondition || errorInfoReason(err) != "NO_EMBEDDING_MODEL" {
 		t.Fatalf("Embed without an embedding model: %v", err)
 	}
 	if _, err := s.Generate().Tokenize(ctx, &kvgatev1.TokenizeRequest{Text: "x"}); err != nil {
