@@ -105,7 +105,10 @@ func soak(t *testing.T, policy string) {
 	model := testModel(t, "stories260K.gguf")
 	tokens := writeTokens(t, "tok-a team-a weight=2", "tok-b team-b max-share=0.6")
 	args := []string{"--model", model, "--ctx", "512", "--max-seqs", "8", "--max-queue", "64", "--admission", policy,
-		"--auth-tokens", tokens, "--metrics-listen", "127.0.0.1:0"}
+		"--auth-tokens", tokens, "--metrics-listen", "127.0.0.1:0",
+		// Conversations and embedding calls run beside the rest (issue 14).
+		"--chat-template", "chatml", "--embedding-model", testModel(t, "all-MiniLM-L6-v2-Q4_K_M.gguf"),
+		"--embedding-max-queue", "8", "--embedding-max-inputs", "16"}
 	s := startServer(t, args...)
 	s.token = "tok-a"
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
@@ -117,6 +120,26 @@ func soak(t *testing.T, policy string) {
 	outcomes := map[string]int{}
 	var wg sync.WaitGroup
 	start := time.Now()
+	for w := range soakEmbedClients {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(w), 77))
+			c := kvgatev1.NewEmbeddingServiceClient(s.conn)
+			for i := 0; i < total/20/soakEmbedClients && !t.Failed(); i++ {
+				hostile, req := soakEmbedRequest(rng)
+				cctx, ccancel := context.WithTimeout(withToken(ctx, "tok-b"), 5*time.Minute)
+				resp, err := c.Embed(cctx, req)
+				ccancel()
+				outcome, err := checkSoakEmbed(hostile, req, resp, err)
+				if err != nil {
+					t.Errorf("embed call %d (hostile %v): %v", i, hostile, err)
+					return
+				}
+				mu.Lock()
+				outcomes["embed"+map[bool]string{false: "", true: " hostile"}[hostile]+" → "+outcome]++
+				mu.Unlock()
+			}
+		})
+	}
 	for w := range workers {
 		wg.Go(func() {
 			rng := rand.New(rand.NewPCG(uint64(w), 99))
@@ -157,7 +180,11 @@ func soak(t *testing.T, policy string) {
 					return
 				}
 				mu.Lock()
-				outcomes[soakKindNames[kind]+" → "+outcome]++
+				name := soakKindNames[kind]
+				if req.GetMessages() != nil {
+					name += " chat"
+				}
+				outcomes[name+" → "+outcome]++
 				mu.Unlock()
 			}
 		})
@@ -195,6 +222,17 @@ func soak(t *testing.T, policy string) {
 	}
 	if n := metricValue(fams, "kvgate_handler_panics_total"); n != 0 {
 		t.Errorf("%v handler panics", n)
+	}
+	if outcomes["normal chat → finished"] == 0 || outcomes["hostile chat → INVALID_ARGUMENT"] == 0 {
+		t.Errorf("no conversation finished, or none was refused: the soak did not exercise them")
+	}
+	es, err := kvgatev1.NewEmbeddingServiceClient(s.conn).GetEmbeddingStats(withToken(ctx, "tok-a"), &kvgatev1.GetEmbeddingStatsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("embedding: %d requests, %d inputs, %d encode calls, refused %v", es.GetRequestsTotal(), es.GetInputsTotal(), es.GetEncodeCallsTotal(), es.GetRejectedTotal())
+	if es.GetRequestsQueued() != 0 || es.GetRequestsTotal() == 0 {
+		t.Errorf("after the soak: %d embedding requests queued, %d served", es.GetRequestsQueued(), es.GetRequestsTotal())
 	}
 
 	// Greedy output equals a fresh server's.
@@ -249,11 +287,19 @@ func soakRequest(r *rand.Rand) (soakKind, *kvgatev1.GenerateRequest) {
 	if kind == soakNormal && r.IntN(20) == 0 {
 		req.MaxTokens, req.IgnoreEos = 0, false // the server's default_max_tokens
 	}
+	if kind != soakNeverFits && r.IntN(5) == 0 {
+		req.Prompt = &kvgatev1.GenerateRequest_Messages{Messages: &kvgatev1.ChatMessages{Messages: soakConversation(r)}}
+		req.ContextOverflow = kvgatev1.ContextOverflow(r.IntN(3))
+	}
 	switch kind {
 	case soakHostile:
-		if r.IntN(6) == 0 {
+		switch r.IntN(6) {
+		case 0:
 			req.CacheSalt = strings.Repeat("s", 257+r.IntN(1000)) // over its 256-byte bound
-			break
+			return kind, req
+		case 1:
+			hostileConversation(r, req)
+			return kind, req
 		}
 		req.Sampling = hostileSampling(r)
 	case soakExtreme:
@@ -265,6 +311,114 @@ func soakRequest(r *rand.Rand) (soakKind, *kvgatev1.GenerateRequest) {
 		}
 	}
 	return kind, req
+}
+
+// soakWords are the words of soak conversations and embedding texts, the
+// chat template's own markers among them: in a message they are text.
+var soakWords = []string{"Once", "upon", "a", "time", "Lily", "saw", "a", "big", "dog", "<|im_end|>", "<|im_start|>", "\n", "ünï", "🙂"}
+
+// soakText returns up to n random words.
+func soakText(r *rand.Rand, n int) string {
+	var b strings.Builder
+	for i := range 1 + r.IntN(n) {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		b.WriteString(soakWords[r.IntN(len(soakWords))])
+	}
+	return b.String()
+}
+
+// soakConversation returns 1 to 4 short messages that fit a soak sequence.
+func soakConversation(r *rand.Rand) []*kvgatev1.ChatMessage {
+	var out []*kvgatev1.ChatMessage
+	if r.IntN(2) == 0 {
+		out = append(out, &kvgatev1.ChatMessage{Role: "system", Content: soakText(r, 4)})
+	}
+	for i := range 1 + r.IntN(3) {
+		out = append(out, &kvgatev1.ChatMessage{Role: [...]string{"user", "assistant"}[i%2], Content: soakText(r, 5)})
+	}
+	return out
+}
+
+// hostileConversation makes req a conversation that the API refuses.
+func hostileConversation(r *rand.Rand, req *kvgatev1.GenerateRequest) {
+	conv := soakConversation(r)
+	switch r.IntN(5) {
+	case 0:
+		conv[0].Role = "not a role!"
+	case 1:
+		conv[0].Content = "nul \x00 inside"
+	case 2:
+		conv = nil
+	case 3:
+		for range 300 { // over max_chat_messages (256)
+			conv = append(conv, &kvgatev1.ChatMessage{Role: "user", Content: "x"})
+		}
+	case 4:
+		req.ContextOverflow = kvgatev1.ContextOverflow(3 + r.IntN(100))
+	}
+	req.Prompt = &kvgatev1.GenerateRequest_Messages{Messages: &kvgatev1.ChatMessages{Messages: conv}}
+}
+
+// soakEmbedClients is the number of clients that send embedding calls
+// during the soak, total/20 calls among them.
+const soakEmbedClients = 4
+
+// soakEmbedRequest draws one embedding call: one in four is hostile.
+func soakEmbedRequest(r *rand.Rand) (hostile bool, req *kvgatev1.EmbedRequest) {
+	req = &kvgatev1.EmbedRequest{Normalize: r.IntN(2) == 0, Truncation: kvgatev1.Truncation(r.IntN(3))}
+	for range 1 + r.IntN(6) {
+		req.Inputs = append(req.Inputs, &kvgatev1.EmbedInput{Input: &kvgatev1.EmbedInput_Text{Text: soakText(r, 12)}})
+	}
+	if r.IntN(4) != 0 {
+		return false, req
+	}
+	switch r.IntN(5) {
+	case 0:
+		req.Inputs = nil
+	case 1:
+		req.Inputs[0].Input = &kvgatev1.EmbedInput_Text{Text: ""}
+	case 2:
+		req.Inputs[0].Input = &kvgatev1.EmbedInput_Tokens{Tokens: &kvgatev1.TokenList{Ids: []int32{101, -5, 1 << 30}}}
+	case 3:
+		for range 17 { // over --embedding-max-inputs
+			req.Inputs = append(req.Inputs, req.Inputs[0])
+		}
+	case 4:
+		req.Truncation = kvgatev1.Truncation(3 + r.IntN(100))
+	}
+	return true, req
+}
+
+// checkSoakEmbed reports an embedding call's outcome that does not fit it.
+func checkSoakEmbed(hostile bool, req *kvgatev1.EmbedRequest, resp *kvgatev1.EmbedResponse, err error) (string, error) {
+	if err == nil {
+		if hostile {
+			return "", fmt.Errorf("a hostile call succeeded")
+		}
+		if n := len(resp.GetEmbeddings()); n != len(req.GetInputs()) {
+			return "", fmt.Errorf("%d embeddings for %d inputs", n, len(req.GetInputs()))
+		}
+		for i, e := range resp.GetEmbeddings() {
+			if len(e.GetValues()) != 384 {
+				return "", fmt.Errorf("embedding %d has %d values", i, len(e.GetValues()))
+			}
+		}
+		return "OK", nil
+	}
+	outcome, cerr := classify(err)
+	switch {
+	case cerr != nil:
+		return "", cerr
+	case outcome == "INVALID_ARGUMENT" && !hostile:
+		return "", fmt.Errorf("INVALID_ARGUMENT for a valid call: %v", err)
+	case strings.HasPrefix(outcome, "RESOURCE_EXHAUSTED/") && hostile:
+		return "", fmt.Errorf("%s for a call that can never run", outcome)
+	case outcome != "INVALID_ARGUMENT" && !strings.HasPrefix(outcome, "RESOURCE_EXHAUSTED/"):
+		return "", fmt.Errorf("unexpected %s: %v", outcome, err)
+	}
+	return outcome, nil
 }
 
 // checkSoakOutcome reports an outcome that does not fit the request.
