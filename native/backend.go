@@ -25,6 +25,11 @@ type Backend interface {
 	// cache unchanged; any other error is a failed computation. An empty
 	// batch is a no-op.
 	Decode(b *Batch) error
+	// Logprob computes the log-softmax of output out of the last Decode,
+	// the model's raw distribution: the log-probability of tok, and the top
+	// (at most MaxTopLogprobs) most likely tokens, most likely first and
+	// ties by id, appended to dst.Top[:0].
+	Logprob(out int, tok int32, top int, dst *TokenLogprob) error
 	// NewSampler returns a sampler that draws from the outputs of the
 	// backend's last Decode. The caller frees it.
 	NewSampler(p SamplingParams) Sampler

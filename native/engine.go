@@ -77,8 +77,18 @@ type Request struct {
 	Sampling SamplingParams
 	// Stop strings end generation and are not streamed.
 	Stop []string
-	// IgnoreEOS keeps generating past end-of-generation tokens.
+	// StopTokens end generation when sampled, beside the end-of-generation
+	// tokens; the token is not streamed (Result.StopToken names it).
+	StopTokens []int32
+	// IgnoreEOS keeps generating past end-of-generation tokens, except
+	// that a sequence with a grammar ends at an end-of-generation token
+	// (the grammar allows one only once it is complete).
 	IgnoreEOS bool
+	// Logprobs makes every Event carry the log-probability of each of its
+	// tokens and of the TopLogprobs (at most MaxTopLogprobs) most likely
+	// tokens of that step, under the model's raw distribution.
+	Logprobs    bool
+	TopLogprobs int
 	// NoCache keeps the sequence out of the prefix cache.
 	NoCache bool
 	// QueueTimeout bounds the time spent queued; 0 means as long as the
@@ -97,14 +107,21 @@ type Event struct {
 	Tokens []int32
 	// Step is the decode step that produced the last of the tokens.
 	Step uint64
+	// Logprobs holds one entry per token of Tokens when the request asked
+	// for them (Request.Logprobs), nil otherwise.
+	Logprobs []TokenLogprob
 }
 
 // Result describes how a sequence ended. Err is nil for a normal end.
 type Result struct {
-	Reason           FinishReason
-	CachedTokens     int // prompt tokens shared from the prefix cache
-	Preempted        int // times the sequence was preempted and resumed
-	StopString       string
+	Reason       FinishReason
+	CachedTokens int // prompt tokens shared from the prefix cache
+	Preempted    int // times the sequence was preempted and resumed
+	StopString   string
+	// StopToken is the Request.StopTokens id that ended the sequence, when
+	// HasStopToken is set (Reason is then FinishStop).
+	StopToken        int32
+	HasStopToken     bool
 	Err              error
 	PromptTokens     int
 	CompletionTokens int

@@ -16,6 +16,9 @@ type textBuffer struct {
 	pend  []byte
 	toks  []int32
 	ends  []int // ends[i] is the offset in pend where toks[i]'s text ends
+	// lps[i] is toks[i]'s log-probability, kept only when the sequence
+	// asked for them (pushLogprob).
+	lps []TokenLogprob
 }
 
 func (t *textBuffer) reset(stops []string) {
@@ -26,7 +29,12 @@ func (t *textBuffer) reset(stops []string) {
 	t.pend = t.pend[:0]
 	t.toks = t.toks[:0]
 	t.ends = t.ends[:0]
+	t.lps = t.lps[:0]
 }
+
+// pushLogprob records the log-probability of the token push is about to
+// append; a sequence that asks for logprobs calls it before every push.
+func (t *textBuffer) pushLogprob(lp TokenLogprob) { t.lps = append(t.lps, lp) }
 
 // push appends a token's text. It returns the index in pend where a stop
 // string starts (and which stop string), or -1.
@@ -79,17 +87,25 @@ func completeUTF8(b []byte) int {
 }
 
 // take removes the first n bytes of pend and returns them as valid UTF-8,
-// with the ids of the tokens whose text ends within them. When all is true,
-// every pending token is returned with them.
-func (t *textBuffer) take(n int, all bool) (string, []int32) {
+// with the ids of the tokens whose text ends within them, and their
+// log-probabilities when they were recorded. When all is true, every pending
+// token is returned with them.
+func (t *textBuffer) take(n int, all bool) (string, []int32, []TokenLogprob) {
 	k := 0
 	for k < len(t.ends) && (all || t.ends[k] <= n) {
 		k++
 	}
 	var ids []int32
+	var lps []TokenLogprob
 	if k > 0 {
 		ids = make([]int32, k)
 		copy(ids, t.toks[:k])
+		if len(t.lps) >= k {
+			lps = make([]TokenLogprob, k)
+			copy(lps, t.lps[:k])
+			clear(t.lps[copy(t.lps, t.lps[k:]):])
+			t.lps = t.lps[:len(t.lps)-k]
+		}
 	}
 	text := string(t.pend[:n])
 	if !utf8.ValidString(text) {
@@ -104,5 +120,5 @@ func (t *textBuffer) take(n int, all bool) (string, []int32) {
 	for i := range t.ends {
 		t.ends[i] = max(0, t.ends[i]-n)
 	}
-	return text, ids
+	return text, ids, lps
 }

@@ -96,7 +96,48 @@ type SamplingParams struct {
 	// random", so that seed draws as 0xFFFFFFFE does.
 	Seed    uint32
 	HasSeed bool
+	// LogitBias is added to the logits of its tokens before every other
+	// stage; a bias of -inf bans the token. Any bias turns the greedy fast
+	// path off. The ids must lie in the vocabulary (the service checks).
+	LogitBias []LogitBias
+	// Grammar is a GBNF grammar whose rule "root" constrains the output,
+	// applied lazily: each token is drawn as without it and checked, and
+	// only a rejected token makes the sampler mask the whole vocabulary
+	// with the grammar and draw again. "" means no grammar. NewSampler
+	// fails with an error wrapping ErrBadGrammar when llama.cpp cannot
+	// parse it; the service checks it in Go first (internal/grammar), so
+	// that no grammar reaches llama.cpp's asserts.
+	Grammar string
 }
+
+// LogitBias is an additive bias on one token's logit.
+type LogitBias struct {
+	Token int32
+	Bias  float32
+}
+
+// ErrBadGrammar reports a grammar llama.cpp's parser refused.
+var ErrBadGrammar = errors.New("the grammar does not parse")
+
+// TokenLogprob is a sampled token's log-probability under the model's raw
+// distribution (the log-softmax of its logits, before bias, penalties,
+// temperature, filters and grammar), with the most likely tokens of that
+// step.
+type TokenLogprob struct {
+	Token   int32
+	Logprob float32
+	// Top holds the most likely tokens, most likely first, ties by id.
+	Top []TopLogprob
+}
+
+// TopLogprob is one of the most likely tokens of a step.
+type TopLogprob struct {
+	Token   int32
+	Logprob float32
+}
+
+// MaxTopLogprobs is the most alternatives a logprobs request may ask for.
+const MaxTopLogprobs = 20
 
 // HasPenalties reports whether any penalty is active.
 func (p SamplingParams) HasPenalties() bool {

@@ -474,6 +474,9 @@ func (e *Engine) advance(s *sequence, step uint64) bool {
 		return true // waiting for room in the batch
 	}
 	tok, err := s.sampler.Sample(s.out)
+	if err == nil && s.req.Logprobs {
+		err = e.logprob(s, s.out, tok)
+	}
 	if err != nil {
 		// Only this sequence ends (ErrNoValidToken for parameters that left
 		// nothing to draw); the others go on.
@@ -481,6 +484,17 @@ func (e *Engine) advance(s *sequence, step uint64) bool {
 		return false
 	}
 	return e.accept(s, tok, step)
+}
+
+// logprob records the log-probability of tok, sampled from output out, for
+// s's next push; only sequences that ask for logprobs pay for it.
+func (e *Engine) logprob(s *sequence, out int, tok int32) error {
+	var lp TokenLogprob
+	if err := e.w.be.Logprob(out, tok, s.req.TopLogprobs, &lp); err != nil {
+		return fmt.Errorf("logprobs: %w", err)
+	}
+	s.text.pushLogprob(lp)
+	return nil
 }
 
 // accept streams a sampled token and decides whether s goes on.
@@ -492,9 +506,19 @@ func (e *Engine) accept(s *sequence, tok int32, step uint64) bool {
 	if s.generated == 1 {
 		s.stream.result.FirstToken = time.Now()
 	}
-	if !s.req.IgnoreEOS && e.vocab.IsEOG(tok) {
+	if (!s.req.IgnoreEOS || s.req.Sampling.Grammar != "") && e.vocab.IsEOG(tok) {
 		e.finish(s, FinishEOS, "", nil)
 		return false
+	}
+	for _, stop := range s.req.StopTokens {
+		if tok == stop {
+			if n := len(s.text.lps); n > len(s.text.toks) {
+				s.text.lps = s.text.lps[:n-1] // the stop token's own
+			}
+			s.stream.result.StopToken, s.stream.result.HasStopToken = tok, true
+			e.finish(s, FinishStop, "", nil)
+			return false
+		}
 	}
 	w.piece = e.vocab.AppendPiece(w.piece[:0], tok, false, false)
 	if at, stop := s.text.push(tok, w.piece); at >= 0 {
@@ -520,12 +544,12 @@ func (e *Engine) accept(s *sequence, tok int32, step uint64) bool {
 // emit sends the first n pending bytes without blocking. A full buffer ends
 // the sequence with ErrSlowConsumer, and emit returns false.
 func (e *Engine) emit(s *sequence, n int, all bool, step uint64) bool {
-	text, ids := s.text.take(n, all)
+	text, ids, lps := s.text.take(n, all)
 	if text == "" && len(ids) == 0 {
 		return true
 	}
 	select {
-	case s.stream.events <- Event{Text: text, Tokens: ids, Step: step}:
+	case s.stream.events <- Event{Text: text, Tokens: ids, Step: step, Logprobs: lps}:
 		return true
 	default:
 		e.slow.Add(1)

@@ -325,6 +325,9 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 		MaxTokens:    r.maxTokens,
 		Sampling:     r.sampling,
 		Stop:         r.stop,
+		StopTokens:   r.stopTokens,
+		Logprobs:     r.logprobs,
+		TopLogprobs:  r.topLogprobs,
 		IgnoreEOS:    r.ignoreEOS,
 		NoCache:      req.GetSkipPrefixCache(),
 		QueueTimeout: time.Duration(req.GetQueueTimeoutMs()) * time.Millisecond,
@@ -360,15 +363,17 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 	mergeAt := max(cap(events)/4, 1)
 	var text strings.Builder
 	var ids []int32
+	var lps []native.TokenLogprob
 	for ev := range events {
 		if err != nil || out.Failed() {
 			continue // drain; the engine ends the sequence when ctx is done
 		}
-		chunk := &kvgatev1.Chunk{Text: ev.Text, TokenIds: ev.Tokens}
+		chunk := &kvgatev1.Chunk{Text: ev.Text, TokenIds: ev.Tokens, Logprobs: s.logprobs(ev.Logprobs)}
 		if len(events) >= mergeAt {
 			text.Reset()
 			text.WriteString(ev.Text)
 			ids = append(ids[:0], ev.Tokens...)
+			lps = append(lps[:0], ev.Logprobs...)
 			for n := len(events); n > 0; n-- {
 				more, ok := <-events
 				if !ok {
@@ -376,8 +381,9 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 				}
 				text.WriteString(more.Text)
 				ids = append(ids, more.Tokens...)
+				lps = append(lps, more.Logprobs...)
 			}
-			chunk = &kvgatev1.Chunk{Text: text.String(), TokenIds: slices.Clone(ids)}
+			chunk = &kvgatev1.Chunk{Text: text.String(), TokenIds: slices.Clone(ids), Logprobs: s.logprobs(lps)}
 		}
 		err = stream.Send(&kvgatev1.GenerateResponse{Event: &kvgatev1.GenerateResponse_Chunk{Chunk: chunk}})
 		now := time.Now()
@@ -400,9 +406,14 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 	if first.IsZero() {
 		first = res.Ended
 	}
+	var stopToken *int32
+	if res.HasStopToken {
+		stopToken = &res.StopToken
+	}
 	return stream.Send(&kvgatev1.GenerateResponse{Event: &kvgatev1.GenerateResponse_Finished{Finished: &kvgatev1.Finished{
-		Reason: finishReason(res.Reason),
-		Stop:   res.StopString,
+		Reason:    finishReason(res.Reason),
+		Stop:      res.StopString,
+		StopToken: stopToken,
 		Usage: &kvgatev1.Usage{
 			PromptTokens:     uint32(res.PromptTokens),
 			CachedTokens:     uint32(res.CachedTokens),
@@ -414,6 +425,23 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 			DecodeMs:  msSince(first, res.Ended),
 		},
 	}}})
+}
+
+// logprobs converts the engine's log-probabilities to the API's, with the
+// text of every alternative; nil for none.
+func (s *Service) logprobs(lps []native.TokenLogprob) []*kvgatev1.TokenLogprob {
+	if len(lps) == 0 {
+		return nil
+	}
+	out := make([]*kvgatev1.TokenLogprob, len(lps))
+	for i, lp := range lps {
+		top := make([]*kvgatev1.TopLogprob, len(lp.Top))
+		for k, t := range lp.Top {
+			top[k] = &kvgatev1.TopLogprob{TokenId: t.Token, Logprob: t.Logprob, Text: s.model.AppendPiece(nil, t.Token, true, false)}
+		}
+		out[i] = &kvgatev1.TokenLogprob{TokenId: lp.Token, Logprob: lp.Logprob, Top: top}
+	}
+	return out
 }
 
 func finishReason(r native.FinishReason) kvgatev1.FinishReason {
@@ -528,6 +556,10 @@ func (s *Service) GetModelInfo(ctx context.Context, _ *kvgatev1.GetModelInfoRequ
 		DefaultMaxTokens:    uint32(max(s.cfg.Limits.DefaultMaxTokens, 0)),
 		ChatTemplate:        s.chatTemplateName(),
 		MaxChatMessages:     uint32(s.cfg.MaxChatMessages),
+		MaxGrammarBytes:     uint32(s.cfg.Limits.grammarBytes()),
+		MaxLogprobs:         native.MaxTopLogprobs,
+		MaxLogitBias:        uint32(s.cfg.Limits.logitBiasEntries()),
+		MaxSamples:          uint32(s.cfg.Limits.samples()),
 	}, nil
 }
 

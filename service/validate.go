@@ -1,8 +1,12 @@
 package service
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
+	"maps"
+	"math"
+	"slices"
 	"unicode/utf8"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -40,6 +44,14 @@ type Limits struct {
 	// MaxPenaltyLastN bounds sampling.penalty_last_n; 0 means
 	// native.MaxPenaltyLastN. New tightens it to MaxSequenceTokens.
 	MaxPenaltyLastN int
+	// MaxGrammarBytes bounds a grammar or JSON Schema; 0 means
+	// DefaultMaxGrammarBytes.
+	MaxGrammarBytes int
+	// MaxLogitBias bounds the logit_bias entries; 0 means
+	// DefaultMaxLogitBias.
+	MaxLogitBias int
+	// MaxSamples bounds n; 0 means DefaultMaxSamples.
+	MaxSamples int
 	// DefaultMaxTokens is the max_tokens of a request that leaves it
 	// unset, shortened to what its prompt leaves of MaxSequenceTokens; 0
 	// refuses such a request. New clamps it to MaxCompletionTokens.
@@ -60,6 +72,23 @@ func DefaultLimits() Limits {
 	return Limits{MaxStopStrings: 16, MaxStopStringBytes: 256, MaxRequestIDBytes: 128, MaxCacheSaltBytes: 256}
 }
 
+// Defaults of the structured-output and token-control limits.
+const (
+	// DefaultMaxGrammarBytes bounds a grammar or a JSON Schema's text.
+	DefaultMaxGrammarBytes = 64 << 10
+	// DefaultMaxLogitBias bounds the logit_bias entries.
+	DefaultMaxLogitBias = 1024
+	// DefaultMaxSamples bounds n.
+	DefaultMaxSamples = 16
+	// maxAbsLogitBias bounds a finite logit bias; -inf bans a token.
+	maxAbsLogitBias = 100
+)
+
+// grammarBytes, logitBiasEntries and samples return the limits in effect.
+func (l Limits) grammarBytes() int     { return cmp.Or(l.MaxGrammarBytes, DefaultMaxGrammarBytes) }
+func (l Limits) logitBiasEntries() int { return cmp.Or(l.MaxLogitBias, DefaultMaxLogitBias) }
+func (l Limits) samples() int          { return cmp.Or(l.MaxSamples, DefaultMaxSamples) }
+
 // tokenizer is the part of the model that validation needs.
 type tokenizer interface {
 	Tokenize(text string, addSpecial, parseSpecial bool) ([]int32, error)
@@ -77,6 +106,10 @@ type request struct {
 	priority    int32
 	ignoreEOS   bool
 	dropped     int // messages dropped to fit (CONTEXT_OVERFLOW_DROP_OLDEST)
+	stopTokens  []int32
+	logprobs    bool
+	topLogprobs int
+	n           int
 }
 
 // chatInput is what validation needs to render a conversation: the
@@ -210,6 +243,33 @@ func validateChat(req *kvgatev1.GenerateRequest, m tokenizer, lim Limits, ch cha
 		}
 		out.stop = req.GetStop()
 	}
+	vocab := m.Info().VocabSize
+	if len(req.GetLogitBias()) > 0 {
+		out.sampling.LogitBias = validateLogitBias(req.GetLogitBias(), vocab, lim, bad)
+	}
+	if ids := req.GetStopTokenIds(); len(ids) > lim.MaxStopStrings {
+		bad("stop_token_ids", "%d stop token ids exceed the server's max_stop_strings limit of %d", len(ids), lim.MaxStopStrings)
+	} else if i := m.ValidTokens(ids); i >= 0 {
+		bad(fmt.Sprintf("stop_token_ids[%d]", i), "token id %d is outside the vocabulary [0, %d)", ids[i], vocab)
+	} else {
+		out.stopTokens = ids
+	}
+	if req.Logprobs != nil {
+		if n := req.GetLogprobs(); n > native.MaxTopLogprobs {
+			bad("logprobs", "must be in [0, %d] (the server's max_logprobs), got %d", native.MaxTopLogprobs, n)
+		} else {
+			out.logprobs, out.topLogprobs = true, int(n)
+		}
+	}
+	switch n := req.GetN(); {
+	case n == 0:
+		out.n = 1
+	case int64(n) > int64(lim.samples()):
+		bad("n", "must be in [1, %d] (the server's max_samples), got %d", lim.samples(), n)
+	default:
+		out.n = int(n)
+	}
+	out.sampling.Grammar = constraintGrammar(req, m, lim, bad)
 	if n := len(req.GetRequestId()); n > lim.MaxRequestIDBytes {
 		bad("request_id", "%d bytes exceed the limit of %d", n, lim.MaxRequestIDBytes)
 	}
@@ -268,4 +328,28 @@ func validateSampling(s *kvgatev1.SamplingParams, lim Limits, bad func(field, fo
 		sp.Seed, sp.HasSeed = s.GetSeed(), true
 	}
 	return sp
+}
+
+// validateLogitBias checks logit_bias against the vocabulary and the
+// documented range and returns it as the engine's list, in token order.
+func validateLogitBias(bias map[int32]float32, vocab int, lim Limits, bad func(field, format string, args ...any)) []native.LogitBias {
+	if len(bias) > lim.logitBiasEntries() {
+		bad("logit_bias", "%d entries exceed the server's max_logit_bias limit of %d", len(bias), lim.logitBiasEntries())
+		return nil
+	}
+	out := make([]native.LogitBias, 0, len(bias))
+	for _, tok := range slices.Sorted(maps.Keys(bias)) {
+		b := bias[tok]
+		field := fmt.Sprintf("logit_bias[%d]", tok)
+		switch {
+		case tok < 0 || int(tok) >= vocab:
+			bad(field, "token id %d is outside the vocabulary [0, %d)", tok, vocab)
+		case math.IsInf(float64(b), -1):
+			// Bans the token.
+		case !(b >= -maxAbsLogitBias && b <= maxAbsLogitBias):
+			bad(field, "the bias must be in [-%d, %d] or -infinity (ban), got %v", maxAbsLogitBias, maxAbsLogitBias, b)
+		}
+		out = append(out, native.LogitBias{Token: tok, Bias: b})
+	}
+	return out
 }

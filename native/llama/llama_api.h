@@ -190,6 +190,17 @@ struct llama_sampler * llama_sampler_init_min_p(float p, size_t min_keep);
 struct llama_sampler * llama_sampler_init_temp(float t);
 struct llama_sampler * llama_sampler_init_penalties(int32_t penalty_last_n, float penalty_repeat,
                                                     float penalty_freq, float penalty_present);
+typedef struct llama_logit_bias {
+    llama_token token;
+    float bias;
+} llama_logit_bias;
+struct llama_sampler * llama_sampler_init_logit_bias(int32_t n_vocab, int32_t n_logit_bias,
+                                                     const llama_logit_bias * logit_bias);
+// llama_sampler_init_grammar returns NULL when grammar_str does not parse
+// (the reason goes to the log), and aborts on what the parser does not check
+// (see internal/grammar, which refuses those first).
+struct llama_sampler * llama_sampler_init_grammar(const struct llama_vocab * vocab, const char * grammar_str,
+                                                  const char * grammar_root);
 void llama_sampler_accept(struct llama_sampler * smpl, llama_token token);
 void llama_sampler_apply(struct llama_sampler * smpl, llama_token_data_array * cur_p);
 void llama_sampler_free(struct llama_sampler * smpl);
@@ -220,8 +231,13 @@ enum {
     KV_SAMPLE_NO_FINITE    = -2, // no candidate with a finite logit was left
     KV_SAMPLE_NO_SELECTION = -3, // the last sampler selected no candidate
 };
-llama_token kv_sample(struct llama_sampler * const * stages, int32_t n_stages, struct llama_context * ctx,
-                      int32_t idx, llama_token_data * buf, int32_t n_vocab);
+llama_token kv_sample(struct llama_sampler * const * stages, int32_t n_stages, struct llama_sampler * grammar,
+                      struct llama_context * ctx, int32_t idx, llama_token_data * buf, int32_t n_vocab);
+llama_token kv_sample_greedy_grammar(struct llama_sampler * stage, struct llama_sampler * grammar,
+                                     struct llama_context * ctx, int32_t idx, llama_token_data * buf,
+                                     int32_t n_vocab);
+int32_t kv_logprobs(struct llama_context * ctx, int32_t idx, int32_t n_vocab, llama_token tok, int32_t n_top,
+                    int32_t * top_ids, float * top_lps, float * tok_lp);
 void kv_sampler_accept(struct llama_sampler * const * stages, int32_t n_stages, llama_token tok);
 size_t kv_sanitize_candidates(llama_token_data_array * cur);
 int32_t kv_greedy_pick(const float * logits, int32_t n);

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"github.com/kvgate/kvgate/native"
 	"math/rand/v2"
+	"strings"
 	"unsafe"
 )
 
@@ -35,9 +36,9 @@ func drawSeed(p native.SamplingParams) uint32 {
 	return seed
 }
 
-// maxStages is the longest pipeline NewSampler builds: penalties, top_k,
-// top_p, min_p, temp and dist.
-const maxStages = 6
+// maxStages is the longest pipeline NewSampler builds: logit bias,
+// penalties, top_k, top_p, min_p, temp and dist.
+const maxStages = 7
 
 // Sampler draws tokens with llama.cpp's samplers, applied one by one by
 // kv_sample (shim.c) instead of through a llama.cpp chain, so that every
@@ -46,16 +47,32 @@ const maxStages = 6
 type Sampler struct {
 	stages [maxStages]*C.struct_llama_sampler
 	n      int
-	// greedy: the one stage is greedy (no penalties), so Sample picks the
-	// largest logit itself (kv_sample_greedy), with the same result.
+	// grammar is the grammar sampler, nil for none; kv_sample applies it
+	// lazily, outside the stages.
+	grammar *C.struct_llama_sampler
+	// err is why the sampler cannot draw (a grammar llama.cpp refused);
+	// Sample returns it.
+	err error
+	// greedy: the one stage is greedy (no penalties, no bias), so Sample
+	// picks the largest logit itself (kv_sample_greedy, or
+	// kv_sample_greedy_grammar with a grammar), with the same result.
 	greedy bool
 }
 
-// samplerStages builds the samplers of p in order: penalties → top_k →
-// top_p → min_p → temp → dist, or penalties → greedy when the temperature
-// is 0 or less. A stage a parameter disables is left out, which is what it
-// would do in the chain.
-func samplerStages(p native.SamplingParams, add func(*C.struct_llama_sampler)) {
+// samplerStages builds the samplers of p in order: logit bias → penalties →
+// top_k → top_p → min_p → temp → dist, or logit bias → penalties → greedy
+// when the temperature is 0 or less. A stage a parameter disables is left
+// out, which is what it would do in the chain. nVocab is the vocabulary's
+// size, for the logit bias.
+func samplerStages(p native.SamplingParams, nVocab int, add func(*C.struct_llama_sampler)) {
+	if len(p.LogitBias) > 0 {
+		bias := make([]C.llama_logit_bias, len(p.LogitBias))
+		for i, b := range p.LogitBias {
+			bias[i] = C.llama_logit_bias{token: C.llama_token(b.Token), bias: C.float(b.Bias)}
+		}
+		// llama.cpp copies the array.
+		add(C.llama_sampler_init_logit_bias(C.int32_t(nVocab), C.int32_t(len(bias)), &bias[0]))
+	}
 	if p.HasPenalties() {
 		if lastN := p.PenaltyWindow(); lastN > 0 {
 			repeat := p.RepeatPenalty
@@ -83,16 +100,83 @@ func samplerStages(p native.SamplingParams, add func(*C.struct_llama_sampler)) {
 	add(C.llama_sampler_init_dist(C.uint32_t(drawSeed(p))))
 }
 
-// NewSampler builds the samplers for p (see samplerStages). It accepts any
+// NewSampler builds the samplers for p (see samplerStages) without a
+// grammar; it is Model.NewSampler for a model-less caller. It accepts any
 // p; Sample reports parameters that leave nothing to draw.
 func NewSampler(p native.SamplingParams) *Sampler {
+	p.Grammar, p.LogitBias = "", nil
+	return newSampler(nil, p)
+}
+
+// NewSampler builds the samplers for p over m's vocabulary, its grammar
+// included. A grammar llama.cpp's parser refuses makes every Sample fail
+// with an error wrapping native.ErrBadGrammar; CheckGrammar tells it
+// beforehand. The grammar must have passed internal/grammar's Check: some
+// grammars the parser accepts make llama.cpp abort.
+func (m *Model) NewSampler(p native.SamplingParams) *Sampler {
+	return newSampler(m, p)
+}
+
+func newSampler(m *Model, p native.SamplingParams) *Sampler {
 	s := &Sampler{}
-	samplerStages(p, func(smpl *C.struct_llama_sampler) {
+	nVocab := 0
+	if m != nil {
+		nVocab = m.info.VocabSize
+	}
+	samplerStages(p, nVocab, func(smpl *C.struct_llama_sampler) {
 		s.stages[s.n] = smpl
 		s.n++
 	})
+	if p.Grammar != "" && m != nil {
+		s.grammar, s.err = m.initGrammar(p.Grammar)
+	}
 	s.greedy = p.Temperature <= 0 && s.n == 1
 	return s
+}
+
+// CheckGrammar parses gbnf with llama.cpp's grammar parser, for m's
+// vocabulary, and returns an error wrapping native.ErrBadGrammar with the
+// parser's reason when it does not parse. The grammar must have passed
+// internal/grammar's Check first. It is safe for concurrent use.
+func (m *Model) CheckGrammar(gbnf string) error {
+	g, err := m.initGrammar(gbnf)
+	if g != nil {
+		C.llama_sampler_free(g)
+	}
+	return err
+}
+
+func (m *Model) initGrammar(gbnf string) (*C.struct_llama_sampler, error) {
+	if strings.IndexByte(gbnf, 0) >= 0 {
+		return nil, fmt.Errorf("%w: it holds a NUL byte", native.ErrBadGrammar)
+	}
+	str, root := C.CString(gbnf), C.CString("root")
+	defer C.free(unsafe.Pointer(str))
+	defer C.free(unsafe.Pointer(root))
+	g := C.llama_sampler_init_grammar(m.vocab, str, root)
+	if g == nil {
+		return nil, fmt.Errorf("%w: %s", native.ErrBadGrammar, grammarReason(lastLlamaError()))
+	}
+	return g, nil
+}
+
+// grammarReason extracts the parser's reason from llama.cpp's log line
+// "llama_grammar_init_impl: error parsing grammar: REASON\n\nSOURCE" (or
+// another error line, as is).
+func grammarReason(line string) string {
+	const marker = "error parsing grammar: "
+	if i := strings.Index(line, marker); i >= 0 {
+		line = line[i+len(marker):]
+		if j := strings.Index(line, "\n"); j >= 0 {
+			line = line[:j]
+		}
+	} else if i := strings.Index(line, ": "); i >= 0 && !strings.ContainsAny(line[:i], " \n") {
+		line = line[i+2:] // drop the function name
+	}
+	if line = strings.TrimSpace(line); line == "" {
+		return "llama.cpp refused it"
+	}
+	return line
 }
 
 // Accept records tok in the history of the samplers that keep one (the
@@ -115,12 +199,18 @@ func (s *Sampler) Sample(c *Context, i int) (int32, error) {
 	if s.n == 0 {
 		return -1, errors.New("sample: the sampler was freed")
 	}
+	if s.err != nil {
+		return -1, s.err
+	}
 	vocab := c.model.info.VocabSize
 	var tok C.llama_token
-	if s.greedy {
+	switch {
+	case s.greedy && s.grammar == nil:
 		tok = C.kv_sample_greedy(c.ptr, C.int32_t(i), C.int32_t(vocab))
-	} else {
-		tok = C.kv_sample(&s.stages[0], C.int32_t(s.n), c.ptr, C.int32_t(i), c.cand, C.int32_t(vocab))
+	case s.greedy:
+		tok = C.kv_sample_greedy_grammar(s.stages[0], s.grammar, c.ptr, C.int32_t(i), c.cand, C.int32_t(vocab))
+	default:
+		tok = C.kv_sample(&s.stages[0], C.int32_t(s.n), s.grammar, c.ptr, C.int32_t(i), c.cand, C.int32_t(vocab))
 	}
 	switch {
 	case tok >= 0 && int(tok) < vocab:
@@ -141,6 +231,10 @@ func (s *Sampler) Free() {
 		s.stages[i] = nil
 	}
 	s.n = 0
+	if s.grammar != nil {
+		C.llama_sampler_free(s.grammar)
+		s.grammar = nil
+	}
 }
 
 // chainSampler is the sampler kvgate used before Sampler: the same samplers
@@ -153,7 +247,7 @@ type chainSampler struct {
 
 func newChainSampler(p native.SamplingParams) *chainSampler {
 	chain := C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
-	samplerStages(p, func(smpl *C.struct_llama_sampler) { C.llama_sampler_chain_add(chain, smpl) })
+	samplerStages(p, 0, func(smpl *C.struct_llama_sampler) { C.llama_sampler_chain_add(chain, smpl) })
 	return &chainSampler{ptr: chain}
 }
 
@@ -207,7 +301,33 @@ func sanitizeCandidates(logits []float32, sorted bool) (bool, int) {
 // NewSampler returns a sampler of p that draws from c's outputs, as the
 // decode worker uses it (native.Backend).
 func (c *Context) NewSampler(p native.SamplingParams) native.Sampler {
-	return boundSampler{NewSampler(p), c}
+	return boundSampler{c.model.NewSampler(p), c}
+}
+
+// Logprob computes the log-softmax of output out of the last Decode (the
+// model's raw distribution): the log-probability of tok, and the top most
+// likely tokens, most likely first and ties by id, appended to dst.Top[:0].
+func (c *Context) Logprob(out int, tok int32, top int, dst *native.TokenLogprob) error {
+	if !c.hasOutput(out) {
+		return fmt.Errorf("%w: index %d", native.ErrNoLogits, out)
+	}
+	top = min(max(top, 0), native.MaxTopLogprobs)
+	var ids [native.MaxTopLogprobs]C.int32_t
+	var lps [native.MaxTopLogprobs]C.float
+	var lp C.float
+	n := C.kv_logprobs(c.ptr, C.int32_t(out), C.int32_t(c.model.info.VocabSize), C.llama_token(tok),
+		C.int32_t(top), &ids[0], &lps[0], &lp)
+	switch {
+	case n == C.KV_SAMPLE_NO_FINITE:
+		return native.ErrNoValidToken
+	case n < 0:
+		return fmt.Errorf("%w: index %d, token %d", native.ErrNoLogits, out, tok)
+	}
+	dst.Token, dst.Logprob, dst.Top = tok, float32(lp), dst.Top[:0]
+	for k := range int(n) {
+		dst.Top = append(dst.Top, native.TopLogprob{Token: int32(ids[k]), Logprob: float32(lps[k])})
+	}
+	return nil
 }
 
 // boundSampler is a Sampler with the context it samples from.

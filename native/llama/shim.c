@@ -131,18 +131,24 @@ size_t kv_sanitize_candidates(llama_token_data_array * cur) {
 // nothing was accepted. When no candidate has a finite logit it returns
 // KV_SAMPLE_NO_FINITE without running the remaining samplers: no sampler
 // turns -inf into a finite logit, and the draw would assert.
-llama_token kv_sample(struct llama_sampler * const * stages, int32_t n_stages, struct llama_context * ctx,
-                      int32_t idx, llama_token_data * buf, int32_t n_vocab) {
-    const float * logits = llama_get_logits_ith(ctx, idx);
-    if (logits == NULL || n_stages <= 0 || n_vocab <= 0) {
-        return KV_SAMPLE_NO_LOGITS;
-    }
+// kv_sample_pass fills buf with the logits, applies grammar first when it is
+// not NULL, then stages[0..n_stages) in order, and returns the token the last
+// stage selected, or a KV_SAMPLE_* code. It accepts nothing.
+static llama_token kv_sample_pass(struct llama_sampler * const * stages, int32_t n_stages,
+                                  struct llama_sampler * grammar, const float * logits,
+                                  llama_token_data * buf, int32_t n_vocab) {
     for (int32_t t = 0; t < n_vocab; t++) {
         buf[t].id = t;
         buf[t].logit = logits[t];
         buf[t].p = 0.0f;
     }
     llama_token_data_array cur = { buf, (size_t) n_vocab, -1, false };
+    if (grammar != NULL) {
+        if (kv_sanitize_candidates(&cur) == 0) {
+            return KV_SAMPLE_NO_FINITE;
+        }
+        llama_sampler_apply(grammar, &cur);
+    }
     for (int32_t i = 0; i < n_stages; i++) {
         if (kv_sanitize_candidates(&cur) == 0) {
             return KV_SAMPLE_NO_FINITE;
@@ -155,6 +161,57 @@ llama_token kv_sample(struct llama_sampler * const * stages, int32_t n_stages, s
     llama_token tok = cur.data[cur.selected].id;
     if (tok < 0 || tok >= n_vocab) {
         return KV_SAMPLE_NO_SELECTION;
+    }
+    return tok;
+}
+
+// kv_grammar_allows reports whether grammar accepts tok next: it applies the
+// grammar to a one-candidate array, as llama.cpp's common_sampler does to
+// check a token drawn without the grammar. A token the grammar allows is
+// safe to accept: llama_grammar_accept_impl aborts (GGML_ABORT) on an
+// end-of-generation token the grammar does not allow, and throws on any
+// other token it does not allow.
+static bool kv_grammar_allows(struct llama_sampler * grammar, llama_token tok) {
+    llama_token_data one = { tok, 1.0f, 0.0f };
+    llama_token_data_array cur = { &one, 1, -1, false };
+    llama_sampler_apply(grammar, &cur);
+    return one.logit != -INFINITY && !isnan(one.logit);
+}
+
+// kv_sample draws a token from output idx of the last decode: it applies
+// stages[0..n_stages) in order, the last of which (dist or greedy) selects,
+// and accepts the token on every stage, as llama_sampler_sample does with a
+// chain. It returns the token id, or a KV_SAMPLE_* code (< 0), in which case
+// nothing was accepted. When no candidate has a finite logit it returns
+// KV_SAMPLE_NO_FINITE without running the remaining samplers: no sampler
+// turns -inf into a finite logit, and the draw would assert.
+//
+// With a grammar (not NULL) the draw is lazy: the token drawn without the
+// grammar is checked against it alone, and only when the grammar rejects it
+// are the logits masked with the grammar over the whole vocabulary and the
+// token drawn again (stages after the grammar). The grammar then accepts the
+// token too.
+llama_token kv_sample(struct llama_sampler * const * stages, int32_t n_stages, struct llama_sampler * grammar,
+                      struct llama_context * ctx, int32_t idx, llama_token_data * buf, int32_t n_vocab) {
+    const float * logits = llama_get_logits_ith(ctx, idx);
+    if (logits == NULL || n_stages <= 0 || n_vocab <= 0) {
+        return KV_SAMPLE_NO_LOGITS;
+    }
+    llama_token tok = kv_sample_pass(stages, n_stages, NULL, logits, buf, n_vocab);
+    if (tok < 0) {
+        return tok;
+    }
+    if (grammar != NULL) {
+        if (!kv_grammar_allows(grammar, tok)) {
+            tok = kv_sample_pass(stages, n_stages, grammar, logits, buf, n_vocab);
+            if (tok < 0) {
+                return tok;
+            }
+            if (!kv_grammar_allows(grammar, tok)) {
+                return KV_SAMPLE_NO_FINITE; // defensive: never accept what it rejects
+            }
+        }
+        llama_sampler_accept(grammar, tok);
     }
     kv_sampler_accept(stages, n_stages, tok);
     return tok;
@@ -234,6 +291,92 @@ llama_token kv_sample_greedy(struct llama_context * ctx, int32_t idx, int32_t n_
         return KV_SAMPLE_NO_LOGITS;
     }
     return kv_greedy_pick(logits, n_vocab);
+}
+
+// kv_sample_greedy_grammar is kv_sample for a grammar and a greedy sampler
+// alone (stage, without penalties or bias): the largest logit, read straight
+// from the logits, when the grammar allows it; otherwise the greedy stage's
+// pick among the candidates the grammar allows. The grammar accepts the
+// token.
+llama_token kv_sample_greedy_grammar(struct llama_sampler * stage, struct llama_sampler * grammar,
+                                     struct llama_context * ctx, int32_t idx, llama_token_data * buf,
+                                     int32_t n_vocab) {
+    const float * logits = llama_get_logits_ith(ctx, idx);
+    if (logits == NULL || n_vocab <= 0) {
+        return KV_SAMPLE_NO_LOGITS;
+    }
+    llama_token tok = kv_greedy_pick(logits, n_vocab);
+    if (tok < 0) {
+        return tok;
+    }
+    if (!kv_grammar_allows(grammar, tok)) {
+        struct llama_sampler * stages[1] = { stage };
+        tok = kv_sample_pass(stages, 1, grammar, logits, buf, n_vocab);
+        if (tok < 0) {
+            return tok;
+        }
+        if (!kv_grammar_allows(grammar, tok)) {
+            return KV_SAMPLE_NO_FINITE;
+        }
+    }
+    llama_sampler_accept(grammar, tok);
+    return tok;
+}
+
+// kv_logprobs computes the log-softmax of output idx's logits (NaN counting
+// as -inf): the log-probability of tok into *tok_lp, and the n_top most
+// likely tokens, most likely first and ties by id, into top_ids and top_lps.
+// It returns how many it wrote (fewer than n_top when fewer tokens have a
+// finite logit), or KV_SAMPLE_NO_LOGITS / KV_SAMPLE_NO_FINITE. The sum of
+// exponentials is taken in double precision.
+int32_t kv_logprobs(struct llama_context * ctx, int32_t idx, int32_t n_vocab, llama_token tok, int32_t n_top,
+                    int32_t * top_ids, float * top_lps, float * tok_lp) {
+    const float * logits = llama_get_logits_ith(ctx, idx);
+    if (logits == NULL || n_vocab <= 0 || tok < 0 || tok >= n_vocab) {
+        return KV_SAMPLE_NO_LOGITS;
+    }
+    if (n_top < 0) {
+        n_top = 0;
+    }
+    float m = -INFINITY;
+    int32_t count = 0;
+    for (int32_t t = 0; t < n_vocab; t++) {
+        const float l = logits[t];
+        if (l > m) { // false for NaN
+            m = l;
+        }
+        if (n_top > 0 && l > -INFINITY && (count < n_top || l > top_lps[count - 1])) {
+            // Insert after every kept logit >= l: equal logits keep id order.
+            int32_t at = count < n_top ? count : n_top - 1;
+            while (at > 0 && top_lps[at - 1] < l) {
+                top_lps[at] = top_lps[at - 1];
+                top_ids[at] = top_ids[at - 1];
+                at--;
+            }
+            top_lps[at] = l;
+            top_ids[at] = t;
+            if (count < n_top) {
+                count++;
+            }
+        }
+    }
+    if (!(m > -INFINITY) || m == INFINITY) {
+        return KV_SAMPLE_NO_FINITE;
+    }
+    double sum = 0.0;
+    for (int32_t t = 0; t < n_vocab; t++) {
+        const float l = logits[t];
+        if (l > -INFINITY) {
+            sum += exp((double) l - (double) m);
+        }
+    }
+    const double lse = (double) m + log(sum);
+    const float lt = logits[tok];
+    *tok_lp = lt > -INFINITY ? (float) ((double) lt - lse) : -INFINITY;
+    for (int32_t i = 0; i < count; i++) {
+        top_lps[i] = (float) ((double) top_lps[i] - lse);
+    }
+    return count;
 }
 
 // kv_sampler_accept records tok in the history of every stage that keeps

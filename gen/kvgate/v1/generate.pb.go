@@ -111,7 +111,7 @@ const (
 	FinishReason_FINISH_REASON_EOS FinishReason = 1
 	// max_tokens tokens were generated.
 	FinishReason_FINISH_REASON_LENGTH FinishReason = 2
-	// A stop string matched.
+	// A stop string or a stop token id matched.
 	FinishReason_FINISH_REASON_STOP FinishReason = 3
 )
 
@@ -216,8 +216,50 @@ type GenerateRequest struct {
 	// are refused. A value outside the enum is refused with INVALID_ARGUMENT
 	// and a BadRequest violation on context_overflow.
 	ContextOverflow ContextOverflow `protobuf:"varint,13,opt,name=context_overflow,json=contextOverflow,proto3,enum=kvgate.v1.ContextOverflow" json:"context_overflow,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Constrains the output to a formal language. Unset leaves it free. The
+	// constraint is applied lazily: each token is drawn as without it, and only
+	// when the grammar rejects that token is the whole vocabulary masked and the
+	// token drawn again, so a constrained step usually costs one grammar check.
+	// A constraint the server cannot compile is refused with INVALID_ARGUMENT
+	// and a BadRequest violation naming the field (constraint.grammar,
+	// constraint.json_schema) and saying why. When the grammar is complete only
+	// an end-of-generation token is allowed, which ends the stream (reason EOS)
+	// even with ignore_eos.
+	//
+	// Types that are valid to be assigned to Constraint:
+	//
+	//	*GenerateRequest_Grammar
+	//	*GenerateRequest_Json
+	//	*GenerateRequest_JsonSchema
+	Constraint isGenerateRequest_Constraint `protobuf_oneof:"constraint"`
+	// When set, every Chunk carries the log-probability of each of its tokens
+	// and of the logprobs most likely alternatives at that step (0 to
+	// GetModelInfoResponse.max_logprobs, which is 20). They describe the
+	// model's raw distribution: the log-softmax of its logits before logit
+	// bias, penalties, temperature, filters and grammar (vLLM's "raw_logprobs").
+	// Unset costs nothing.
+	Logprobs *uint32 `protobuf:"varint,17,opt,name=logprobs,proto3,oneof" json:"logprobs,omitempty"`
+	// Added to the logits of the given token ids before sampling, at most
+	// GetModelInfoResponse.max_logit_bias entries. A bias must be finite and in
+	// [-100, 100], or -infinity, which bans the token. Every id must lie in
+	// [0, vocab_size).
+	LogitBias map[int32]float32 `protobuf:"bytes,18,rep,name=logit_bias,json=logitBias,proto3" json:"logit_bias,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"fixed32,2,opt,name=value"`
+	// Token ids that end generation when sampled, beside the end-of-generation
+	// tokens; the stop token is not streamed and Finished.stop_token names it.
+	// At most GetModelInfoResponse.max_stop_strings ids, each in [0,
+	// vocab_size).
+	StopTokenIds []int32 `protobuf:"varint,19,rep,packed,name=stop_token_ids,json=stopTokenIds,proto3" json:"stop_token_ids,omitempty"`
+	// How many completions of the prompt to generate, 0 (unset) meaning 1, at
+	// most GetModelInfoResponse.max_samples. The prompt is prefilled once and
+	// its KV cells are shared by every sample; admission reserves the prompt's
+	// cells once plus n * max_tokens. With a seed, sample i draws with seed + i,
+	// so the n samples differ and are reproducible. Each Chunk and Finished
+	// carries its sample's index; with n > 1, the n Finished messages come
+	// last, in index order. An n whose cells can never fit is refused with
+	// INVALID_ARGUMENT.
+	N             uint32 `protobuf:"varint,20,opt,name=n,proto3" json:"n,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GenerateRequest) Reset() {
@@ -354,6 +396,68 @@ func (x *GenerateRequest) GetContextOverflow() ContextOverflow {
 	return ContextOverflow_CONTEXT_OVERFLOW_UNSPECIFIED
 }
 
+func (x *GenerateRequest) GetConstraint() isGenerateRequest_Constraint {
+	if x != nil {
+		return x.Constraint
+	}
+	return nil
+}
+
+func (x *GenerateRequest) GetGrammar() string {
+	if x != nil {
+		if x, ok := x.Constraint.(*GenerateRequest_Grammar); ok {
+			return x.Grammar
+		}
+	}
+	return ""
+}
+
+func (x *GenerateRequest) GetJson() *JSONConstraint {
+	if x != nil {
+		if x, ok := x.Constraint.(*GenerateRequest_Json); ok {
+			return x.Json
+		}
+	}
+	return nil
+}
+
+func (x *GenerateRequest) GetJsonSchema() string {
+	if x != nil {
+		if x, ok := x.Constraint.(*GenerateRequest_JsonSchema); ok {
+			return x.JsonSchema
+		}
+	}
+	return ""
+}
+
+func (x *GenerateRequest) GetLogprobs() uint32 {
+	if x != nil && x.Logprobs != nil {
+		return *x.Logprobs
+	}
+	return 0
+}
+
+func (x *GenerateRequest) GetLogitBias() map[int32]float32 {
+	if x != nil {
+		return x.LogitBias
+	}
+	return nil
+}
+
+func (x *GenerateRequest) GetStopTokenIds() []int32 {
+	if x != nil {
+		return x.StopTokenIds
+	}
+	return nil
+}
+
+func (x *GenerateRequest) GetN() uint32 {
+	if x != nil {
+		return x.N
+	}
+	return 0
+}
+
 type isGenerateRequest_Prompt interface {
 	isGenerateRequest_Prompt()
 }
@@ -393,6 +497,84 @@ func (*GenerateRequest_Tokens) isGenerateRequest_Prompt() {}
 
 func (*GenerateRequest_Messages) isGenerateRequest_Prompt() {}
 
+type isGenerateRequest_Constraint interface {
+	isGenerateRequest_Constraint()
+}
+
+type GenerateRequest_Grammar struct {
+	// A GBNF grammar (llama.cpp's grammars/README.md) whose rule "root"
+	// generates the output. At most GetModelInfoResponse.max_grammar_bytes
+	// bytes; rules may not be left-recursive, nested more than 64 deep, or
+	// repeat ({m,n}) more than 1000 times.
+	Grammar string `protobuf:"bytes,14,opt,name=grammar,proto3,oneof"`
+}
+
+type GenerateRequest_Json struct {
+	// Any JSON value (or, with object_only, any JSON object), with at most
+	// one whitespace character between tokens.
+	Json *JSONConstraint `protobuf:"bytes,15,opt,name=json,proto3,oneof"`
+}
+
+type GenerateRequest_JsonSchema struct {
+	// A JSON Schema (draft 2020-12 or earlier), as JSON text; the output
+	// validates against it. Only a documented subset is supported (README,
+	// "Structured output"): a schema with any other keyword is refused,
+	// naming the keyword, never silently ignored.
+	JsonSchema string `protobuf:"bytes,16,opt,name=json_schema,json=jsonSchema,proto3,oneof"`
+}
+
+func (*GenerateRequest_Grammar) isGenerateRequest_Constraint() {}
+
+func (*GenerateRequest_Json) isGenerateRequest_Constraint() {}
+
+func (*GenerateRequest_JsonSchema) isGenerateRequest_Constraint() {}
+
+// JSONConstraint asks for JSON output.
+type JSONConstraint struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only a JSON object at the top level.
+	ObjectOnly    bool `protobuf:"varint,1,opt,name=object_only,json=objectOnly,proto3" json:"object_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JSONConstraint) Reset() {
+	*x = JSONConstraint{}
+	mi := &file_kvgate_v1_generate_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JSONConstraint) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JSONConstraint) ProtoMessage() {}
+
+func (x *JSONConstraint) ProtoReflect() protoreflect.Message {
+	mi := &file_kvgate_v1_generate_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JSONConstraint.ProtoReflect.Descriptor instead.
+func (*JSONConstraint) Descriptor() ([]byte, []int) {
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *JSONConstraint) GetObjectOnly() bool {
+	if x != nil {
+		return x.ObjectOnly
+	}
+	return false
+}
+
 // ChatMessages is a conversation, oldest message first.
 type ChatMessages struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -405,7 +587,7 @@ type ChatMessages struct {
 
 func (x *ChatMessages) Reset() {
 	*x = ChatMessages{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[1]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -417,7 +599,7 @@ func (x *ChatMessages) String() string {
 func (*ChatMessages) ProtoMessage() {}
 
 func (x *ChatMessages) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[1]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -430,7 +612,7 @@ func (x *ChatMessages) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatMessages.ProtoReflect.Descriptor instead.
 func (*ChatMessages) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{1}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *ChatMessages) GetMessages() []*ChatMessage {
@@ -462,7 +644,7 @@ type ChatMessage struct {
 
 func (x *ChatMessage) Reset() {
 	*x = ChatMessage{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[2]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -474,7 +656,7 @@ func (x *ChatMessage) String() string {
 func (*ChatMessage) ProtoMessage() {}
 
 func (x *ChatMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[2]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -487,7 +669,7 @@ func (x *ChatMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatMessage.ProtoReflect.Descriptor instead.
 func (*ChatMessage) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{2}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ChatMessage) GetRole() string {
@@ -518,7 +700,7 @@ type RenderChatRequest struct {
 
 func (x *RenderChatRequest) Reset() {
 	*x = RenderChatRequest{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[3]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -530,7 +712,7 @@ func (x *RenderChatRequest) String() string {
 func (*RenderChatRequest) ProtoMessage() {}
 
 func (x *RenderChatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[3]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -543,7 +725,7 @@ func (x *RenderChatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenderChatRequest.ProtoReflect.Descriptor instead.
 func (*RenderChatRequest) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{3}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *RenderChatRequest) GetMessages() []*ChatMessage {
@@ -578,7 +760,7 @@ type RenderChatResponse struct {
 
 func (x *RenderChatResponse) Reset() {
 	*x = RenderChatResponse{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[4]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -590,7 +772,7 @@ func (x *RenderChatResponse) String() string {
 func (*RenderChatResponse) ProtoMessage() {}
 
 func (x *RenderChatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[4]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -603,7 +785,7 @@ func (x *RenderChatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenderChatResponse.ProtoReflect.Descriptor instead.
 func (*RenderChatResponse) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{4}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *RenderChatResponse) GetText() string {
@@ -638,7 +820,7 @@ type TokenList struct {
 
 func (x *TokenList) Reset() {
 	*x = TokenList{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[5]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -650,7 +832,7 @@ func (x *TokenList) String() string {
 func (*TokenList) ProtoMessage() {}
 
 func (x *TokenList) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[5]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -663,7 +845,7 @@ func (x *TokenList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenList.ProtoReflect.Descriptor instead.
 func (*TokenList) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{5}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *TokenList) GetIds() []int32 {
@@ -723,7 +905,7 @@ type SamplingParams struct {
 
 func (x *SamplingParams) Reset() {
 	*x = SamplingParams{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[6]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -735,7 +917,7 @@ func (x *SamplingParams) String() string {
 func (*SamplingParams) ProtoMessage() {}
 
 func (x *SamplingParams) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[6]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -748,7 +930,7 @@ func (x *SamplingParams) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SamplingParams.ProtoReflect.Descriptor instead.
 func (*SamplingParams) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{6}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *SamplingParams) GetTemperature() float32 {
@@ -831,7 +1013,7 @@ type GenerateResponse struct {
 
 func (x *GenerateResponse) Reset() {
 	*x = GenerateResponse{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[7]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -843,7 +1025,7 @@ func (x *GenerateResponse) String() string {
 func (*GenerateResponse) ProtoMessage() {}
 
 func (x *GenerateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[7]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -856,7 +1038,7 @@ func (x *GenerateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateResponse.ProtoReflect.Descriptor instead.
 func (*GenerateResponse) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{7}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *GenerateResponse) GetEvent() isGenerateResponse_Event {
@@ -940,7 +1122,7 @@ type Started struct {
 
 func (x *Started) Reset() {
 	*x = Started{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[8]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -952,7 +1134,7 @@ func (x *Started) String() string {
 func (*Started) ProtoMessage() {}
 
 func (x *Started) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[8]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -965,7 +1147,7 @@ func (x *Started) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Started.ProtoReflect.Descriptor instead.
 func (*Started) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{8}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Started) GetRequestId() string {
@@ -1011,14 +1193,18 @@ type Chunk struct {
 	// The generated text of these tokens.
 	Text string `protobuf:"bytes,1,opt,name=text,proto3" json:"text,omitempty"`
 	// The generated token ids whose text this chunk completes.
-	TokenIds      []int32 `protobuf:"varint,2,rep,packed,name=token_ids,json=tokenIds,proto3" json:"token_ids,omitempty"`
+	TokenIds []int32 `protobuf:"varint,2,rep,packed,name=token_ids,json=tokenIds,proto3" json:"token_ids,omitempty"`
+	// The sample these tokens belong to, in [0, n).
+	Index uint32 `protobuf:"varint,3,opt,name=index,proto3" json:"index,omitempty"`
+	// With GenerateRequest.logprobs set, one entry per token id, in order.
+	Logprobs      []*TokenLogprob `protobuf:"bytes,4,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Chunk) Reset() {
 	*x = Chunk{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[9]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1030,7 +1216,7 @@ func (x *Chunk) String() string {
 func (*Chunk) ProtoMessage() {}
 
 func (x *Chunk) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[9]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1043,7 +1229,7 @@ func (x *Chunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Chunk.ProtoReflect.Descriptor instead.
 func (*Chunk) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{9}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Chunk) GetText() string {
@@ -1060,6 +1246,151 @@ func (x *Chunk) GetTokenIds() []int32 {
 	return nil
 }
 
+func (x *Chunk) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *Chunk) GetLogprobs() []*TokenLogprob {
+	if x != nil {
+		return x.Logprobs
+	}
+	return nil
+}
+
+// TokenLogprob is a generated token's log-probability under the model's raw
+// distribution, with the most likely tokens at that step.
+type TokenLogprob struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The token.
+	TokenId int32 `protobuf:"varint,1,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
+	// Its natural log-probability, at most 0.
+	Logprob float32 `protobuf:"fixed32,2,opt,name=logprob,proto3" json:"logprob,omitempty"`
+	// The most likely tokens at this step, most likely first (ties by token
+	// id); GenerateRequest.logprobs of them.
+	Top           []*TopLogprob `protobuf:"bytes,3,rep,name=top,proto3" json:"top,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TokenLogprob) Reset() {
+	*x = TokenLogprob{}
+	mi := &file_kvgate_v1_generate_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TokenLogprob) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TokenLogprob) ProtoMessage() {}
+
+func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
+	mi := &file_kvgate_v1_generate_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TokenLogprob.ProtoReflect.Descriptor instead.
+func (*TokenLogprob) Descriptor() ([]byte, []int) {
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *TokenLogprob) GetTokenId() int32 {
+	if x != nil {
+		return x.TokenId
+	}
+	return 0
+}
+
+func (x *TokenLogprob) GetLogprob() float32 {
+	if x != nil {
+		return x.Logprob
+	}
+	return 0
+}
+
+func (x *TokenLogprob) GetTop() []*TopLogprob {
+	if x != nil {
+		return x.Top
+	}
+	return nil
+}
+
+// TopLogprob is one of the most likely tokens at a step.
+type TopLogprob struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The token.
+	TokenId int32 `protobuf:"varint,1,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
+	// Its natural log-probability, at most 0.
+	Logprob float32 `protobuf:"fixed32,2,opt,name=logprob,proto3" json:"logprob,omitempty"`
+	// The token's text, special tokens rendered; it may be part of a
+	// multi-byte character, so it is the raw bytes.
+	Text          []byte `protobuf:"bytes,3,opt,name=text,proto3" json:"text,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TopLogprob) Reset() {
+	*x = TopLogprob{}
+	mi := &file_kvgate_v1_generate_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TopLogprob) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TopLogprob) ProtoMessage() {}
+
+func (x *TopLogprob) ProtoReflect() protoreflect.Message {
+	mi := &file_kvgate_v1_generate_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TopLogprob.ProtoReflect.Descriptor instead.
+func (*TopLogprob) Descriptor() ([]byte, []int) {
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *TopLogprob) GetTokenId() int32 {
+	if x != nil {
+		return x.TokenId
+	}
+	return 0
+}
+
+func (x *TopLogprob) GetLogprob() float32 {
+	if x != nil {
+		return x.Logprob
+	}
+	return 0
+}
+
+func (x *TopLogprob) GetText() []byte {
+	if x != nil {
+		return x.Text
+	}
+	return nil
+}
+
 // Finished ends a successful stream.
 type Finished struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1070,14 +1401,19 @@ type Finished struct {
 	// Where the time went.
 	Timings *Timings `protobuf:"bytes,3,opt,name=timings,proto3" json:"timings,omitempty"`
 	// The stop string that matched, when reason is FINISH_REASON_STOP.
-	Stop          string `protobuf:"bytes,4,opt,name=stop,proto3" json:"stop,omitempty"`
+	Stop string `protobuf:"bytes,4,opt,name=stop,proto3" json:"stop,omitempty"`
+	// The sample this ends, in [0, n).
+	Index uint32 `protobuf:"varint,5,opt,name=index,proto3" json:"index,omitempty"`
+	// The stop token id that ended generation (GenerateRequest.stop_token_ids),
+	// when reason is FINISH_REASON_STOP because of one.
+	StopToken     *int32 `protobuf:"varint,6,opt,name=stop_token,json=stopToken,proto3,oneof" json:"stop_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Finished) Reset() {
 	*x = Finished{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[10]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1089,7 +1425,7 @@ func (x *Finished) String() string {
 func (*Finished) ProtoMessage() {}
 
 func (x *Finished) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[10]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1102,7 +1438,7 @@ func (x *Finished) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Finished.ProtoReflect.Descriptor instead.
 func (*Finished) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{10}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Finished) GetReason() FinishReason {
@@ -1133,6 +1469,20 @@ func (x *Finished) GetStop() string {
 	return ""
 }
 
+func (x *Finished) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *Finished) GetStopToken() int32 {
+	if x != nil && x.StopToken != nil {
+		return *x.StopToken
+	}
+	return 0
+}
+
 // Usage counts the tokens of one request.
 type Usage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1148,7 +1498,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[11]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1160,7 +1510,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[11]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1173,7 +1523,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{11}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Usage) GetPromptTokens() uint32 {
@@ -1212,7 +1562,7 @@ type Timings struct {
 
 func (x *Timings) Reset() {
 	*x = Timings{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[12]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1224,7 +1574,7 @@ func (x *Timings) String() string {
 func (*Timings) ProtoMessage() {}
 
 func (x *Timings) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[12]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1237,7 +1587,7 @@ func (x *Timings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timings.ProtoReflect.Descriptor instead.
 func (*Timings) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{12}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Timings) GetQueueMs() float64 {
@@ -1279,7 +1629,7 @@ type TokenizeRequest struct {
 
 func (x *TokenizeRequest) Reset() {
 	*x = TokenizeRequest{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[13]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1291,7 +1641,7 @@ func (x *TokenizeRequest) String() string {
 func (*TokenizeRequest) ProtoMessage() {}
 
 func (x *TokenizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[13]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1304,7 +1654,7 @@ func (x *TokenizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenizeRequest.ProtoReflect.Descriptor instead.
 func (*TokenizeRequest) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{13}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *TokenizeRequest) GetText() string {
@@ -1341,7 +1691,7 @@ type TokenizeResponse struct {
 
 func (x *TokenizeResponse) Reset() {
 	*x = TokenizeResponse{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[14]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1353,7 +1703,7 @@ func (x *TokenizeResponse) String() string {
 func (*TokenizeResponse) ProtoMessage() {}
 
 func (x *TokenizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[14]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1366,7 +1716,7 @@ func (x *TokenizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenizeResponse.ProtoReflect.Descriptor instead.
 func (*TokenizeResponse) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{14}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *TokenizeResponse) GetIds() []int32 {
@@ -1401,7 +1751,7 @@ type DetokenizeRequest struct {
 
 func (x *DetokenizeRequest) Reset() {
 	*x = DetokenizeRequest{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[15]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1413,7 +1763,7 @@ func (x *DetokenizeRequest) String() string {
 func (*DetokenizeRequest) ProtoMessage() {}
 
 func (x *DetokenizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[15]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1426,7 +1776,7 @@ func (x *DetokenizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DetokenizeRequest.ProtoReflect.Descriptor instead.
 func (*DetokenizeRequest) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{15}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *DetokenizeRequest) GetIds() []int32 {
@@ -1462,7 +1812,7 @@ type DetokenizeResponse struct {
 
 func (x *DetokenizeResponse) Reset() {
 	*x = DetokenizeResponse{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[16]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1474,7 +1824,7 @@ func (x *DetokenizeResponse) String() string {
 func (*DetokenizeResponse) ProtoMessage() {}
 
 func (x *DetokenizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[16]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1487,7 +1837,7 @@ func (x *DetokenizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DetokenizeResponse.ProtoReflect.Descriptor instead.
 func (*DetokenizeResponse) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{16}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *DetokenizeResponse) GetText() string {
@@ -1506,7 +1856,7 @@ type GetModelInfoRequest struct {
 
 func (x *GetModelInfoRequest) Reset() {
 	*x = GetModelInfoRequest{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[17]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1518,7 +1868,7 @@ func (x *GetModelInfoRequest) String() string {
 func (*GetModelInfoRequest) ProtoMessage() {}
 
 func (x *GetModelInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[17]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1531,7 +1881,7 @@ func (x *GetModelInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetModelInfoRequest.ProtoReflect.Descriptor instead.
 func (*GetModelInfoRequest) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{17}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{20}
 }
 
 // GetModelInfoResponse describes the model and the server's limits.
@@ -1601,13 +1951,21 @@ type GetModelInfoResponse struct {
 	ChatTemplate string `protobuf:"bytes,28,opt,name=chat_template,json=chatTemplate,proto3" json:"chat_template,omitempty"`
 	// The most messages in one conversation.
 	MaxChatMessages uint32 `protobuf:"varint,29,opt,name=max_chat_messages,json=maxChatMessages,proto3" json:"max_chat_messages,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// The longest GenerateRequest.grammar or json_schema, in bytes.
+	MaxGrammarBytes uint32 `protobuf:"varint,30,opt,name=max_grammar_bytes,json=maxGrammarBytes,proto3" json:"max_grammar_bytes,omitempty"`
+	// The most alternatives GenerateRequest.logprobs may ask for.
+	MaxLogprobs uint32 `protobuf:"varint,31,opt,name=max_logprobs,json=maxLogprobs,proto3" json:"max_logprobs,omitempty"`
+	// The most GenerateRequest.logit_bias entries.
+	MaxLogitBias uint32 `protobuf:"varint,32,opt,name=max_logit_bias,json=maxLogitBias,proto3" json:"max_logit_bias,omitempty"`
+	// The largest GenerateRequest.n.
+	MaxSamples    uint32 `protobuf:"varint,33,opt,name=max_samples,json=maxSamples,proto3" json:"max_samples,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetModelInfoResponse) Reset() {
 	*x = GetModelInfoResponse{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[18]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1619,7 +1977,7 @@ func (x *GetModelInfoResponse) String() string {
 func (*GetModelInfoResponse) ProtoMessage() {}
 
 func (x *GetModelInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[18]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1632,7 +1990,7 @@ func (x *GetModelInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetModelInfoResponse.ProtoReflect.Descriptor instead.
 func (*GetModelInfoResponse) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{18}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *GetModelInfoResponse) GetPath() string {
@@ -1838,6 +2196,34 @@ func (x *GetModelInfoResponse) GetMaxChatMessages() uint32 {
 	return 0
 }
 
+func (x *GetModelInfoResponse) GetMaxGrammarBytes() uint32 {
+	if x != nil {
+		return x.MaxGrammarBytes
+	}
+	return 0
+}
+
+func (x *GetModelInfoResponse) GetMaxLogprobs() uint32 {
+	if x != nil {
+		return x.MaxLogprobs
+	}
+	return 0
+}
+
+func (x *GetModelInfoResponse) GetMaxLogitBias() uint32 {
+	if x != nil {
+		return x.MaxLogitBias
+	}
+	return 0
+}
+
+func (x *GetModelInfoResponse) GetMaxSamples() uint32 {
+	if x != nil {
+		return x.MaxSamples
+	}
+	return 0
+}
+
 // GetCacheStatsRequest asks for allocator statistics.
 type GetCacheStatsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1847,7 +2233,7 @@ type GetCacheStatsRequest struct {
 
 func (x *GetCacheStatsRequest) Reset() {
 	*x = GetCacheStatsRequest{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[19]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1859,7 +2245,7 @@ func (x *GetCacheStatsRequest) String() string {
 func (*GetCacheStatsRequest) ProtoMessage() {}
 
 func (x *GetCacheStatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[19]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1872,7 +2258,7 @@ func (x *GetCacheStatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetCacheStatsRequest.ProtoReflect.Descriptor instead.
 func (*GetCacheStatsRequest) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{19}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{22}
 }
 
 // GetCacheStatsResponse is a snapshot of the KV-cell allocator.
@@ -1955,7 +2341,7 @@ type GetCacheStatsResponse struct {
 
 func (x *GetCacheStatsResponse) Reset() {
 	*x = GetCacheStatsResponse{}
-	mi := &file_kvgate_v1_generate_proto_msgTypes[20]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1967,7 +2353,7 @@ func (x *GetCacheStatsResponse) String() string {
 func (*GetCacheStatsResponse) ProtoMessage() {}
 
 func (x *GetCacheStatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvgate_v1_generate_proto_msgTypes[20]
+	mi := &file_kvgate_v1_generate_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1980,7 +2366,7 @@ func (x *GetCacheStatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetCacheStatsResponse.ProtoReflect.Descriptor instead.
 func (*GetCacheStatsResponse) Descriptor() ([]byte, []int) {
-	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{20}
+	return file_kvgate_v1_generate_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GetCacheStatsResponse) GetCellsTotal() uint32 {
@@ -2183,7 +2569,7 @@ var File_kvgate_v1_generate_proto protoreflect.FileDescriptor
 
 const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\n" +
-	"\x18kvgate/v1/generate.proto\x12\tkvgate.v1\"\x98\x04\n" +
+	"\x18kvgate/v1/generate.proto\x12\tkvgate.v1\"\x80\a\n" +
 	"\x0fGenerateRequest\x12\x14\n" +
 	"\x04text\x18\x01 \x01(\tH\x00R\x04text\x12.\n" +
 	"\x06tokens\x18\x02 \x01(\v2\x14.kvgate.v1.TokenListH\x00R\x06tokens\x125\n" +
@@ -2202,8 +2588,26 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	" \x01(\bR\x0fskipPrefixCache\x12\x1d\n" +
 	"\n" +
 	"cache_salt\x18\v \x01(\tR\tcacheSalt\x12E\n" +
-	"\x10context_overflow\x18\r \x01(\x0e2\x1a.kvgate.v1.ContextOverflowR\x0fcontextOverflowB\b\n" +
-	"\x06prompt\"B\n" +
+	"\x10context_overflow\x18\r \x01(\x0e2\x1a.kvgate.v1.ContextOverflowR\x0fcontextOverflow\x12\x1a\n" +
+	"\agrammar\x18\x0e \x01(\tH\x01R\agrammar\x12/\n" +
+	"\x04json\x18\x0f \x01(\v2\x19.kvgate.v1.JSONConstraintH\x01R\x04json\x12!\n" +
+	"\vjson_schema\x18\x10 \x01(\tH\x01R\n" +
+	"jsonSchema\x12\x1f\n" +
+	"\blogprobs\x18\x11 \x01(\rH\x02R\blogprobs\x88\x01\x01\x12H\n" +
+	"\n" +
+	"logit_bias\x18\x12 \x03(\v2).kvgate.v1.GenerateRequest.LogitBiasEntryR\tlogitBias\x12$\n" +
+	"\x0estop_token_ids\x18\x13 \x03(\x05R\fstopTokenIds\x12\f\n" +
+	"\x01n\x18\x14 \x01(\rR\x01n\x1a<\n" +
+	"\x0eLogitBiasEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x02R\x05value:\x028\x01B\b\n" +
+	"\x06promptB\f\n" +
+	"\n" +
+	"constraintB\v\n" +
+	"\t_logprobs\"1\n" +
+	"\x0eJSONConstraint\x12\x1f\n" +
+	"\vobject_only\x18\x01 \x01(\bR\n" +
+	"objectOnly\"B\n" +
 	"\fChatMessages\x122\n" +
 	"\bmessages\x18\x01 \x03(\v2\x16.kvgate.v1.ChatMessageR\bmessages\";\n" +
 	"\vChatMessage\x12\x12\n" +
@@ -2242,15 +2646,30 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\rprompt_tokens\x18\x02 \x01(\rR\fpromptTokens\x120\n" +
 	"\x14cached_prompt_tokens\x18\x03 \x01(\rR\x12cachedPromptTokens\x12\"\n" +
 	"\rqueue_wait_ms\x18\x04 \x01(\x01R\vqueueWaitMs\x12)\n" +
-	"\x10dropped_messages\x18\x05 \x01(\rR\x0fdroppedMessages\"8\n" +
+	"\x10dropped_messages\x18\x05 \x01(\rR\x0fdroppedMessages\"\x83\x01\n" +
 	"\x05Chunk\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\x12\x1b\n" +
-	"\ttoken_ids\x18\x02 \x03(\x05R\btokenIds\"\xa5\x01\n" +
+	"\ttoken_ids\x18\x02 \x03(\x05R\btokenIds\x12\x14\n" +
+	"\x05index\x18\x03 \x01(\rR\x05index\x123\n" +
+	"\blogprobs\x18\x04 \x03(\v2\x17.kvgate.v1.TokenLogprobR\blogprobs\"l\n" +
+	"\fTokenLogprob\x12\x19\n" +
+	"\btoken_id\x18\x01 \x01(\x05R\atokenId\x12\x18\n" +
+	"\alogprob\x18\x02 \x01(\x02R\alogprob\x12'\n" +
+	"\x03top\x18\x03 \x03(\v2\x15.kvgate.v1.TopLogprobR\x03top\"U\n" +
+	"\n" +
+	"TopLogprob\x12\x19\n" +
+	"\btoken_id\x18\x01 \x01(\x05R\atokenId\x12\x18\n" +
+	"\alogprob\x18\x02 \x01(\x02R\alogprob\x12\x12\n" +
+	"\x04text\x18\x03 \x01(\fR\x04text\"\xee\x01\n" +
 	"\bFinished\x12/\n" +
 	"\x06reason\x18\x01 \x01(\x0e2\x17.kvgate.v1.FinishReasonR\x06reason\x12&\n" +
 	"\x05usage\x18\x02 \x01(\v2\x10.kvgate.v1.UsageR\x05usage\x12,\n" +
 	"\atimings\x18\x03 \x01(\v2\x12.kvgate.v1.TimingsR\atimings\x12\x12\n" +
-	"\x04stop\x18\x04 \x01(\tR\x04stop\"~\n" +
+	"\x04stop\x18\x04 \x01(\tR\x04stop\x12\x14\n" +
+	"\x05index\x18\x05 \x01(\rR\x05index\x12\"\n" +
+	"\n" +
+	"stop_token\x18\x06 \x01(\x05H\x00R\tstopToken\x88\x01\x01B\r\n" +
+	"\v_stop_token\"~\n" +
 	"\x05Usage\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\rR\fpromptTokens\x12#\n" +
 	"\rcached_tokens\x18\x02 \x01(\rR\fcachedTokens\x12+\n" +
@@ -2274,7 +2693,8 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x13strip_leading_space\x18\x03 \x01(\bR\x11stripLeadingSpace\"(\n" +
 	"\x12DetokenizeResponse\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\"\x15\n" +
-	"\x13GetModelInfoRequest\"\x89\t\n" +
+	"\x13GetModelInfoRequest\"\x9f\n" +
+	"\n" +
 	"\x14GetModelInfoResponse\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\"\n" +
 	"\farchitecture\x18\x02 \x01(\tR\farchitecture\x12 \n" +
@@ -2308,7 +2728,12 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x12max_detokenize_ids\x18\x1a \x01(\rR\x10maxDetokenizeIds\x12,\n" +
 	"\x12default_max_tokens\x18\x1b \x01(\rR\x10defaultMaxTokens\x12#\n" +
 	"\rchat_template\x18\x1c \x01(\tR\fchatTemplate\x12*\n" +
-	"\x11max_chat_messages\x18\x1d \x01(\rR\x0fmaxChatMessages\"\x16\n" +
+	"\x11max_chat_messages\x18\x1d \x01(\rR\x0fmaxChatMessages\x12*\n" +
+	"\x11max_grammar_bytes\x18\x1e \x01(\rR\x0fmaxGrammarBytes\x12!\n" +
+	"\fmax_logprobs\x18\x1f \x01(\rR\vmaxLogprobs\x12$\n" +
+	"\x0emax_logit_bias\x18  \x01(\rR\fmaxLogitBias\x12\x1f\n" +
+	"\vmax_samples\x18! \x01(\rR\n" +
+	"maxSamples\"\x16\n" +
 	"\x14GetCacheStatsRequest\"\xca\n" +
 	"\n" +
 	"\x15GetCacheStatsResponse\x12\x1f\n" +
@@ -2380,64 +2805,72 @@ func file_kvgate_v1_generate_proto_rawDescGZIP() []byte {
 }
 
 var file_kvgate_v1_generate_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_kvgate_v1_generate_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_kvgate_v1_generate_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_kvgate_v1_generate_proto_goTypes = []any{
 	(ContextOverflow)(0),          // 0: kvgate.v1.ContextOverflow
 	(FinishReason)(0),             // 1: kvgate.v1.FinishReason
 	(*GenerateRequest)(nil),       // 2: kvgate.v1.GenerateRequest
-	(*ChatMessages)(nil),          // 3: kvgate.v1.ChatMessages
-	(*ChatMessage)(nil),           // 4: kvgate.v1.ChatMessage
-	(*RenderChatRequest)(nil),     // 5: kvgate.v1.RenderChatRequest
-	(*RenderChatResponse)(nil),    // 6: kvgate.v1.RenderChatResponse
-	(*TokenList)(nil),             // 7: kvgate.v1.TokenList
-	(*SamplingParams)(nil),        // 8: kvgate.v1.SamplingParams
-	(*GenerateResponse)(nil),      // 9: kvgate.v1.GenerateResponse
-	(*Started)(nil),               // 10: kvgate.v1.Started
-	(*Chunk)(nil),                 // 11: kvgate.v1.Chunk
-	(*Finished)(nil),              // 12: kvgate.v1.Finished
-	(*Usage)(nil),                 // 13: kvgate.v1.Usage
-	(*Timings)(nil),               // 14: kvgate.v1.Timings
-	(*TokenizeRequest)(nil),       // 15: kvgate.v1.TokenizeRequest
-	(*TokenizeResponse)(nil),      // 16: kvgate.v1.TokenizeResponse
-	(*DetokenizeRequest)(nil),     // 17: kvgate.v1.DetokenizeRequest
-	(*DetokenizeResponse)(nil),    // 18: kvgate.v1.DetokenizeResponse
-	(*GetModelInfoRequest)(nil),   // 19: kvgate.v1.GetModelInfoRequest
-	(*GetModelInfoResponse)(nil),  // 20: kvgate.v1.GetModelInfoResponse
-	(*GetCacheStatsRequest)(nil),  // 21: kvgate.v1.GetCacheStatsRequest
-	(*GetCacheStatsResponse)(nil), // 22: kvgate.v1.GetCacheStatsResponse
-	nil,                           // 23: kvgate.v1.GetCacheStatsResponse.RejectedTotalEntry
+	(*JSONConstraint)(nil),        // 3: kvgate.v1.JSONConstraint
+	(*ChatMessages)(nil),          // 4: kvgate.v1.ChatMessages
+	(*ChatMessage)(nil),           // 5: kvgate.v1.ChatMessage
+	(*RenderChatRequest)(nil),     // 6: kvgate.v1.RenderChatRequest
+	(*RenderChatResponse)(nil),    // 7: kvgate.v1.RenderChatResponse
+	(*TokenList)(nil),             // 8: kvgate.v1.TokenList
+	(*SamplingParams)(nil),        // 9: kvgate.v1.SamplingParams
+	(*GenerateResponse)(nil),      // 10: kvgate.v1.GenerateResponse
+	(*Started)(nil),               // 11: kvgate.v1.Started
+	(*Chunk)(nil),                 // 12: kvgate.v1.Chunk
+	(*TokenLogprob)(nil),          // 13: kvgate.v1.TokenLogprob
+	(*TopLogprob)(nil),            // 14: kvgate.v1.TopLogprob
+	(*Finished)(nil),              // 15: kvgate.v1.Finished
+	(*Usage)(nil),                 // 16: kvgate.v1.Usage
+	(*Timings)(nil),               // 17: kvgate.v1.Timings
+	(*TokenizeRequest)(nil),       // 18: kvgate.v1.TokenizeRequest
+	(*TokenizeResponse)(nil),      // 19: kvgate.v1.TokenizeResponse
+	(*DetokenizeRequest)(nil),     // 20: kvgate.v1.DetokenizeRequest
+	(*DetokenizeResponse)(nil),    // 21: kvgate.v1.DetokenizeResponse
+	(*GetModelInfoRequest)(nil),   // 22: kvgate.v1.GetModelInfoRequest
+	(*GetModelInfoResponse)(nil),  // 23: kvgate.v1.GetModelInfoResponse
+	(*GetCacheStatsRequest)(nil),  // 24: kvgate.v1.GetCacheStatsRequest
+	(*GetCacheStatsResponse)(nil), // 25: kvgate.v1.GetCacheStatsResponse
+	nil,                           // 26: kvgate.v1.GenerateRequest.LogitBiasEntry
+	nil,                           // 27: kvgate.v1.GetCacheStatsResponse.RejectedTotalEntry
 }
 var file_kvgate_v1_generate_proto_depIdxs = []int32{
-	7,  // 0: kvgate.v1.GenerateRequest.tokens:type_name -> kvgate.v1.TokenList
-	3,  // 1: kvgate.v1.GenerateRequest.messages:type_name -> kvgate.v1.ChatMessages
-	8,  // 2: kvgate.v1.GenerateRequest.sampling:type_name -> kvgate.v1.SamplingParams
+	8,  // 0: kvgate.v1.GenerateRequest.tokens:type_name -> kvgate.v1.TokenList
+	4,  // 1: kvgate.v1.GenerateRequest.messages:type_name -> kvgate.v1.ChatMessages
+	9,  // 2: kvgate.v1.GenerateRequest.sampling:type_name -> kvgate.v1.SamplingParams
 	0,  // 3: kvgate.v1.GenerateRequest.context_overflow:type_name -> kvgate.v1.ContextOverflow
-	4,  // 4: kvgate.v1.ChatMessages.messages:type_name -> kvgate.v1.ChatMessage
-	4,  // 5: kvgate.v1.RenderChatRequest.messages:type_name -> kvgate.v1.ChatMessage
-	10, // 6: kvgate.v1.GenerateResponse.started:type_name -> kvgate.v1.Started
-	11, // 7: kvgate.v1.GenerateResponse.chunk:type_name -> kvgate.v1.Chunk
-	12, // 8: kvgate.v1.GenerateResponse.finished:type_name -> kvgate.v1.Finished
-	1,  // 9: kvgate.v1.Finished.reason:type_name -> kvgate.v1.FinishReason
-	13, // 10: kvgate.v1.Finished.usage:type_name -> kvgate.v1.Usage
-	14, // 11: kvgate.v1.Finished.timings:type_name -> kvgate.v1.Timings
-	23, // 12: kvgate.v1.GetCacheStatsResponse.rejected_total:type_name -> kvgate.v1.GetCacheStatsResponse.RejectedTotalEntry
-	2,  // 13: kvgate.v1.GenerateService.Generate:input_type -> kvgate.v1.GenerateRequest
-	15, // 14: kvgate.v1.GenerateService.Tokenize:input_type -> kvgate.v1.TokenizeRequest
-	17, // 15: kvgate.v1.GenerateService.Detokenize:input_type -> kvgate.v1.DetokenizeRequest
-	19, // 16: kvgate.v1.GenerateService.GetModelInfo:input_type -> kvgate.v1.GetModelInfoRequest
-	5,  // 17: kvgate.v1.GenerateService.RenderChat:input_type -> kvgate.v1.RenderChatRequest
-	21, // 18: kvgate.v1.CacheService.GetCacheStats:input_type -> kvgate.v1.GetCacheStatsRequest
-	9,  // 19: kvgate.v1.GenerateService.Generate:output_type -> kvgate.v1.GenerateResponse
-	16, // 20: kvgate.v1.GenerateService.Tokenize:output_type -> kvgate.v1.TokenizeResponse
-	18, // 21: kvgate.v1.GenerateService.Detokenize:output_type -> kvgate.v1.DetokenizeResponse
-	20, // 22: kvgate.v1.GenerateService.GetModelInfo:output_type -> kvgate.v1.GetModelInfoResponse
-	6,  // 23: kvgate.v1.GenerateService.RenderChat:output_type -> kvgate.v1.RenderChatResponse
-	22, // 24: kvgate.v1.CacheService.GetCacheStats:output_type -> kvgate.v1.GetCacheStatsResponse
-	19, // [19:25] is the sub-list for method output_type
-	13, // [13:19] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	3,  // 4: kvgate.v1.GenerateRequest.json:type_name -> kvgate.v1.JSONConstraint
+	26, // 5: kvgate.v1.GenerateRequest.logit_bias:type_name -> kvgate.v1.GenerateRequest.LogitBiasEntry
+	5,  // 6: kvgate.v1.ChatMessages.messages:type_name -> kvgate.v1.ChatMessage
+	5,  // 7: kvgate.v1.RenderChatRequest.messages:type_name -> kvgate.v1.ChatMessage
+	11, // 8: kvgate.v1.GenerateResponse.started:type_name -> kvgate.v1.Started
+	12, // 9: kvgate.v1.GenerateResponse.chunk:type_name -> kvgate.v1.Chunk
+	15, // 10: kvgate.v1.GenerateResponse.finished:type_name -> kvgate.v1.Finished
+	13, // 11: kvgate.v1.Chunk.logprobs:type_name -> kvgate.v1.TokenLogprob
+	14, // 12: kvgate.v1.TokenLogprob.top:type_name -> kvgate.v1.TopLogprob
+	1,  // 13: kvgate.v1.Finished.reason:type_name -> kvgate.v1.FinishReason
+	16, // 14: kvgate.v1.Finished.usage:type_name -> kvgate.v1.Usage
+	17, // 15: kvgate.v1.Finished.timings:type_name -> kvgate.v1.Timings
+	27, // 16: kvgate.v1.GetCacheStatsResponse.rejected_total:type_name -> kvgate.v1.GetCacheStatsResponse.RejectedTotalEntry
+	2,  // 17: kvgate.v1.GenerateService.Generate:input_type -> kvgate.v1.GenerateRequest
+	18, // 18: kvgate.v1.GenerateService.Tokenize:input_type -> kvgate.v1.TokenizeRequest
+	20, // 19: kvgate.v1.GenerateService.Detokenize:input_type -> kvgate.v1.DetokenizeRequest
+	22, // 20: kvgate.v1.GenerateService.GetModelInfo:input_type -> kvgate.v1.GetModelInfoRequest
+	6,  // 21: kvgate.v1.GenerateService.RenderChat:input_type -> kvgate.v1.RenderChatRequest
+	24, // 22: kvgate.v1.CacheService.GetCacheStats:input_type -> kvgate.v1.GetCacheStatsRequest
+	10, // 23: kvgate.v1.GenerateService.Generate:output_type -> kvgate.v1.GenerateResponse
+	19, // 24: kvgate.v1.GenerateService.Tokenize:output_type -> kvgate.v1.TokenizeResponse
+	21, // 25: kvgate.v1.GenerateService.Detokenize:output_type -> kvgate.v1.DetokenizeResponse
+	23, // 26: kvgate.v1.GenerateService.GetModelInfo:output_type -> kvgate.v1.GetModelInfoResponse
+	7,  // 27: kvgate.v1.GenerateService.RenderChat:output_type -> kvgate.v1.RenderChatResponse
+	25, // 28: kvgate.v1.CacheService.GetCacheStats:output_type -> kvgate.v1.GetCacheStatsResponse
+	23, // [23:29] is the sub-list for method output_type
+	17, // [17:23] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_kvgate_v1_generate_proto_init() }
@@ -2449,21 +2882,25 @@ func file_kvgate_v1_generate_proto_init() {
 		(*GenerateRequest_Text)(nil),
 		(*GenerateRequest_Tokens)(nil),
 		(*GenerateRequest_Messages)(nil),
+		(*GenerateRequest_Grammar)(nil),
+		(*GenerateRequest_Json)(nil),
+		(*GenerateRequest_JsonSchema)(nil),
 	}
-	file_kvgate_v1_generate_proto_msgTypes[3].OneofWrappers = []any{}
-	file_kvgate_v1_generate_proto_msgTypes[6].OneofWrappers = []any{}
-	file_kvgate_v1_generate_proto_msgTypes[7].OneofWrappers = []any{
+	file_kvgate_v1_generate_proto_msgTypes[4].OneofWrappers = []any{}
+	file_kvgate_v1_generate_proto_msgTypes[7].OneofWrappers = []any{}
+	file_kvgate_v1_generate_proto_msgTypes[8].OneofWrappers = []any{
 		(*GenerateResponse_Started)(nil),
 		(*GenerateResponse_Chunk)(nil),
 		(*GenerateResponse_Finished)(nil),
 	}
+	file_kvgate_v1_generate_proto_msgTypes[13].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvgate_v1_generate_proto_rawDesc), len(file_kvgate_v1_generate_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   22,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
