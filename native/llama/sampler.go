@@ -155,28 +155,12 @@ func (m *Model) initGrammar(gbnf string) (*C.struct_llama_sampler, error) {
 	defer C.free(unsafe.Pointer(root))
 	g := C.llama_sampler_init_grammar(m.vocab, str, root)
 	if g == nil {
-		return nil, fmt.Errorf("%w: %s", native.ErrBadGrammar, grammarReason(lastLlamaError()))
+		// The parser prints its reason to stderr itself, not through
+		// llama.cpp's log: the service reports internal/grammar's, which
+		// mirrors the parser and runs first.
+		return nil, fmt.Errorf("%w: llama.cpp's grammar parser refused it", native.ErrBadGrammar)
 	}
 	return g, nil
-}
-
-// grammarReason extracts the parser's reason from llama.cpp's log line
-// "llama_grammar_init_impl: error parsing grammar: REASON\n\nSOURCE" (or
-// another error line, as is).
-func grammarReason(line string) string {
-	const marker = "error parsing grammar: "
-	if i := strings.Index(line, marker); i >= 0 {
-		line = line[i+len(marker):]
-		if j := strings.Index(line, "\n"); j >= 0 {
-			line = line[:j]
-		}
-	} else if i := strings.Index(line, ": "); i >= 0 && !strings.ContainsAny(line[:i], " \n") {
-		line = line[i+2:] // drop the function name
-	}
-	if line = strings.TrimSpace(line); line == "" {
-		return "llama.cpp refused it"
-	}
-	return line
 }
 
 // Accept records tok in the history of the samplers that keep one (the
