@@ -22,6 +22,7 @@ package native_test
 import (
 	"context"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -330,4 +331,94 @@ func BenchmarkEnginePrefill(b *testing.B) {
 		prompt += len(p)
 	}
 	b.ReportMetric(float64(prompt)/b.Elapsed().Seconds(), "prefill-tok/s")
+}
+
+// benchJSONLines is the grammar of BenchmarkEngineConstrained: an endless
+// run of JSON objects of a small schema, one per line, so that every stream
+// generates its full output under the grammar (end-of-generation tokens are
+// banned by a logit bias, so the grammar's accepting states cannot end it).
+const benchJSONLines = `root ::= (obj "\n")+
+obj ::= "{" ws "\"name\"" ws ":" ws str ws "," ws "\"age\"" ws ":" ws int ws "," ws "\"tags\"" ws ":" ws "[" ws (str (ws "," ws str){0,3})? ws "]" ws "}"
+str ::= "\"" ([^"\\\x00-\x1f] | "\\" ["\\/bfnrt])* "\""
+int ::= "-"? [0-9]{1,9}
+ws ::= [ \n]?`
+
+// BenchmarkEngineConstrained compares constrained with unconstrained decode
+// at 1 and 16 streams of 128 prompt and 128 output tokens, temperature 1,
+// in one interleaved run: "free" is today's sampling; "grammar" adds the
+// JSON-lines grammar above (and the bias that bans end-of-generation
+// tokens); "logprobs" is free sampling with logprobs and 5 alternatives.
+// Compare out-tok/s between the modes of one streams count.
+func BenchmarkEngineConstrained(b *testing.B) {
+	m := benchModel(b)
+	var eog []native.LogitBias
+	for id := range int32(m.Info().VocabSize) {
+		if m.IsEOG(id) {
+			eog = append(eog, native.LogitBias{Token: id, Bias: float32(math.Inf(-1))})
+		}
+	}
+	for _, n := range []int{1, 16} {
+		for _, mode := range []string{"free", "grammar", "logprobs"} {
+			b.Run(fmt.Sprintf("streams=%d/%s", n, mode), func(b *testing.B) {
+				e, _ := benchEngine(b, nil)
+				r := rand.New(rand.NewPCG(uint64(n), 2))
+				vocab := m.Info().VocabSize
+				tokens := 0
+				seed := uint32(0)
+				for b.Loop() {
+					b.StopTimer()
+					reqs := make([]native.Request, n)
+					for i := range reqs {
+						seed++
+						req := native.Request{Prompt: randomPrompt(r, vocab, benchPrompt), MaxTokens: benchOutput, IgnoreEOS: true,
+							Sampling: native.SamplingParams{Temperature: 1, Seed: seed, HasSeed: true}}
+						switch mode {
+						case "grammar":
+							req.Sampling.Grammar, req.Sampling.LogitBias = benchJSONLines, eog
+						case "logprobs":
+							req.Logprobs, req.TopLogprobs = true, 5
+						}
+						reqs[i] = req
+					}
+					b.StartTimer()
+					tokens += runRequests(b, e, reqs)
+				}
+				b.ReportMetric(float64(tokens)/b.Elapsed().Seconds(), "out-tok/s")
+			})
+		}
+	}
+}
+
+// runRequests is runRound for requests of any kind: it starts them at once
+// and drains every stream, and returns the tokens generated.
+func runRequests(b *testing.B, e *native.Engine, reqs []native.Request) int {
+	streams := make([]*native.Stream, len(reqs))
+	for i, req := range reqs {
+		s, err := e.Submit(context.Background(), req)
+		if err != nil {
+			b.Fatal(err)
+		}
+		streams[i] = s
+	}
+	var wg sync.WaitGroup
+	counts := make([]int, len(streams))
+	for i, s := range streams {
+		wg.Go(func() {
+			for ev := range s.Events() {
+				counts[i] += len(ev.Tokens)
+			}
+		})
+	}
+	wg.Wait()
+	total := 0
+	for i, s := range streams {
+		if err := s.Result().Err; err != nil {
+			b.Fatalf("stream %d: %v", i, err)
+		}
+		if counts[i] != reqs[i].MaxTokens {
+			b.Fatalf("stream %d streamed %d tokens, want %d (%v)", i, counts[i], reqs[i].MaxTokens, s.Result().Reason)
+		}
+		total += counts[i]
+	}
+	return total
 }
