@@ -11,6 +11,8 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
+	"github.com/kvgate/kvgate/internal/grammar"
+	"github.com/kvgate/kvgate/native"
 )
 
 // FuzzValidate parses arbitrary bytes as a GenerateRequest, as the server
@@ -32,6 +34,15 @@ func FuzzValidate(f *testing.F) {
 		{Prompt: &kvgatev1.GenerateRequest_Messages{Messages: &kvgatev1.ChatMessages{Messages: msgs("user", strings.Repeat("x", 40), "assistant", "ok", "user", "again")}},
 			ContextOverflow: kvgatev1.ContextOverflow_CONTEXT_OVERFLOW_DROP_OLDEST},
 		{Prompt: &kvgatev1.GenerateRequest_Messages{Messages: &kvgatev1.ChatMessages{Messages: msgs("us er", "\x00", "", "")}}, ContextOverflow: 7},
+		{Prompt: &kvgatev1.GenerateRequest_Text{Text: "a"}, Logprobs: proto.Uint32(5), N: 4, StopTokenIds: []int32{3, 7},
+			LogitBias: map[int32]float32{1: float32(math.Inf(-1)), 2: 5, 200: 1, 3: float32(math.NaN())}},
+		{Prompt: &kvgatev1.GenerateRequest_Text{Text: "a"}, Logprobs: proto.Uint32(21), N: 17, StopTokenIds: []int32{-1}},
+		{Prompt: &kvgatev1.GenerateRequest_Text{Text: "a"}, Constraint: &kvgatev1.GenerateRequest_Grammar{Grammar: `root ::= "yes" | "no"`}},
+		{Prompt: &kvgatev1.GenerateRequest_Text{Text: "a"}, Constraint: &kvgatev1.GenerateRequest_Grammar{Grammar: `root ::= root "a"`}},
+		{Prompt: &kvgatev1.GenerateRequest_Text{Text: "a"}, Constraint: &kvgatev1.GenerateRequest_Json{Json: &kvgatev1.JSONConstraint{ObjectOnly: true}}},
+		{Prompt: &kvgatev1.GenerateRequest_Text{Text: "a"}, Constraint: &kvgatev1.GenerateRequest_JsonSchema{
+			JsonSchema: `{"type":"object","properties":{"a":{"type":"string","maxLength":3}},"required":["a"]}`}},
+		{Prompt: &kvgatev1.GenerateRequest_Text{Text: "a"}, Constraint: &kvgatev1.GenerateRequest_JsonSchema{JsonSchema: `{"pattern":"x"}`}},
 	} {
 		b, err := proto.Marshal(req)
 		if err != nil {
@@ -78,6 +89,27 @@ func FuzzValidate(f *testing.F) {
 			t.Fatalf("accepted context_overflow %d", req.GetContextOverflow())
 		case req.GetMessages() != nil && (len(req.GetMessages().GetMessages()) > 8 || len(r.prompt)+r.maxTokens > lim.MaxSequenceTokens):
 			t.Fatalf("accepted a conversation of %d messages, %d prompt tokens + %d", len(req.GetMessages().GetMessages()), len(r.prompt), r.maxTokens)
+		case r.n < 1 || r.n > lim.samples(), r.topLogprobs < 0 || r.topLogprobs > native.MaxTopLogprobs:
+			t.Fatalf("accepted n %d, logprobs %d", r.n, r.topLogprobs)
+		case len(sp.LogitBias) != len(req.GetLogitBias()) || len(sp.LogitBias) > lim.logitBiasEntries():
+			t.Fatalf("accepted %d logit biases as %d", len(req.GetLogitBias()), len(sp.LogitBias))
+		case req.GetConstraint() != nil && sp.Grammar == "":
+			t.Fatalf("accepted the constraint %v without a grammar", req.GetConstraint())
+		}
+		for _, b := range sp.LogitBias {
+			if b.Token < 0 || b.Token >= 100 || !(math.IsInf(float64(b.Bias), -1) || math.Abs(float64(b.Bias)) <= maxAbsLogitBias) {
+				t.Fatalf("accepted logit bias %v", b)
+			}
+		}
+		for _, id := range r.stopTokens {
+			if id < 0 || id >= 100 {
+				t.Fatalf("accepted stop token %d", id)
+			}
+		}
+		if sp.Grammar != "" {
+			if err := grammar.Check(sp.Grammar, grammar.DefaultLimits()); err != nil {
+				t.Fatalf("accepted a grammar that fails Check: %v", err)
+			}
 		}
 	})
 }
