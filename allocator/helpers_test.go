@@ -330,5 +330,5 @@ func (a *Allocator) nextWaiterForTest() *waiter {
 // evicting cache if necessary: the queue's next waiter must not wait if it
 // does.
 func (a *Allocator) fitsLocked(need int) bool {
-	return need <= a.availLocked() && a.running < a.cfg.MaxRunning && a.idAvailableLocked()
+	return need <= a.availLocked() && a.running < a.cfg.MaxRunning && a.idsAvailableLocked(1)
 }
