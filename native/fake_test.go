@@ -150,6 +150,9 @@ type fakeBackend struct {
 	// cache; the cache is left unchanged either way). It may block, to
 	// hold the worker at a known point.
 	hook func(call int, b *Batch) error
+	// wrap, when set, replaces each sampler NewSampler makes, with its
+	// number (0 for the first), so that a test can make one of them fail.
+	wrap func(s Sampler, i int) Sampler
 
 	calls   int   // Decode calls with a non-empty batch
 	decoded int   // successful ones
@@ -495,6 +498,9 @@ func (fb *fakeBackend) NewSampler(p SamplingParams) Sampler {
 	}
 	s := &fakeSampler{fb: fb, p: p}
 	fb.samplers = append(fb.samplers, s)
+	if fb.wrap != nil {
+		return fb.wrap(s, len(fb.samplers)-1)
+	}
 	return s
 }
 
