@@ -56,6 +56,9 @@ func (a *Allocator) planLocked(w *waiter) plan {
 	return p
 }
 
+// samples returns the sequences w runs: its group's size, or 1.
+func (w *waiter) samples() int { return max(w.n, 1) }
+
 // partition returns the part of the prefix cache w may share.
 func (w *waiter) partition() partition { return partition{tenant: w.tenant, salt: w.salt} }
 
@@ -91,13 +94,13 @@ func (a *Allocator) sourceLocked(n *node) *entry {
 // tryGrantLocked admits w now if it can, evicting cache as needed, and
 // returns its lease; it returns nil and changes nothing else if w must wait.
 func (a *Allocator) tryGrantLocked(w *waiter, now time.Time) *Lease {
-	if a.running+w.n > a.cfg.MaxRunning {
+	if a.running+w.samples() > a.cfg.MaxRunning {
 		return nil
 	}
 	p := a.planLocked(w)
 	// Pin the source first, so that making room cannot evict it.
 	a.pinLocked(p.src)
-	if p.src != nil && (p.admit > a.availLocked() || !a.idsAvailableLocked(w.n)) {
+	if p.src != nil && (p.admit > a.availLocked() || !a.idsAvailableLocked(w.samples())) {
 		// The pinned source keeps too much from eviction: admit without
 		// sharing instead, if that fits.
 		a.unpinLocked(p.src)
@@ -105,12 +108,12 @@ func (a *Allocator) tryGrantLocked(w *waiter, now time.Time) *Lease {
 		w2.noCache = true
 		p = a.planLocked(&w2)
 	}
-	if p.admit > a.availLocked() || !a.idsAvailableLocked(w.n) {
+	if p.admit > a.availLocked() || !a.idsAvailableLocked(w.samples()) {
 		a.unpinLocked(p.src)
 		return nil
 	}
 	a.makeRoomLocked(p.admit)
-	for a.idsFreeLocked() < w.n {
+	for a.idsFreeLocked() < w.samples() {
 		a.evictOneLocked()
 	}
 	return a.grantLocked(w, p, now)

@@ -343,6 +343,7 @@ func (l *Lease) requeueLocked(tokens []int32) (keep bool, resumed <-chan struct{
 		prompt:   slices.Clone(tokens),
 		tokens:   len(tokens),
 		maxTok:   max(l.maxTok-l.genBase, 0),
+		n:        1,
 		noCache:  l.noCache,
 		tenant:   l.tenant,
 		salt:     l.salt,
