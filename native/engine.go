@@ -8,6 +8,14 @@
 // the next one needs to the allocator in one Apply, carries out the answer
 // (evictions, preemptions, resumes), plans the batch (a planner: plain, or
 // ordered for deterministic mode), decodes it, and samples.
+//
+// A request for several samples of one prompt (Request.N) runs as a group
+// of sequences: sample 0 prefills the prompt; once it is decoded, each
+// other sample is given the prompt's cells with Backend.SeqCopy (shared,
+// in a unified cache), draws its first token from sample 0's output for
+// the last prompt token, and decodes only its own tokens from then on.
+// Sample 0's end is reported to the allocator only after every other
+// sample's, since its cells hold the prompt they share.
 package native
 
 import (
@@ -417,6 +425,18 @@ func (e *Engine) Close() {
 // done. A refusal is the allocator's (*allocator.RejectError, or an error
 // wrapping allocator.ErrInvalidRequest); a prompt token outside the
 // vocabulary wraps ErrBadRequest and ErrTokenOutOfRange.
+//
+// A request for N > 1 samples is admitted as one sample group, with all
+// its sequence ids and cells at once, and its samples stream on the one
+// Stream. A group that can never run is refused at once, never queued: an
+// N outside 0..allocator.MaxSamples or above the sequences that may run at
+// once, or N > 1 where samples cannot share a prompt (deterministic mode,
+// a KV stream per sequence), wraps ErrBadRequest (the first two also
+// allocator.ErrInvalidRequest); a group whose prompt plus N×MaxTokens
+// exceeds the pool is the allocator's NEVER_FITS, with Limit the pool's
+// cells. Cancelling ctx ends every sample, as does a slow reader
+// (ErrSlowConsumer); any other failure (ErrNoValidToken, say) ends only
+// its sample.
 func (e *Engine) Submit(ctx context.Context, req Request) (*Stream, error) {
 	if i := e.vocab.ValidTokens(req.Prompt); i >= 0 {
 		return nil, fmt.Errorf("%w: %w: prompt[%d] = %d", ErrBadRequest, ErrTokenOutOfRange, i, req.Prompt[i])
