@@ -335,7 +335,11 @@ func New(cfg Config) (*Allocator, error) {
 // reserved cells and a sequence id; the caller must Release it. A refusal is
 // a *RejectError; a malformed req gives an error wrapping ErrInvalidRequest.
 //
-// Refusals are checked in this order: DRAINING, NEVER_FITS, an already
+// A request with N > 1 is a sample group (see the package documentation):
+// the lease returned is its leader's, and Lease.Samples holds the others.
+//
+// Refusals are checked in this order: an invalid request (N included),
+// DRAINING, NEVER_FITS, an already
 // ended ctx, then, if the request cannot be admitted at once, QUEUE_FULL
 // (Config.MaxQueue, then the tenant's MaxQueued) and KV_CELLS_EXHAUSTED. A
 // request that gives up while queued never holds a lease: if it was
