@@ -156,7 +156,8 @@ type Stats struct {
 	CellsReserved int
 	// CellsFree is CellsTotal - CellsUsed - CellsReserved.
 	CellsFree int
-	// Running is the number of leases held.
+	// Running is the number of leases held; each sample of a sample group
+	// holds one.
 	Running int
 	// Queued is the number of requests waiting, preempted sequences
 	// waiting to resume included.
