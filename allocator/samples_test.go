@@ -218,11 +218,12 @@ func TestSampleGroupNeverPreempted(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i := 0; len(s.Preempted) == 0 && i < 20; i++ {
-		s.Running = s.Running[:0]
+		// The single sequence is listed oldest, so that the newest, the
+		// victim among equals, is a sample of the group.
+		s.Running = append(s.Running[:0], Candidate{Lease: single, Tokens: tokens})
 		for _, m := range group {
 			s.Running = append(s.Running, Candidate{Lease: m, Tokens: tokens})
 		}
-		s.Running = append(s.Running, Candidate{Lease: single, Tokens: tokens})
 		s.Grow = append(s.Grow[:0], single)
 		if group[1].Reserved() > 0 {
 			s.Grow = append(s.Grow, group[1]) // within its reservation
