@@ -14,6 +14,10 @@ const (
 	// MaxSequencesLimit is the largest Config.MaxSequences accepted.
 	MaxSequencesLimit = 256
 
+	// MaxSamples is the largest Request.N accepted: the most samples of
+	// one prompt a request may ask for.
+	MaxSamples = 16
+
 	defaultMinRetryDelay = 50 * time.Millisecond
 	defaultMaxRetryDelay = 30 * time.Second
 	// unknownRateRetry is the RetryAfter reported, before clamping, when the
@@ -110,6 +114,15 @@ type Request struct {
 	// NoCache keeps the request out of the prefix cache: it reuses no
 	// cached prefix and leaves no cells behind.
 	NoCache bool
+	// N is the number of samples of the prompt to run, 0..MaxSamples; 0
+	// and 1 both mean one. A request with N > 1 is a sample group: it is
+	// admitted atomically with N sequence ids and reserves its prompt's
+	// cells once (less the shared prefix) plus N×MaxTokens, under both
+	// policies, so that no sample ever needs Grow beyond its reservation
+	// or is preempted. Admit returns the leader's lease (sample 0);
+	// Lease.Samples returns the others. See the package documentation,
+	// section Sample groups.
+	N int
 	// PromptTokens is the number of prompt tokens; it must be at least 1.
 	PromptTokens int
 	// MaxTokens is the most tokens the sequence may generate; it must be at
@@ -143,7 +156,8 @@ type Stats struct {
 	CellsReserved int
 	// CellsFree is CellsTotal - CellsUsed - CellsReserved.
 	CellsFree int
-	// Running is the number of leases held.
+	// Running is the number of leases held; each sample of a sample group
+	// holds one.
 	Running int
 	// Queued is the number of requests waiting, preempted sequences
 	// waiting to resume included.
@@ -240,6 +254,7 @@ type waiter struct {
 	prompt   []int32
 	tokens   int // prompt tokens
 	maxTok   int // tokens it may still generate
+	n        int // samples: 1, or the size of a sample group
 	noCache  bool
 	tenant   string
 	salt     string
@@ -321,7 +336,11 @@ func New(cfg Config) (*Allocator, error) {
 // reserved cells and a sequence id; the caller must Release it. A refusal is
 // a *RejectError; a malformed req gives an error wrapping ErrInvalidRequest.
 //
-// Refusals are checked in this order: DRAINING, NEVER_FITS, an already
+// A request with N > 1 is a sample group (see the package documentation):
+// the lease returned is its leader's, and Lease.Samples holds the others.
+//
+// Refusals are checked in this order: an invalid request (N included),
+// DRAINING, NEVER_FITS, an already
 // ended ctx, then, if the request cannot be admitted at once, QUEUE_FULL
 // (Config.MaxQueue, then the tenant's MaxQueued) and KV_CELLS_EXHAUSTED. A
 // request that gives up while queued never holds a lease: if it was
@@ -345,9 +364,24 @@ func (a *Allocator) begin(ctx context.Context, req Request) (*Lease, *waiter, er
 		return nil, nil, fmt.Errorf("%w: prompt tokens %d (%d ids), max tokens %d, queue timeout %v",
 			ErrInvalidRequest, req.PromptTokens, len(req.Prompt), req.MaxTokens, req.QueueTimeout)
 	}
-	total := math.MaxInt
+	if req.N < 0 || req.N > MaxSamples {
+		return nil, nil, fmt.Errorf("%w: %d samples outside 0..%d", ErrInvalidRequest, req.N, MaxSamples)
+	}
+	n := max(req.N, 1)
+	if n > a.cfg.MaxRunning {
+		return nil, nil, fmt.Errorf("%w: %d samples, but at most %d sequences may run at once", ErrInvalidRequest, n, a.cfg.MaxRunning)
+	}
+	perSeq := math.MaxInt
 	if req.MaxTokens <= math.MaxInt-req.PromptTokens {
-		total = req.PromptTokens + req.MaxTokens
+		perSeq = req.PromptTokens + req.MaxTokens
+	}
+	total, limit := perSeq, a.limit
+	if n > 1 {
+		// A group holds its prompt once and every sample's generation.
+		total, limit = groupCells(req.PromptTokens, req.MaxTokens, n), a.cfg.Cells
+		if perSeq > a.limit {
+			total, limit = perSeq, a.limit
+		}
 	}
 
 	a.mu.Lock()
@@ -355,9 +389,9 @@ func (a *Allocator) begin(ctx context.Context, req Request) (*Lease, *waiter, er
 	if a.draining {
 		return nil, nil, a.refuseLocked(ReasonDraining, total, a.queued, 0, ErrDraining)
 	}
-	if total > a.limit {
+	if total > limit {
 		err := a.refuseLocked(ReasonNeverFits, total, a.queued, 0, ErrNeverFits)
-		err.Limit = a.limit
+		err.Limit = limit
 		return nil, nil, err
 	}
 	if ctx.Err() != nil {
@@ -401,8 +435,14 @@ func (a *Allocator) begin(ctx context.Context, req Request) (*Lease, *waiter, er
 // newWaiter returns the waiter for a valid req of total tokens (prompt +
 // max tokens) arriving at now; it is not queued.
 func (a *Allocator) newWaiter(ctx context.Context, req Request, total int, now time.Time) *waiter {
+	n := max(req.N, 1)
+	need := a.upperNeed(req.PromptTokens, total)
+	if n > 1 {
+		need = total // a group reserves everything under both policies
+	}
 	return &waiter{
-		need:     a.upperNeed(req.PromptTokens, total),
+		need:     need,
+		n:        n,
 		prompt:   req.Prompt,
 		tokens:   req.PromptTokens,
 		maxTok:   req.MaxTokens,
@@ -414,6 +454,15 @@ func (a *Allocator) newWaiter(ctx context.Context, req Request, total int, now t
 		timeout:  req.QueueTimeout,
 		expires:  deadlineOf(ctx, req.QueueTimeout, now),
 	}
+}
+
+// groupCells returns the cells a sample group of n samples reserves at
+// most: its prompt once and n times maxTok, or math.MaxInt on overflow.
+func groupCells(prompt, maxTok, n int) int {
+	if maxTok > (math.MaxInt-prompt)/n {
+		return math.MaxInt
+	}
+	return prompt + n*maxTok
 }
 
 // upperNeed returns the most cells a request of prompt tokens and total

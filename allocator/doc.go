@@ -113,6 +113,36 @@
 // cache is evicted least recently used first across all partitions
 // whenever cells or sequence ids are needed.
 //
+// # Sample groups
+//
+// A request with Request.N > 1 (at most MaxSamples) asks for N samples of
+// one prompt. The samples share the prompt's cells: the KV cache's owner
+// decodes the prompt once, under the leader's sequence id (sample 0), and
+// then tags the same cells with each follower's id (llama_memory_seq_cp in
+// a unified cache). The group is admitted atomically: it needs N sequence
+// ids (free or freed by evicting the cache), N running slots, and
+// (PromptTokens − shared prefix) + N·MaxTokens free cells, under both
+// policies — a group reserves every cell up front even under
+// PolicyOptimistic, so none of its samples ever grows beyond its
+// reservation, and none is ever a preemption victim or requeued. A group
+// that could never fit is refused at once: NEVER_FITS, with Limit Cells,
+// when PromptTokens + N·MaxTokens exceeds Cells (or, Limit as for one
+// sequence, when PromptTokens+MaxTokens exceeds min(Cells,
+// MaxSequenceTokens)); an N outside 0..MaxSamples, or above MaxRunning,
+// is an ErrInvalidRequest.
+//
+// The leader's lease (what Admit returns) reserves the prompt and its own
+// MaxTokens; each follower (Lease.Samples) reserves MaxTokens and is
+// charged only its own generated tokens, which never enter the prefix
+// cache. The group's charged cells are therefore the prompt once plus the
+// tokens of every sample. The prompt's cells are the leader's: followers
+// end first, and the leader's cells (which a normal Finish may keep as a
+// prefix cache entry, as for any sequence) come back only at the leader's
+// own end; ending the leader first ends its running followers with it. For
+// tenancy, fairness and the queue the group is one request of that many
+// cells (its waiter needs them all), though it counts N sequences against
+// MaxRunning and a tenant's running share.
+//
 // # Estimate
 //
 // Before a request with a wait budget (the context deadline, or the

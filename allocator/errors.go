@@ -16,7 +16,9 @@ const (
 	// the caller's deadline.
 	ReasonKVCellsExhausted = "KV_CELLS_EXHAUSTED"
 	// ReasonNeverFits means PromptTokens+MaxTokens exceeds
-	// min(Cells, MaxSequenceTokens), so the request can never be admitted.
+	// min(Cells, MaxSequenceTokens), or a sample group's
+	// PromptTokens+N×MaxTokens exceeds Cells, so the request can never be
+	// admitted.
 	ReasonNeverFits = "NEVER_FITS"
 	// ReasonDraining means Drain was called.
 	ReasonDraining = "DRAINING"
@@ -64,8 +66,10 @@ var (
 	// ErrInvalidConfig is wrapped by the error New returns for a bad Config.
 	ErrInvalidConfig = errors.New("allocator: invalid config")
 	// ErrInvalidRequest is wrapped by the error Admit returns for a Request
-	// with PromptTokens or MaxTokens below 1 or a negative QueueTimeout, and
-	// by the error Lease.Charge returns for a negative count.
+	// with PromptTokens or MaxTokens below 1, a negative QueueTimeout, or an
+	// N outside 0..MaxSamples or above MaxRunning; by the error
+	// Lease.Charge returns for a negative count; and by the error of
+	// Lease.Requeue for a member of a sample group.
 	ErrInvalidRequest = errors.New("allocator: invalid request")
 	// ErrOverCharge is wrapped by the error Lease.Charge returns when the
 	// charge would exceed the lease's original reservation.
@@ -82,7 +86,8 @@ var (
 type RejectError struct {
 	// Reason is one of the Reason constants.
 	Reason string
-	// CellsNeeded is PromptTokens+MaxTokens of the refused request.
+	// CellsNeeded is PromptTokens+MaxTokens of the refused request
+	// (PromptTokens+N×MaxTokens for a sample group).
 	CellsNeeded int
 	// CellsFree is the number of free cells at the moment of refusal.
 	CellsFree int
@@ -92,7 +97,8 @@ type RejectError struct {
 	// refusal.
 	QueueDepth int
 	// Limit is, for NEVER_FITS, the limit that was exceeded:
-	// min(Cells, MaxSequenceTokens). It is 0 for other reasons.
+	// min(Cells, MaxSequenceTokens), or Cells for a sample group whose
+	// samples each fit but not all together. It is 0 for other reasons.
 	Limit int
 	// RetryAfter estimates when a retry could succeed. It is 0 when retrying
 	// is pointless (NEVER_FITS, DRAINING) or when the caller gave up

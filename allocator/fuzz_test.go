@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"testing"
 	"time"
 )
@@ -17,7 +18,7 @@ import (
 //	        b3 odd: MaxSequenceTokens = 1 + (b3>>1)%(cells+4), else 0.
 //	op byte % 8, then x, y; t = (op byte>>3)%4:
 //	  0, 1 admit:   prompt 1+x%8, max 1+y%8, priority (x>>3)%3;
-//	                tenant fuzzTenants[t];
+//	                tenant fuzzTenants[t]; N = 1+(op byte>>5)%4 samples;
 //	                x bit 5: QueueTimeout (1+x>>6)*200ms;
 //	                (y>>3)%4: 1 deadline now+(y>>5)*100ms, 2 cancelled ctx.
 //	  2 charge:     lease x%n, n = y%(reserved+2) (over-charges included).
@@ -184,7 +185,7 @@ func runOps(t *testing.T, data []byte) {
 	ops := data[4:]
 	for i := 0; i+3 <= len(ops); i += 3 {
 		kind, x, y := ops[i]%8, ops[i+1], ops[i+2]
-		what := m.step(kind, (ops[i]>>3)%4, x, y)
+		what := m.step(kind, (ops[i]>>3)%4, x, y, 1+int(ops[i]>>5)%4)
 		if err := m.verify(); err != nil {
 			t.Fatalf("op %d (%s): %v", i/3, what, err)
 		}
@@ -215,10 +216,10 @@ func runOps(t *testing.T, data []byte) {
 	}
 }
 
-func (m *fuzzModel) step(kind, ten, x, y byte) string {
+func (m *fuzzModel) step(kind, ten, x, y byte, samples int) string {
 	switch kind {
 	case 0, 1:
-		return m.admit(fuzzTenants[ten], x, y)
+		return m.admit(fuzzTenants[ten], x, y, samples)
 	case opCharge:
 		if len(m.live) == 0 {
 			return "charge: no lease"
@@ -245,6 +246,8 @@ func (m *fuzzModel) step(kind, ten, x, y byte) string {
 		i := int(x) % len(m.live)
 		l := m.live[i]
 		m.live = append(m.live[:i], m.live[i+1:]...)
+		// A leader's followers end with it.
+		m.live = slices.DeleteFunc(m.live, func(f *Lease) bool { return slices.Contains(l.Samples(), f) })
 		l.Release()
 		if y%2 == 1 {
 			l.Release()
@@ -292,12 +295,15 @@ func (m *fuzzModel) step(kind, ten, x, y byte) string {
 	return "nop"
 }
 
-func (m *fuzzModel) admit(tenant string, x, y byte) string {
+func (m *fuzzModel) admit(tenant string, x, y byte, samples int) string {
 	req := Request{
 		PromptTokens: 1 + int(x%8),
 		MaxTokens:    1 + int(y%8),
 		Priority:     int32((x >> 3) % 3),
 		Tenant:       tenant,
+	}
+	if samples > 1 {
+		req.N = samples
 	}
 	if x&(1<<5) != 0 {
 		req.QueueTimeout = time.Duration(1+x>>6) * 200 * time.Millisecond
@@ -311,7 +317,18 @@ func (m *fuzzModel) admit(tenant string, x, y byte) string {
 		cancel()
 		ctx = c
 	}
-	need := req.PromptTokens + req.MaxTokens
+	// A group needs its prompt once and every sample's budget, within the
+	// pool, and each sample within the one-sequence limit.
+	need, limit := req.PromptTokens+req.MaxTokens, m.limit
+	if samples > 1 && need <= m.limit {
+		need, limit = req.PromptTokens+samples*req.MaxTokens, m.a.cfg.Cells
+	}
+	if samples > m.a.cfg.MaxSequences {
+		if _, _, err := m.a.begin(ctx, req); !errors.Is(err, ErrInvalidRequest) {
+			m.t.Fatalf("admit %+v of more samples than sequences: %v, want ErrInvalidRequest", req, err)
+		}
+		return "admit: too many samples"
+	}
 	before := m.a.Stats()
 	// behind: a queued waiter goes first, one of the same tenant and no
 	// lower priority, or another tenant's pumping could pick: below its
@@ -343,16 +360,13 @@ func (m *fuzzModel) admit(tenant string, x, y byte) string {
 	}
 	switch {
 	case l != nil:
-		if m.draining || need > m.limit || ctx.Err() != nil || before.CellsFree < need || before.Running >= m.a.cfg.MaxSequences || behind {
-			m.t.Fatalf("%s admitted (draining %v, limit %d, behind a waiter %v, before %+v)", what, m.draining, m.limit, behind, before)
+		if m.draining || need > limit || ctx.Err() != nil || before.CellsFree < need || before.Running+samples > m.a.cfg.MaxSequences || behind {
+			m.t.Fatalf("%s admitted (draining %v, limit %d, behind a waiter %v, before %+v)", what, m.draining, limit, behind, before)
 		}
-		if l.Reserved() != need || l.Charged() != 0 {
-			m.t.Fatalf("%s: lease reserves %d charged %d", what, l.Reserved(), l.Charged())
-		}
-		m.live = append(m.live, l)
+		m.checkGrant(what, l, samples, need)
 	case w != nil:
-		if m.draining || need > m.limit || before.Queued >= m.a.cfg.MaxQueue || tenantFull {
-			m.t.Fatalf("%s queued (draining %v, limit %d, before %+v)", what, m.draining, m.limit, before)
+		if m.draining || need > limit || before.Queued >= m.a.cfg.MaxQueue || tenantFull {
+			m.t.Fatalf("%s queued (draining %v, limit %d, before %+v)", what, m.draining, limit, before)
 		}
 		m.waiters = append(m.waiters, w)
 	default:
@@ -361,7 +375,7 @@ func (m *fuzzModel) admit(tenant string, x, y byte) string {
 		switch {
 		case m.draining:
 			want = ReasonDraining
-		case need > m.limit:
+		case need > limit:
 			want = ReasonNeverFits
 		case ctx.Err() != nil:
 			want = ReasonCancelled
@@ -374,14 +388,14 @@ func (m *fuzzModel) admit(tenant string, x, y byte) string {
 		}
 		switch re.Reason {
 		case ReasonNeverFits:
-			if re.Limit != m.limit || re.RetryAfter != 0 {
+			if re.Limit != limit || re.RetryAfter != 0 {
 				m.t.Fatalf("%s: %+v", what, re)
 			}
 		case ReasonQueueFull, ReasonKVCellsExhausted:
 			if re.RetryAfter < m.a.cfg.MinRetryDelay || re.RetryAfter > m.a.cfg.MaxRetryDelay {
 				m.t.Fatalf("%s: RetryAfter %v outside clamps", what, re.RetryAfter)
 			}
-			if re.Reason == ReasonQueueFull && before.Queued < m.a.cfg.MaxQueue && before.Running < m.a.cfg.MaxSequences && before.CellsFree >= need && before.Queued == 0 {
+			if re.Reason == ReasonQueueFull && before.Queued < m.a.cfg.MaxQueue && before.Running+samples <= m.a.cfg.MaxSequences && before.CellsFree >= need && before.Queued == 0 {
 				m.t.Fatalf("%s: QUEUE_FULL though it fit", what)
 			}
 			if re.Reason == ReasonKVCellsExhausted && !m.scheduled && before.DrainCellsPerSecond <= 0 {
@@ -450,10 +464,7 @@ func (m *fuzzModel) leave(i int, reason string) {
 func (m *fuzzModel) collect(w *waiter) {
 	switch {
 	case w.lease != nil && w.err == nil:
-		if w.lease.Reserved() != w.need || w.lease.Charged() != 0 {
-			m.t.Fatalf("granted lease reserves %d charged %d, want %d 0", w.lease.Reserved(), w.lease.Charged(), w.need)
-		}
-		m.live = append(m.live, w.lease)
+		m.checkGrant("granted waiter", w.lease, w.samples(), w.need)
 	case w.lease == nil && w.err != nil:
 		if re := asReject(m.t, w.err); re.Reason != ReasonDraining {
 			m.t.Fatalf("waiter woken with %v", w.err)
@@ -461,6 +472,22 @@ func (m *fuzzModel) collect(w *waiter) {
 	default:
 		m.t.Fatalf("resolved waiter with lease %v and err %v", w.lease, w.err)
 	}
+}
+
+// checkGrant checks a new lease of a request for samples sequences that
+// needs need cells: a group of that many leases, reserving need cells
+// between them and charged nothing; the model holds them all.
+func (m *fuzzModel) checkGrant(what string, l *Lease, samples, need int) {
+	group := append([]*Lease{l}, l.Samples()...)
+	reserved, charged := 0, 0
+	for _, g := range group {
+		reserved += g.Reserved()
+		charged += g.Charged()
+	}
+	if len(group) != samples || reserved != need || charged != 0 {
+		m.t.Fatalf("%s: %d leases reserve %d charged %d, want %d leases reserving %d", what, len(group), reserved, charged, samples, need)
+	}
+	m.live = append(m.live, group...)
 }
 
 // verify checks the Allocator's invariants and that its ledger matches the
@@ -477,6 +504,7 @@ func (m *fuzzModel) verify() error {
 		case <-w.ready:
 			if w.lease != nil {
 				leases = append(leases, w.lease)
+				leases = append(leases, w.lease.Samples()...)
 			}
 		default:
 			queued++

@@ -46,8 +46,18 @@ func (a *Allocator) planLocked(w *waiter) plan {
 		p.reserve = fresh + w.maxTok
 		p.admit = p.reserve
 	}
+	if w.n > 1 {
+		// A sample group reserves every sample's budget up front, under
+		// both policies: the leader's reserve is fresh + maxTok, each
+		// follower's maxTok.
+		p.reserve = fresh + w.n*w.maxTok
+		p.admit = p.reserve
+	}
 	return p
 }
+
+// samples returns the sequences w runs: its group's size, or 1.
+func (w *waiter) samples() int { return max(w.n, 1) }
 
 // partition returns the part of the prefix cache w may share.
 func (w *waiter) partition() partition { return partition{tenant: w.tenant, salt: w.salt} }
@@ -84,13 +94,13 @@ func (a *Allocator) sourceLocked(n *node) *entry {
 // tryGrantLocked admits w now if it can, evicting cache as needed, and
 // returns its lease; it returns nil and changes nothing else if w must wait.
 func (a *Allocator) tryGrantLocked(w *waiter, now time.Time) *Lease {
-	if a.running >= a.cfg.MaxRunning {
+	if a.running+w.samples() > a.cfg.MaxRunning {
 		return nil
 	}
 	p := a.planLocked(w)
 	// Pin the source first, so that making room cannot evict it.
 	a.pinLocked(p.src)
-	if p.src != nil && (p.admit > a.availLocked() || !a.idAvailableLocked()) {
+	if p.src != nil && (p.admit > a.availLocked() || !a.idsAvailableLocked(w.samples())) {
 		// The pinned source keeps too much from eviction: admit without
 		// sharing instead, if that fits.
 		a.unpinLocked(p.src)
@@ -98,12 +108,12 @@ func (a *Allocator) tryGrantLocked(w *waiter, now time.Time) *Lease {
 		w2.noCache = true
 		p = a.planLocked(&w2)
 	}
-	if p.admit > a.availLocked() || !a.idAvailableLocked() {
+	if p.admit > a.availLocked() || !a.idsAvailableLocked(w.samples()) {
 		a.unpinLocked(p.src)
 		return nil
 	}
 	a.makeRoomLocked(p.admit)
-	if !a.idFreeLocked() {
+	for a.idsFreeLocked() < w.samples() {
 		a.evictOneLocked()
 	}
 	return a.grantLocked(w, p, now)
@@ -155,7 +165,34 @@ func (a *Allocator) grantLocked(w *waiter, p plan, now time.Time) *Lease {
 	a.reserved += p.reserve
 	a.running++
 	a.prefixHits += uint64(p.prefix)
+	if w.n > 1 {
+		a.growGroupLocked(l, w.n, now)
+	}
 	return l
+}
+
+// growGroupLocked turns the just granted leader l into a sample group of n
+// leases: it moves (n-1)×maxTok of l's reservation to n-1 followers, each
+// with a sequence id and an entry of its own. A follower's entry starts
+// empty (the prompt's cells are the leader's, which the owner shares with
+// the follower by llama_memory_seq_cp) and holds only the follower's
+// generated tokens, never shared: followers use no prefix cache.
+func (a *Allocator) growGroupLocked(l *Lease, n int, now time.Time) {
+	t := a.tenantLocked(l.tenant)
+	l.samples = make([]*Lease, 0, n-1)
+	for i := 1; i < n; i++ {
+		seq := a.takeIDLocked()
+		e := &entry{seq: seq, part: l.entry.part}
+		a.entries[seq] = e
+		f := &Lease{a: a, admitted: now, waited: l.waited, noCache: true, priority: l.priority,
+			tenant: l.tenant, salt: l.salt, maxTok: l.maxTok, prompt: l.prompt,
+			seq: seq, entry: e, cells: l.maxTok, copied: true, leader: l, index: i}
+		e.lease = f
+		l.cells -= l.maxTok
+		t.running++
+		a.running++
+		l.samples = append(l.samples, f)
+	}
 }
 
 // pinLocked keeps e's cells until a new sequence has copied them.
@@ -216,28 +253,25 @@ func (a *Allocator) evictLocked(e *entry) {
 	a.noteEvictedLocked(e.seq)
 }
 
-// idFreeLocked reports whether a sequence id is free.
-func (a *Allocator) idFreeLocked() bool {
+// idsFreeLocked returns how many sequence ids are free.
+func (a *Allocator) idsFreeLocked() int {
+	n := 0
 	for i := range a.seqUsed {
-		if a.seqValid[i]&^a.seqUsed[i] != 0 {
-			return true
-		}
+		n += bits.OnesCount64(a.seqValid[i] &^ a.seqUsed[i])
 	}
-	return false
+	return n
 }
 
-// idAvailableLocked reports whether a sequence id is free or can be freed
-// by evicting a cached entry.
-func (a *Allocator) idAvailableLocked() bool {
-	if a.idFreeLocked() {
-		return true
-	}
-	for el := a.lru.Back(); el != nil; el = el.Prev() {
+// idsAvailableLocked reports whether n sequence ids are free or can be
+// freed by evicting cached entries.
+func (a *Allocator) idsAvailableLocked(n int) bool {
+	have := a.idsFreeLocked()
+	for el := a.lru.Back(); el != nil && have < n; el = el.Prev() {
 		if el.Value.(*entry).pins == 0 {
-			return true
+			have++
 		}
 	}
-	return false
+	return have >= n
 }
 
 // takeIDLocked takes the lowest free sequence id.
@@ -305,6 +339,10 @@ func (a *Allocator) endLocked(l *Lease, keep, countDrain bool) bool {
 // returnLocked undoes a grant that was never used: the caller gave up at
 // the moment it was admitted.
 func (a *Allocator) returnLocked(l *Lease) {
+	for _, f := range l.samples {
+		f.released = true
+		a.endLocked(f, false, false)
+	}
 	l.released = true
 	a.endLocked(l, false, false)
 }

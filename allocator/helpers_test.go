@@ -274,7 +274,7 @@ func (a *Allocator) checkLocked() error {
 	// Pumping has run to its end: the waiter it would admit next does not
 	// fit. The next waiter is picked here independently of pickLocked.
 	// A sequence the last Apply preempted may wait until the next one.
-	if next := a.nextWaiterForTest(); next != nil && a.fitsLocked(next.need) && (next.resume == nil || next.resume.mark != a.applies) {
+	if next := a.nextWaiterForTest(); next != nil && a.fitsLocked(next.need, next.samples()) && (next.resume == nil || next.resume.mark != a.applies) {
 		return fmt.Errorf("next waiter (tenant %q) needs %d cells and fits (%d free, %d running) but waits", next.tenant, next.need, a.freeLocked(), a.running)
 	}
 	return nil
@@ -326,9 +326,9 @@ func (a *Allocator) nextWaiterForTest() *waiter {
 	return best
 }
 
-// fitsLocked reports whether need cells and a sequence id could be had now,
-// evicting cache if necessary: the queue's next waiter must not wait if it
-// does.
-func (a *Allocator) fitsLocked(need int) bool {
-	return need <= a.availLocked() && a.running < a.cfg.MaxRunning && a.idAvailableLocked()
+// fitsLocked reports whether need cells and n sequence ids (and running
+// slots) could be had now, evicting cache if necessary: the queue's next
+// waiter must not wait if it does.
+func (a *Allocator) fitsLocked(need, n int) bool {
+	return need <= a.availLocked() && a.running+n <= a.cfg.MaxRunning && a.idsAvailableLocked(n)
 }

@@ -42,7 +42,33 @@ type Lease struct {
 	genBase  int     // tokens generated before the last preemption
 	stepped  bool    // requeued by Apply: its resume is reported by Apply
 	mark     uint64  // the Apply that last preempted it
+
+	// A sample group's leader lists its followers in samples; a follower
+	// names its leader and its index (1..N-1). Set at the grant, final.
+	samples []*Lease
+	leader  *Lease
+	index   int
 }
+
+// Samples returns the follower leases of a sample group (Request.N > 1),
+// samples 1..N-1 in order, each with a sequence id of its own; nil for a
+// single sequence or a follower. A follower shares the leader's prompt:
+// the KV cache's owner copies the leader's positions [0, PromptTokens)
+// to it (llama_memory_seq_cp) once the leader's prompt is decoded, and
+// charges it only the tokens it generates. Followers never enter the
+// prefix cache, are never preempted, and must end before their leader: the
+// leader's cells stay charged until its own Finish or Release, so that the
+// prompt cells the followers share are never counted free while one of
+// them still holds them. Ending the leader first releases the followers
+// still running with it.
+func (l *Lease) Samples() []*Lease { return l.samples }
+
+// SampleIndex returns the lease's sample index in its group: 0 for a
+// leader or a single sequence, 1..N-1 for a follower.
+func (l *Lease) SampleIndex() int { return l.index }
+
+// inGroup reports whether l belongs to a sample group.
+func (l *Lease) inGroup() bool { return l.leader != nil || len(l.samples) > 0 }
 
 // SeqID returns the sequence id held by the lease. It changes when a
 // requeued lease runs again.
@@ -259,6 +285,15 @@ func (l *Lease) endLocked(keep bool) bool {
 		a.notifyIdleLocked()
 		return false
 	}
+	// The leader's prompt cells are its followers' too: those still
+	// running end with it.
+	for _, f := range l.samples {
+		if !f.released {
+			f.released = true
+			a.noteUsedLocked(f)
+			a.endLocked(f, false, true)
+		}
+	}
 	a.noteUsedLocked(l)
 	kept := a.endLocked(l, keep, true)
 	a.pumpLocked()
@@ -296,6 +331,9 @@ func (l *Lease) requeueLocked(tokens []int32) (keep bool, resumed <-chan struct{
 	if len(tokens) == 0 {
 		return false, nil, fmt.Errorf("%w: requeue with no tokens", ErrInvalidRequest)
 	}
+	if l.inGroup() {
+		return false, nil, fmt.Errorf("%w: requeue of sample %d of a sample group, which reserved its cells and is never preempted", ErrInvalidRequest, l.index)
+	}
 	a.preemptions++
 	keep = a.endLocked(l, true, true)
 	now := a.now()
@@ -305,6 +343,7 @@ func (l *Lease) requeueLocked(tokens []int32) (keep bool, resumed <-chan struct{
 		prompt:   slices.Clone(tokens),
 		tokens:   len(tokens),
 		maxTok:   max(l.maxTok-l.genBase, 0),
+		n:        1,
 		noCache:  l.noCache,
 		tenant:   l.tenant,
 		salt:     l.salt,

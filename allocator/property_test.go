@@ -122,6 +122,9 @@ func propWorker(t *testing.T, a *Allocator, cfg Config, r *rand.Rand, ops int, t
 		if r.IntN(3) == 0 {
 			req.QueueTimeout = time.Duration(1+r.IntN(50)) * time.Millisecond
 		}
+		if r.IntN(5) == 0 {
+			req.N = 2 + r.IntN(3) // a sample group, which may exceed MaxSequences
+		}
 		ctx, cancel := context.Background(), context.CancelFunc(func() {})
 		var stop func() bool
 		switch r.IntN(6) {
@@ -145,10 +148,19 @@ func propWorker(t *testing.T, a *Allocator, cfg Config, r *rand.Rand, ops int, t
 		tally.calls++
 		if err != nil {
 			var re *RejectError
-			if !errors.As(err, &re) {
+			switch {
+			case req.N > cfg.MaxSequences:
+				if !errors.Is(err, ErrInvalidRequest) {
+					t.Errorf("Admit(%+v) of more samples than sequences: %v, want ErrInvalidRequest", req, err)
+				}
+				tally.calls-- // refused before the ledger: not counted
+			case !errors.As(err, &re):
 				t.Errorf("Admit(%+v): %v is not a RejectError", req, err)
-			} else {
+			default:
 				tally.rejected[re.Reason]++
+				if fits := req.PromptTokens+max(req.N, 1)*req.MaxTokens <= cfg.Cells && req.PromptTokens+req.MaxTokens <= limit; fits == (re.Reason == ReasonNeverFits) && re.Reason != ReasonDraining {
+					t.Errorf("Admit(%+v) refused with %s, limit %d", req, re.Reason, re.Limit)
+				}
 			}
 			if l != nil {
 				t.Errorf("Admit returned both a lease and %v", err)
@@ -161,13 +173,18 @@ func propWorker(t *testing.T, a *Allocator, cfg Config, r *rand.Rand, ops int, t
 			if load := l.Load(); !(load > 0) {
 				t.Errorf("running lease's tenant has load %v", load)
 			}
-			if other, ok := tally.seqs[l.SeqID()]; ok {
-				t.Errorf("sequence %d held by two live leases (%p, %p)", l.SeqID(), other, l)
+			if got := len(l.Samples()) + 1; got != max(req.N, 1) {
+				t.Errorf("a lease of %d samples for a request of %d", got, req.N)
 			}
-			if l.SeqID() < 0 || l.SeqID() >= cfg.MaxSequences {
-				t.Errorf("sequence id %d out of range", l.SeqID())
+			for _, m := range append([]*Lease{l}, l.Samples()...) {
+				if other, ok := tally.seqs[m.SeqID()]; ok {
+					t.Errorf("sequence %d held by two live leases (%p, %p)", m.SeqID(), other, m)
+				}
+				if m.SeqID() < 0 || m.SeqID() >= cfg.MaxSequences {
+					t.Errorf("sequence id %d out of range", m.SeqID())
+				}
+				tally.seqs[m.SeqID()] = m
 			}
-			tally.seqs[l.SeqID()] = l
 		}
 		tally.mu.Unlock()
 		step("admit")
@@ -178,23 +195,38 @@ func propWorker(t *testing.T, a *Allocator, cfg Config, r *rand.Rand, ops int, t
 			continue
 		}
 
-		need := req.PromptTokens + req.MaxTokens
-		if l.Reserved() != need {
-			t.Errorf("lease reserves %d, want %d", l.Reserved(), need)
+		group := append([]*Lease{l}, l.Samples()...)
+		need, reserved := req.PromptTokens+len(group)*req.MaxTokens, 0
+		for _, m := range group {
+			reserved += m.Reserved()
+		}
+		if reserved != need || l.Reserved() != req.PromptTokens+req.MaxTokens {
+			t.Errorf("group of %d reserves %d (leader %d), want %d", len(group), reserved, l.Reserved(), need)
 		}
 		for range r.IntN(5) {
 			time.Sleep(time.Duration(r.IntN(10)) * time.Millisecond)
-			left := l.Reserved()
+			m := group[r.IntN(len(group))]
+			left := m.Reserved()
 			n := r.IntN(left + 2)
-			err := l.Charge(n)
+			err := m.Charge(n)
 			if n > left && !errors.Is(err, ErrOverCharge) || n <= left && err != nil {
 				t.Errorf("Charge(%d) with %d left: %v", n, left, err)
 			}
 			step("charge")
 		}
 		tally.mu.Lock()
-		delete(tally.seqs, l.SeqID())
+		for _, m := range group {
+			delete(tally.seqs, m.SeqID())
+		}
 		tally.mu.Unlock()
+		// Followers end before their leader, in any order, except now and
+		// then, when the leader's end takes them with it.
+		if r.IntN(4) > 0 {
+			for _, k := range r.Perm(len(group) - 1) {
+				group[k+1].Release()
+				step("release of a sample")
+			}
+		}
 		if r.IntN(4) == 0 {
 			var rw sync.WaitGroup
 			rw.Go(l.Release)

@@ -32,7 +32,8 @@ type Step struct {
 	// tokens (prompt and generated): the candidates for preemption when a
 	// Grow finds no cell under PolicyOptimistic. The victim is a sequence
 	// of the most loaded tenant (Lease.Load), among those the lowest
-	// priority, among those the newest.
+	// priority, among those the newest. Members of a sample group
+	// (Request.N > 1) are never victims: the group reserved its cells.
 	Running []Candidate
 	// StepRate is the owner's measured decode steps per second while busy,
 	// used with Config.ReportsStepRate; 0 leaves the last one.
@@ -201,8 +202,8 @@ func (a *Allocator) victimLocked(running []Candidate) int {
 	// ties go to the most recently started.
 	for i := len(running) - 1; i >= 0; i-- {
 		l := running[i].Lease
-		if l.mark == a.applies || l.released || l.entry == nil {
-			continue
+		if l.mark == a.applies || l.released || l.entry == nil || l.inGroup() {
+			continue // a sample group holds its whole reservation: never a victim
 		}
 		load := a.loadLocked(l.tenant)
 		if math.IsNaN(load) {

@@ -8,6 +8,14 @@
 // the next one needs to the allocator in one Apply, carries out the answer
 // (evictions, preemptions, resumes), plans the batch (a planner: plain, or
 // ordered for deterministic mode), decodes it, and samples.
+//
+// A request for several samples of one prompt (Request.N) runs as a group
+// of sequences: sample 0 prefills the prompt; once it is decoded, each
+// other sample is given the prompt's cells with Backend.SeqCopy (shared,
+// in a unified cache), draws its first token from sample 0's output for
+// the last prompt token, and decodes only its own tokens from then on.
+// Sample 0's end is reported to the allocator only after every other
+// sample's, since its cells hold the prompt they share.
 package native
 
 import (
@@ -97,6 +105,18 @@ type Request struct {
 	// Tenant names the sequence's tenant; CacheSalt partitions the prefix
 	// cache within it.
 	Tenant, CacheSalt string
+	// N is the number of completions of the prompt to generate, at most
+	// allocator.MaxSamples; 0 and 1 mean one. The prompt is decoded once,
+	// by sample 0, and shared zero-copy with samples 1..N-1
+	// (Backend.SeqCopy); each sample then draws its own tokens with a
+	// sampler of its own, seeded Sampling.Seed+i (wrapping) when
+	// Sampling.HasSeed, so that a seed gives N reproducible samples. The
+	// allocator admits the N samples as one sample group (see
+	// allocator.Request.N). N > 1 is refused with ErrBadRequest by a
+	// deterministic engine and where each sequence has a KV stream of its
+	// own (Backend.SequenceCells below Backend.Cells), whose SeqCopy copies
+	// the cells instead of sharing them.
+	N int
 }
 
 // Event is a piece of generated text.
@@ -110,6 +130,8 @@ type Event struct {
 	// Logprobs holds one entry per token of Tokens when the request asked
 	// for them (Request.Logprobs), nil otherwise.
 	Logprobs []TokenLogprob
+	// Index is the sample the event belongs to, 0..N-1 (Request.N).
+	Index int
 }
 
 // Result describes how a sequence ended. Err is nil for a normal end.
@@ -130,13 +152,16 @@ type Result struct {
 	Ended            time.Time
 }
 
-// Stream delivers one sequence's events. Events is closed after the last
-// event; Result is valid after that.
+// Stream delivers the events of one request's samples (one sample unless
+// Request.N > 1), each tagged with its Event.Index, on one channel. Events
+// is closed after the last event of the last sample; Result and Results
+// are valid after that. A slow reader ends every sample
+// (ErrSlowConsumer).
 type Stream struct {
-	events chan Event
-	result Result
-	failed atomic.Bool
-	cached int
+	events  chan Event
+	results []Result // one per sample index
+	failed  atomic.Bool
+	cached  int
 }
 
 // CachedTokens returns the prompt tokens shared from the prefix cache at
@@ -146,11 +171,18 @@ func (s *Stream) CachedTokens() int { return s.cached }
 // Events returns the stream's events, closed at the end.
 func (s *Stream) Events() <-chan Event { return s.events }
 
-// Result returns how the sequence ended. Call it after Events is closed.
-func (s *Stream) Result() Result { return s.result }
+// Result returns how sample 0 ended: the sequence of a request of one
+// sample. Call it after Events is closed.
+func (s *Stream) Result() Result { return s.results[0] }
 
-// Failed reports, without waiting, that the sequence has ended with an
-// error, so that a sender may stop early.
+// Results returns how every sample ended, indexed by Event.Index: each has
+// its own Reason, Err and CompletionTokens, and all share PromptTokens and
+// CachedTokens, the prompt's. Call it after Events is closed; the slice is
+// the stream's own.
+func (s *Stream) Results() []Result { return s.results }
+
+// Failed reports, without waiting, that every sample of the stream has
+// ended with an error, so that a sender may stop early.
 func (s *Stream) Failed() bool { return s.failed.Load() }
 
 // EngineConfig configures an Engine.
@@ -410,20 +442,48 @@ func (e *Engine) Close() {
 // done. A refusal is the allocator's (*allocator.RejectError, or an error
 // wrapping allocator.ErrInvalidRequest); a prompt token outside the
 // vocabulary wraps ErrBadRequest and ErrTokenOutOfRange.
+//
+// A request for N > 1 samples is admitted as one sample group, with all
+// its sequence ids and cells at once, and its samples stream on the one
+// Stream. A group that can never run is refused at once, never queued: an
+// N outside 0..allocator.MaxSamples or above the sequences that may run at
+// once, or N > 1 where samples cannot share a prompt (deterministic mode,
+// a KV stream per sequence), wraps ErrBadRequest (the first two also
+// allocator.ErrInvalidRequest); a group whose prompt plus N×MaxTokens
+// exceeds the pool is the allocator's NEVER_FITS, with Limit the pool's
+// cells. Cancelling ctx ends every sample, as does a slow reader
+// (ErrSlowConsumer); any other failure (ErrNoValidToken, say) ends only
+// its sample.
 func (e *Engine) Submit(ctx context.Context, req Request) (*Stream, error) {
 	if i := e.vocab.ValidTokens(req.Prompt); i >= 0 {
 		return nil, fmt.Errorf("%w: %w: prompt[%d] = %d", ErrBadRequest, ErrTokenOutOfRange, i, req.Prompt[i])
 	}
+	if err := e.checkSamples(req.N); err != nil {
+		return nil, err
+	}
 	lease, err := e.alloc.Admit(ctx, allocator.Request{
 		Prompt: req.Prompt, NoCache: req.NoCache, MaxTokens: req.MaxTokens, Priority: req.Priority,
-		Tenant: req.Tenant, CacheSalt: req.CacheSalt, QueueTimeout: req.QueueTimeout,
+		Tenant: req.Tenant, CacheSalt: req.CacheSalt, QueueTimeout: req.QueueTimeout, N: req.N,
 	})
 	if err != nil {
 		return nil, err
 	}
-	s := &sequence{req: req, ctx: ctx, lease: lease, out: -1,
-		stream: &Stream{events: make(chan Event, e.cfg.StreamBuffer), cached: lease.CachedTokens()}}
+	n := max(req.N, 1)
+	st := &Stream{events: make(chan Event, e.cfg.StreamBuffer), cached: lease.CachedTokens(), results: make([]Result, n)}
+	s := &sequence{req: req, ctx: ctx, lease: lease, out: -1, stream: st, res: &st.results[0]}
 	s.seq, s.src, s.shared = lease.Prepared()
+	if n > 1 {
+		g := &group{members: make([]*sequence, n), live: n}
+		g.members[0], s.group = s, g
+		for i, fl := range lease.Samples() {
+			f := &sequence{req: req, ctx: ctx, lease: fl, out: -1, stream: st, res: &st.results[i+1], index: i + 1, group: g}
+			if req.Sampling.HasSeed {
+				f.req.Sampling.Seed += uint32(i + 1) // wraps
+			}
+			f.seq, f.src, f.shared = fl.Prepared()
+			g.members[i+1] = f
+		}
+	}
 	// The read lock keeps Close from closing the worker's door while the
 	// sequence goes through it: the worker takes every sequence handed
 	// over before it stops.
@@ -435,4 +495,27 @@ func (e *Engine) Submit(ctx context.Context, req Request) (*Stream, error) {
 	}
 	e.submit <- s
 	return s.stream, nil
+}
+
+// checkSamples refuses, with ErrBadRequest, a number of samples the engine
+// cannot run: outside 0..allocator.MaxSamples, more than may run at once,
+// or N > 1 in deterministic mode (whose ordered planner places every
+// sequence's own cells) or with a KV stream per sequence (where SeqCopy
+// copies the prompt instead of sharing it).
+func (e *Engine) checkSamples(n int) error {
+	running := e.cfg.Admission.MaxRunning
+	if running == 0 {
+		running = e.cfg.Admission.MaxSequences
+	}
+	switch {
+	case n < 0 || n > allocator.MaxSamples:
+		return fmt.Errorf("%w: %w: %d samples outside 0..%d", ErrBadRequest, allocator.ErrInvalidRequest, n, allocator.MaxSamples)
+	case n > running:
+		return fmt.Errorf("%w: %w: %d samples, but at most %d sequences run at once", ErrBadRequest, allocator.ErrInvalidRequest, n, running)
+	case n > 1 && e.cfg.Deterministic:
+		return fmt.Errorf("%w: a deterministic engine runs one sample a request, not %d", ErrBadRequest, n)
+	case n > 1 && e.seqCells < e.cells:
+		return fmt.Errorf("%w: with a KV stream per sequence the prompt cannot be shared by %d samples", ErrBadRequest, n)
+	}
+	return nil
 }

@@ -150,12 +150,18 @@ type fakeBackend struct {
 	// cache; the cache is left unchanged either way). It may block, to
 	// hold the worker at a known point.
 	hook func(call int, b *Batch) error
+	// wrap, when set, replaces each sampler NewSampler makes, with its
+	// number (0 for the first), so that a test can make one of them fail.
+	wrap func(s Sampler, i int) Sampler
 
-	calls    int   // Decode calls with a non-empty batch
-	decoded  int   // successful ones
-	placed   []int // the cells the last successful Decode took, per token
-	outputs  []int32
-	sampled  []bool
+	calls   int   // Decode calls with a non-empty batch
+	decoded int   // successful ones
+	placed  []int // the cells the last successful Decode took, per token
+	outputs []int32
+	// copies counts SeqCopy calls between two sequences of the engine's
+	// (neither retired, padding nor phantom): the sharing of a prompt by
+	// the samples of a group, or of a cached prefix.
+	copies   int
 	samplers []*fakeSampler
 	closed   bool
 
@@ -316,7 +322,7 @@ func (fb *fakeBackend) Decode(b *Batch) error {
 		}
 		fb.byThreads[fb.Threads()]++
 	}
-	fb.outputs, fb.sampled = fb.outputs[:0], fb.sampled[:0]
+	fb.outputs = fb.outputs[:0]
 	switch {
 	case b.Invalid():
 		fb.violate("the worker passed a batch Batch.Add marked invalid")
@@ -379,7 +385,6 @@ func (fb *fakeBackend) Decode(b *Batch) error {
 			t = fakeNext(fb.content(int(b.Seq[i]), b.Pos[i]))
 		}
 		fb.outputs = append(fb.outputs, t)
-		fb.sampled = append(fb.sampled, false)
 	}
 	for seq := range next {
 		if seq != PadSequence && seq != RetiredSequence && seq != fakePhantomSeq && !fb.ordered(seq) {
@@ -459,6 +464,9 @@ func (fb *fakeBackend) SeqCopy(src, dst, p0, p1 int) {
 	if src == dst {
 		return
 	}
+	if src != RetiredSequence && dst != RetiredSequence && src != PadSequence && dst != PadSequence {
+		fb.copies++
+	}
 	for i := range fb.cells {
 		c := &fb.cells[i]
 		if c.pos < 0 || !inRange(c.pos, p0, p1) || !c.seqs.has(src) {
@@ -490,6 +498,9 @@ func (fb *fakeBackend) NewSampler(p SamplingParams) Sampler {
 	}
 	s := &fakeSampler{fb: fb, p: p}
 	fb.samplers = append(fb.samplers, s)
+	if fb.wrap != nil {
+		return fb.wrap(s, len(fb.samplers)-1)
+	}
 	return s
 }
 
@@ -526,11 +537,20 @@ func (fb *fakeBackend) Close() {
 }
 
 // fakeSampler draws the token the last Decode computed for an output.
+// With a positive temperature and a seed it draws a token that mixes the
+// model's with the seed and its draw count, so that samplers of different
+// seeds draw different tokens from the same logits, and samplers of one
+// seed the same ones.
 type fakeSampler struct {
 	fb       *fakeBackend
 	p        SamplingParams
 	accepted int
 	freed    bool
+	draws    int
+	// lastDecode and lastOut are the decode (fakeBackend.decoded) and
+	// output of the sampler's last draw: several samplers may draw from
+	// one output (llama.cpp allows it), one sampler only once.
+	lastDecode, lastOut int
 }
 
 func (s *fakeSampler) Accept(int32) {
@@ -552,14 +572,19 @@ func (s *fakeSampler) Sample(out int) (int32, error) {
 		fb.violate("Sample(%d): the last decode computed no logits there (%d outputs)", out, len(fb.outputs))
 		return 0, ErrNoLogits
 	}
-	if fb.sampled[out] {
-		fb.violate("output %d sampled twice", out)
+	if s.draws > 0 && s.lastDecode == fb.decoded && s.lastOut == out {
+		fb.violate("output %d sampled twice by one sampler", out)
 	}
-	fb.sampled[out] = true
+	s.draws++
+	s.lastDecode, s.lastOut = fb.decoded, out
 	if math.IsNaN(float64(s.p.Temperature)) {
 		return 0, ErrNoValidToken
 	}
-	return fb.outputs[out], nil
+	tok := fb.outputs[out]
+	if s.p.Temperature > 0 && s.p.HasSeed {
+		tok = fakeNext([]int32{tok, int32(s.p.Seed), int32(s.p.Seed >> 16), int32(s.draws)})
+	}
+	return tok, nil
 }
 
 func (s *fakeSampler) Free() { s.freed = true }

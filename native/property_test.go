@@ -96,15 +96,30 @@ func newMix(r *rand.Rand) mix {
 		}
 		m.reqs = append(m.reqs, mr)
 	}
-	m.describeShort = fmt.Sprintf("cells %d, batch %d, %d sequences (%d running), %v, watermark %d, prefix cache %v, deterministic %v, buffer %d, queue %d, %d requests",
-		m.cells, m.batch, a.MaxSequences, a.MaxRunning, a.Policy, a.Watermark, a.PrefixCache, m.cfg.Deterministic, m.cfg.StreamBuffer, a.MaxQueue, n)
+	// Some requests ask for several samples (not in deterministic mode,
+	// which refuses them). They are drawn from a generator of their own,
+	// seeded last, so that the rest of a mix is what it was before.
+	rn := rand.New(rand.NewPCG(r.Uint64(), 0x6e73))
+	running := a.MaxRunning
+	if running == 0 {
+		running = a.MaxSequences
+	}
+	groups := 0
+	for i := range m.reqs {
+		if !m.cfg.Deterministic && running > 1 && rn.IntN(4) == 0 {
+			m.reqs[i].req.N = 2 + rn.IntN(min(running-1, 4))
+			groups++
+		}
+	}
+	m.describeShort = fmt.Sprintf("cells %d, batch %d, %d sequences (%d running), %v, watermark %d, prefix cache %v, deterministic %v, buffer %d, queue %d, %d requests (%d sample groups)",
+		m.cells, m.batch, a.MaxSequences, a.MaxRunning, a.Policy, a.Watermark, a.PrefixCache, m.cfg.Deterministic, m.cfg.StreamBuffer, a.MaxQueue, n, groups)
 	return m
 }
 
 // mixTally sums what the runs of TestWorkerProperty exercised.
 type mixTally struct {
 	mu                                                      sync.Mutex
-	streams, refused, cancelled, slow, cached               int
+	streams, refused, cancelled, slow, cached, samples      int
 	reasons                                                 map[string]int
 	preempted, evicted, relocated, held, padded, disordered uint64
 }
@@ -137,7 +152,7 @@ func runMix(t *testing.T, m mix, tally *mixTally) {
 	type outcome struct {
 		stream *Stream
 		err    error
-		got    delivered
+		got    []delivered // by sample index
 	}
 	outcomes := make([]outcome, len(m.reqs))
 	mids := make([]chan struct{}, len(m.reqs))
@@ -157,20 +172,23 @@ func runMix(t *testing.T, m mix, tally *mixTally) {
 			if err != nil {
 				return
 			}
-			var d delivered
+			d := make([]delivered, max(mr.req.N, 1))
 			if mr.cancelAfter == 0 {
 				cancels[i]()
 			}
+			events := 0
 			for ev := range s.Events() {
-				d.add(ev)
-				if len(d.steps) == mr.cancelAfter {
+				d[ev.Index].add(ev)
+				if events++; events == mr.cancelAfter {
 					cancels[i]()
 				}
-				if len(d.steps) == mr.midAt {
+				if events == mr.midAt {
 					mid()
 				}
 			}
-			d.res = s.Result()
+			for k, res := range s.Results() {
+				d[k].res = res
+			}
 			outcomes[i].got = d
 		})
 	}
@@ -191,7 +209,7 @@ func runMix(t *testing.T, m mix, tally *mixTally) {
 			switch {
 			case !errors.As(o.err, &re):
 				t.Errorf("%s: Submit failed with %v, not a refusal", name, o.err)
-			case re.Reason == allocator.ReasonNeverFits && len(mr.req.Prompt)+mr.req.MaxTokens > e.Cells():
+			case re.Reason == allocator.ReasonNeverFits && len(mr.req.Prompt)+max(mr.req.N, 1)*mr.req.MaxTokens > e.Cells():
 			case re.Reason == allocator.ReasonQueueFull && m.smallQueue:
 			case re.Reason == allocator.ReasonCancelled && mr.cancelStep > 0:
 			default:
@@ -200,25 +218,33 @@ func runMix(t *testing.T, m mix, tally *mixTally) {
 			continue
 		}
 		tally.streams++
-		d := o.got
-		checkStream(t, name, mr.req, d)
-		switch err := d.res.Err; {
-		case err == nil:
-		case errors.Is(err, context.Canceled) && (mr.cancelAfter >= 0 || mr.cancelStep > 0):
-			tally.cancelled++
-		case errors.Is(err, ErrSlowConsumer) && m.smallBuffer:
-			tally.slow++
-		default:
-			t.Errorf("%s: ended with %v", name, err)
+		if len(o.got) > 1 {
+			tally.samples += len(o.got)
 		}
 		c := o.stream.CachedTokens()
-		if c != d.res.CachedTokens || c < 0 || c > max(len(mr.req.Prompt)-1, 0) || c > 0 && (!m.cfg.Admission.PrefixCache || mr.req.NoCache) {
-			t.Errorf("%s: %d cached tokens (result %d)", name, c, d.res.CachedTokens)
-		}
 		if c > 0 {
 			tally.cached++
 		}
-		preempted += d.res.Preempted
+		for k, d := range o.got {
+			name := fmt.Sprintf("%s sample %d of %d", name, k, len(o.got))
+			checkStream(t, name, mr.req, d)
+			switch err := d.res.Err; {
+			case err == nil:
+			case errors.Is(err, context.Canceled) && (mr.cancelAfter >= 0 || mr.cancelStep > 0):
+				tally.cancelled++
+			case errors.Is(err, ErrSlowConsumer) && m.smallBuffer:
+				tally.slow++
+			default:
+				t.Errorf("%s: ended with %v", name, err)
+			}
+			if c != d.res.CachedTokens || c < 0 || c > max(len(mr.req.Prompt)-1, 0) || c > 0 && (!m.cfg.Admission.PrefixCache || mr.req.NoCache) {
+				t.Errorf("%s: %d cached tokens (result %d)", name, c, d.res.CachedTokens)
+			}
+			if len(o.got) > 1 && d.res.Preempted != 0 {
+				t.Errorf("%s: a sample was preempted %d times", name, d.res.Preempted)
+			}
+			preempted += d.res.Preempted
+		}
 	}
 	st, ast := e.Stats(), e.Allocator().Stats()
 	if st.NoKVSlot != 0 || st.Aborted != 0 {
@@ -274,9 +300,9 @@ func TestWorkerProperty(t *testing.T) {
 			}
 		})
 	}
-	t.Logf("%d streams, %d refused %v, %d cancelled, %d slow, %d with a cached prefix; %d preemptions, %d evictions, %d relocations, %d held, %d padded, %d disordered",
-		tally.streams, tally.refused, tally.reasons, tally.cancelled, tally.slow, tally.cached, tally.preempted, tally.evicted, tally.relocated, tally.held, tally.padded, tally.disordered)
-	if !testing.Short() && (tally.preempted == 0 || tally.evicted == 0 || tally.cached == 0 || tally.relocated == 0 || tally.cancelled == 0) {
-		t.Error("the mixes missed preemption, eviction, prefix sharing, relocation or cancellation: make them harder")
+	t.Logf("%d streams (%d samples of groups), %d refused %v, %d cancelled, %d slow, %d with a cached prefix; %d preemptions, %d evictions, %d relocations, %d held, %d padded, %d disordered",
+		tally.streams, tally.samples, tally.refused, tally.reasons, tally.cancelled, tally.slow, tally.cached, tally.preempted, tally.evicted, tally.relocated, tally.held, tally.padded, tally.disordered)
+	if !testing.Short() && (tally.preempted == 0 || tally.evicted == 0 || tally.cached == 0 || tally.relocated == 0 || tally.cancelled == 0 || tally.samples == 0) {
+		t.Error("the mixes missed preemption, eviction, prefix sharing, relocation, cancellation or sample groups: make them harder")
 	}
 }

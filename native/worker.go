@@ -30,7 +30,22 @@ const (
 	statePrefill seqState = iota
 	stateDecode
 	statePaused
+	// stateWait is a sample 1..N-1 of a group waiting for sample 0 to
+	// decode the prompt it shares.
+	stateWait
 )
+
+// group is the worker's state of one request's samples (Request.N > 1).
+type group struct {
+	members []*sequence // by sample index; members[0] decodes the prompt
+	live    int         // members not yet ended
+	failed  int         // members ended with an error
+	started bool        // the prompt is decoded and shared with every member
+	// The leader's end is reported only once every member has ended, as
+	// the group's last End: its cells hold the prompt the others share.
+	leaderNormal, leaderReported bool
+	doom                         error // set to end every member at once
+}
 
 // sequence is one admitted sequence on the worker.
 type sequence struct {
@@ -38,6 +53,9 @@ type sequence struct {
 	ctx       context.Context
 	lease     *allocator.Lease
 	stream    *Stream
+	res       *Result // the stream's result of this sample
+	index     int     // sample index, 0..N-1
+	group     *group  // nil for a request of one sample
 	sampler   Sampler
 	seq       int // current llama.cpp sequence id
 	src       int // sequence to copy the cached prefix from, or -1
@@ -108,7 +126,8 @@ func (e *Engine) run(ready chan<- error) {
 }
 
 // shutdown ends every sequence with ErrEngineClosed, reports their ends
-// and frees the backend.
+// and frees the backend. Ending sample 0 of a group that never started
+// ends its other samples too.
 func (e *Engine) shutdown() {
 	w := &e.w
 	for len(w.active) > 0 {
@@ -230,7 +249,9 @@ func (e *Engine) apply() {
 func (e *Engine) closeEnded() {
 	w := &e.w
 	for i, s := range w.ended {
-		close(s.stream.events)
+		if s.index == 0 {
+			close(s.stream.events)
+		}
 		w.ended[i] = nil
 	}
 	w.ended = w.ended[:0]
@@ -260,21 +281,67 @@ func (e *Engine) admit() {
 	w := &e.w
 	for i, s := range w.incoming {
 		w.incoming[i] = nil
-		s.sampler = w.be.NewSampler(s.req.Sampling)
-		if s.req.Sampling.HasPenalties() {
-			for _, t := range s.req.Prompt {
-				s.sampler.Accept(t)
-			}
+		if s.group == nil {
+			e.start(s)
+			continue
 		}
-		s.toks = append(make([]int32, 0, len(s.req.Prompt)+min(s.req.MaxTokens, 4096)), s.req.Prompt...)
-		s.text.reset(s.req.Stop)
-		s.stream.result.Started = time.Now()
-		s.stream.result.PromptTokens = len(s.req.Prompt)
-		s.stream.result.CachedTokens = e.copyPrefix(s)
-		w.active = append(w.active, s)
-		e.running.Add(1)
+		// The samples run together, sample 0 first, so that the others
+		// are in the active list behind it when it starts them.
+		for _, m := range s.group.members {
+			e.start(m)
+		}
 	}
 	w.incoming = w.incoming[:0]
+}
+
+// start makes an admitted sequence active. Samples 1..N-1 of a group wait
+// for sample 0's prompt.
+func (e *Engine) start(s *sequence) {
+	w := &e.w
+	s.sampler = w.be.NewSampler(s.req.Sampling)
+	if s.req.Sampling.HasPenalties() {
+		for _, t := range s.req.Prompt {
+			s.sampler.Accept(t)
+		}
+	}
+	s.toks = append(make([]int32, 0, len(s.req.Prompt)+min(s.req.MaxTokens, 4096)), s.req.Prompt...)
+	s.text.reset(s.req.Stop)
+	s.res.Started = time.Now()
+	s.res.PromptTokens = len(s.req.Prompt)
+	s.res.CachedTokens = e.copyPrefix(s)
+	if s.index > 0 {
+		s.state = stateWait
+	}
+	w.active = append(w.active, s)
+	e.running.Add(1)
+}
+
+// startSamples shares leader's decoded prompt with the other samples of
+// its group and draws each one's first token from the leader's output for
+// its last prompt token, out: no sample but the leader ever decodes the
+// prompt. It runs when the leader's prefill is done, before the leader
+// samples.
+func (e *Engine) startSamples(leader *sequence, step uint64) {
+	g := leader.group
+	g.started = true
+	n := len(leader.req.Prompt)
+	for _, f := range g.members[1:] {
+		if f.state != stateWait || !f.res.Ended.IsZero() {
+			continue // ended already
+		}
+		e.w.be.SeqCopy(leader.seq, f.seq, 0, n)
+		f.nPast, f.committed = n, n // the prompt's cells are the leader's
+		f.res.CachedTokens = leader.res.CachedTokens
+		tok, err := f.sampler.Sample(leader.out)
+		if err == nil && f.req.Logprobs {
+			err = e.logprob(f, leader.out, tok)
+		}
+		if err != nil {
+			e.finish(f, FinishNone, "", fmt.Errorf("sample after 0 tokens: %w", err))
+			continue
+		}
+		e.accept(f, tok, step)
+	}
 }
 
 // copyPrefix shares the cached cells the allocator chose for s and returns
@@ -332,7 +399,7 @@ func (e *Engine) pause(s *sequence, keep bool) {
 	}
 	w.plan.forget(s.seq)
 	e.preempted.Add(1)
-	s.stream.result.Preempted++
+	s.res.Preempted++
 	s.inCache = false
 	s.state, s.chunk, s.out, s.nPast = statePaused, 0, -1, 0
 	s.committed, s.grown = 0, false // the allocator starts s afresh
@@ -421,10 +488,16 @@ func (e *Engine) decodeStep() {
 		e.cfg.OnStep(w.b.Len(), seqs)
 	}
 	for i := 0; i < len(w.active); {
-		if e.advance(w.active[i], step) {
+		s := w.active[i]
+		if s.group != nil && s.group.doom != nil {
+			e.finish(s, FinishNone, "", s.group.doom)
+			continue
+		}
+		if e.advance(s, step) {
 			i++
 		}
 	}
+	e.endDoomed() // the members a doom passed by before it fell
 }
 
 // tune feeds a successful decode of tokens tokens that took d to the thread
@@ -465,6 +538,9 @@ func (e *Engine) advance(s *sequence, step uint64) bool {
 			s.state = stateDecode
 			return true
 		}
+		if s.group != nil && !s.group.started {
+			e.startSamples(s, step)
+		}
 	case s.state == stateDecode && s.out >= 0:
 		s.nPast++
 		s.grown = false
@@ -504,7 +580,7 @@ func (e *Engine) accept(s *sequence, tok int32, step uint64) bool {
 	w.plan.produced(s.seq)
 	e.generated.Add(1)
 	if s.generated == 1 {
-		s.stream.result.FirstToken = time.Now()
+		s.res.FirstToken = time.Now()
 	}
 	if (!s.req.IgnoreEOS || s.req.Sampling.Grammar != "") && e.vocab.IsEOG(tok) {
 		e.finish(s, FinishEOS, "", nil)
@@ -515,7 +591,7 @@ func (e *Engine) accept(s *sequence, tok int32, step uint64) bool {
 			if n := len(s.text.lps); n > len(s.text.toks) {
 				s.text.lps = s.text.lps[:n-1] // the stop token's own
 			}
-			s.stream.result.StopToken, s.stream.result.HasStopToken = tok, true
+			s.res.StopToken, s.res.HasStopToken = tok, true
 			e.finish(s, FinishStop, "", nil)
 			return false
 		}
@@ -549,10 +625,15 @@ func (e *Engine) emit(s *sequence, n int, all bool, step uint64) bool {
 		return true
 	}
 	select {
-	case s.stream.events <- Event{Text: text, Tokens: ids, Step: step, Logprobs: lps}:
+	case s.stream.events <- Event{Text: text, Tokens: ids, Step: step, Logprobs: lps, Index: s.index}:
 		return true
 	default:
 		e.slow.Add(1)
+		if g := s.group; g != nil && g.doom == nil {
+			// The channel is the group's: every sample ends. The others
+			// end at their turn in this step or after it (endDoomed).
+			g.doom = ErrSlowConsumer
+		}
 		e.finish(s, FinishNone, "", ErrSlowConsumer)
 		return false
 	}
@@ -574,20 +655,68 @@ func (e *Engine) finish(s *sequence, reason FinishReason, stop string, err error
 			return // emit ended s as a slow consumer
 		}
 	}
-	if err != nil {
-		s.stream.failed.Store(true)
-	}
 	if s.sampler != nil {
 		s.sampler.Free()
 		s.sampler = nil
 	}
 	w.plan.forget(s.seq)
-	r := &s.stream.result
+	r := s.res
 	r.Reason, r.StopString, r.Err = reason, stop, err
 	r.CompletionTokens = s.generated
 	r.Ended = time.Now()
-	w.ended = append(w.ended, s)
 	// An aborted sequence's cells go back rather than into the prefix
 	// cache: the cache had no room for them.
-	w.step.Ends = append(w.step.Ends, allocator.End{Lease: s.lease, Normal: !errors.Is(err, ErrSequenceAborted)})
+	normal := !errors.Is(err, ErrSequenceAborted)
+	g := s.group
+	if g == nil {
+		if err != nil {
+			s.stream.failed.Store(true)
+		}
+		e.ended(s, normal)
+		return
+	}
+	g.live--
+	if err != nil {
+		if g.failed++; g.failed == len(g.members) {
+			s.stream.failed.Store(true)
+		}
+	}
+	if s.index > 0 {
+		e.ended(s, normal)
+	} else {
+		g.leaderNormal = normal
+		if !g.started {
+			// The prompt the others wait for will never be decoded.
+			for _, f := range g.members[1:] {
+				if f.res.Ended.IsZero() {
+					e.finish(f, FinishNone, "", fmt.Errorf("sample 0 ended before the prompt was decoded: %w", err))
+				}
+			}
+		}
+	}
+	if g.live == 0 && !g.leaderReported {
+		g.leaderReported = true
+		e.ended(g.members[0], g.leaderNormal)
+	}
+}
+
+// ended reports s's end for the next Apply, after which its cells are
+// settled; the stream closes with the end of its sample 0, a group's last.
+func (e *Engine) ended(s *sequence, normal bool) {
+	w := &e.w
+	w.ended = append(w.ended, s)
+	w.step.Ends = append(w.step.Ends, allocator.End{Lease: s.lease, Normal: normal})
+}
+
+// endDoomed ends every active sample of a group that must end as a whole
+// (a slow reader of its shared channel).
+func (e *Engine) endDoomed() {
+	w := &e.w
+	for i := 0; i < len(w.active); {
+		if s := w.active[i]; s.group != nil && s.group.doom != nil {
+			e.finish(s, FinishNone, "", s.group.doom)
+			continue
+		}
+		i++
+	}
 }
