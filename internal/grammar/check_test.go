@@ -80,7 +80,7 @@ func TestCheckRefuses(t *testing.T) {
 	expo.WriteString("r30 ::= \"y\" |\n")
 	tests := []struct {
 		name, gbnf, reason, rule string
-		tooLarge              bool
+		tooLarge                 bool
 	}{
 		{"empty", "", ReasonMissingRoot, "", false},
 		{"only comments", "# nothing\n", ReasonMissingRoot, "", false},
