@@ -782,28 +782,52 @@ func (p *parser) checkInit() error {
 	for name, id := range p.ids {
 		names[id] = name
 	}
-	// Nullable fixpoint.
+	// Nullable rules, by a worklist in time linear in the elements: an
+	// alternative is nullable when each of its elements is a reference to
+	// a nullable rule.
 	nullable := make([]bool, n)
-	for changed := true; changed; {
-		changed = false
-		for i, r := range rules {
-			if nullable[i] {
+	var pending []int         // per alternative: elements not yet known nullable
+	var altRule []int         // per alternative: its rule
+	users := make([][]int, n) // rule -> alternatives referencing it (per occurrence)
+	var work []int
+	for i, r := range rules {
+		a, cnt, dead := len(pending), 0, false
+		pending, altRule = append(pending, 0), append(altRule, i)
+		for _, e := range r {
+			switch {
+			case e.typ == cEnd || e.typ == cAlt:
+				if !dead {
+					pending[a] = cnt
+					if cnt == 0 && !nullable[i] {
+						nullable[i] = true
+						work = append(work, i)
+					}
+				} else {
+					pending[a] = -1
+				}
+				if e.typ == cAlt {
+					a, cnt, dead = len(pending), 0, false
+					pending, altRule = append(pending, 0), append(altRule, i)
+				}
+			case e.typ == cRef:
+				cnt++
+				users[e.val] = append(users[e.val], a)
+			default:
+				dead = true
+			}
+		}
+	}
+	for len(work) > 0 {
+		r := work[len(work)-1]
+		work = work[:len(work)-1]
+		for _, a := range users[r] {
+			if pending[a] <= 0 {
 				continue
 			}
-			ok := true
-			for _, e := range r {
-				if e.typ == cEnd || e.typ == cAlt {
-					if ok {
-						nullable[i] = true
-						changed = true
-						break
-					}
-					ok = true
-					continue
-				}
-				if e.typ != cRef || !nullable[e.val] {
-					ok = false
-				}
+			pending[a]--
+			if pending[a] == 0 && !nullable[altRule[a]] {
+				nullable[altRule[a]] = true
+				work = append(work, altRule[a])
 			}
 		}
 	}

@@ -27,6 +27,12 @@ const (
 	MaxIntegerDigits = 15
 	// MaxFractionDigits bounds the digits of a generated fraction.
 	MaxFractionDigits = 6
+	// DefaultMaxStringLength caps generated strings whose schema has no
+	// maxLength (the cap is raised to minLength when that is larger).
+	DefaultMaxStringLength = 64
+	// DefaultMaxItems caps generated arrays whose schema has no maxItems
+	// (raised to minItems when that is larger).
+	DefaultMaxItems = 16
 	// MaxAnyDepth bounds the nesting of values generated for schemas that
 	// allow any JSON value.
 	MaxAnyDepth = 8
@@ -510,10 +516,12 @@ func (c *conv) str(m map[string]any, path string) (string, error) {
 	if lo == 0 && hi < 0 {
 		return "string", nil
 	}
-	rep := fmt.Sprintf("{%d,}", lo)
-	if hi >= 0 {
-		rep = fmt.Sprintf("{%d,%d}", lo, hi)
+	if hi < 0 {
+		// Without maxLength the output is still capped, so a sampling
+		// model terminates; a shorter string still validates.
+		hi = max(lo, DefaultMaxStringLength)
 	}
+	rep := fmt.Sprintf("{%d,%d}", lo, hi)
 	return c.addRule("string-"+strconv.Itoa(lo), `"\"" char`+rep+` "\"" ws`), nil
 }
 
@@ -662,16 +670,17 @@ func (c *conv) arr(m map[string]any, path string, depth int) (string, error) {
 	if hi >= 0 && hi < lo {
 		return "", &UnsupportedError{Keyword: "maxItems", Path: path, Detail: "maxItems below minItems admits no array"}
 	}
+	if hi < 0 {
+		// Without maxItems the output is still capped (see DefaultMaxItems).
+		hi = max(lo, DefaultMaxItems)
+	}
 	var inner string
 	switch {
 	case hi == 0:
 		inner = ""
 	default:
 		restLo := max(lo-1, 0)
-		rep := fmt.Sprintf("{%d,}", restLo)
-		if hi > 0 {
-			rep = fmt.Sprintf("{%d,%d}", restLo, hi-1)
-		}
+		rep := fmt.Sprintf("{%d,%d}", restLo, hi-1)
 		inner = item + ` ("," ws ` + item + `)` + rep
 		if lo == 0 {
 			inner = "(" + inner + ")?"
