@@ -97,6 +97,7 @@ const (
 	ReasonBadRepetition  = "bad_repetition"
 	ReasonBadToken       = "bad_token"
 	ReasonInvalidEncoded = "invalid_encoding"
+	ReasonUnproductive   = "unproductive"
 )
 
 // Error describes why Check refused a grammar, in a shape that maps onto a
@@ -782,55 +783,7 @@ func (p *parser) checkInit() error {
 	for name, id := range p.ids {
 		names[id] = name
 	}
-	// Nullable rules, by a worklist in time linear in the elements: an
-	// alternative is nullable when each of its elements is a reference to
-	// a nullable rule.
-	nullable := make([]bool, n)
-	var pending []int         // per alternative: elements not yet known nullable
-	var altRule []int         // per alternative: its rule
-	users := make([][]int, n) // rule -> alternatives referencing it (per occurrence)
-	var work []int
-	for i, r := range rules {
-		a, cnt, dead := len(pending), 0, false
-		pending, altRule = append(pending, 0), append(altRule, i)
-		for _, e := range r {
-			switch {
-			case e.typ == cEnd || e.typ == cAlt:
-				if !dead {
-					pending[a] = cnt
-					if cnt == 0 && !nullable[i] {
-						nullable[i] = true
-						work = append(work, i)
-					}
-				} else {
-					pending[a] = -1
-				}
-				if e.typ == cAlt {
-					a, cnt, dead = len(pending), 0, false
-					pending, altRule = append(pending, 0), append(altRule, i)
-				}
-			case e.typ == cRef:
-				cnt++
-				users[e.val] = append(users[e.val], a)
-			default:
-				dead = true
-			}
-		}
-	}
-	for len(work) > 0 {
-		r := work[len(work)-1]
-		work = work[:len(work)-1]
-		for _, a := range users[r] {
-			if pending[a] <= 0 {
-				continue
-			}
-			pending[a]--
-			if pending[a] == 0 && !nullable[altRule[a]] {
-				nullable[altRule[a]] = true
-				work = append(work, altRule[a])
-			}
-		}
-	}
+	nullable := derivable(rules, false)
 	// Left edges: refs reachable at the start of an alternative.
 	left := make([][]int, n)
 	cleft := make([][]int, n) // the subset llama.cpp's detector follows
@@ -934,6 +887,10 @@ func (p *parser) checkInit() error {
 			return p.errAt(0, ReasonTooComplex, "llama.cpp's left-recursion check would take more than %d steps on this grammar", p.lim.MaxInitWork)
 		}
 	}
+	if productive := derivable(rules, true); !productive[p.ids["root"]] {
+		p.rule = "root"
+		return p.errAt(p.g.byName["root"].Offset, ReasonUnproductive, "rule root derives no finite string, so generation could never end")
+	}
 	return nil
 }
 
@@ -943,6 +900,63 @@ func (p *parser) leftErr(id int) error {
 		off = r.Offset
 	}
 	return p.errAt(off, ReasonLeftRecursion, "the grammar is left-recursive (a rule can reach itself without consuming input), which llama.cpp refuses or overflows its stack on")
+}
+
+// derivable returns, per rule, whether it derives a finite string: with
+// terminalsOK false, whether it derives the empty string (is nullable), and
+// with terminalsOK true, whether it derives any terminal string at all (is
+// productive). It runs a worklist in time linear in the elements: an
+// alternative qualifies when each of its references is to a qualifying rule
+// (and, for nullability, it holds no terminal).
+func derivable(rules [][]celem, terminalsOK bool) []bool {
+	n := len(rules)
+	nullable := make([]bool, n)
+	var pending []int         // per alternative: elements not yet known nullable
+	var altRule []int         // per alternative: its rule
+	users := make([][]int, n) // rule -> alternatives referencing it (per occurrence)
+	var work []int
+	for i, r := range rules {
+		a, cnt, dead := len(pending), 0, false
+		pending, altRule = append(pending, 0), append(altRule, i)
+		for _, e := range r {
+			switch {
+			case e.typ == cEnd || e.typ == cAlt:
+				if !dead {
+					pending[a] = cnt
+					if cnt == 0 && !nullable[i] {
+						nullable[i] = true
+						work = append(work, i)
+					}
+				} else {
+					pending[a] = -1
+				}
+				if e.typ == cAlt {
+					a, cnt, dead = len(pending), 0, false
+					pending, altRule = append(pending, 0), append(altRule, i)
+				}
+			case e.typ == cRef:
+				cnt++
+				users[e.val] = append(users[e.val], a)
+			default:
+				dead = dead || !terminalsOK
+			}
+		}
+	}
+	for len(work) > 0 {
+		r := work[len(work)-1]
+		work = work[:len(work)-1]
+		for _, a := range users[r] {
+			if pending[a] <= 0 {
+				continue
+			}
+			pending[a]--
+			if pending[a] == 0 && !nullable[altRule[a]] {
+				nullable[altRule[a]] = true
+				work = append(work, altRule[a])
+			}
+		}
+	}
+	return nullable
 }
 
 // userName maps a rule id to a user-visible name; synthesised rules have no

@@ -27,6 +27,7 @@ func TestCheckAccepts(t *testing.T) {
 		{"right recursion", "root ::= \"a\" root | \"b\"", 1},
 		{"repeat of repeat", `root ::= ("a"{2}){2,3}`, 1},
 		{"empty group", `root ::= () "x"`, 1},
+		{"productive through one alternative", "root ::= \"a\" root | x\nx ::= \"b\" x | \"c\"", 2},
 		{"max repetition", `root ::= "a"{0,1000}`, 1},
 	}
 	for _, tt := range tests {
@@ -115,6 +116,8 @@ func TestCheckRefuses(t *testing.T) {
 		{"too deep", deep, ReasonTooDeep, "root", true},
 		{"too many rules", manyRules(5000), ReasonTooLarge, "", true},
 		{"exponential init", expo.String(), ReasonTooComplex, "", true},
+		{"unproductive root", `root ::= "a" root`, ReasonUnproductive, "root", false},
+		{"unproductive via helper", "root ::= x | y\nx ::= \"a\" x\ny ::= x \"b\"", ReasonUnproductive, "root", false},
 		{"nul literal", `root ::= "\x00"`, ReasonBadChar, "root", false},
 		{"beyond unicode", `root ::= "\U00110000"`, ReasonBadChar, "root", false},
 		{"reversed range", `root ::= [z-a]`, ReasonBadRange, "root", false},
