@@ -64,6 +64,7 @@ type neverFitsError struct {
 	promptField  string
 	promptTokens int
 	maxTokens    int
+	n            int // samples (GenerateRequest.n), at least 1
 }
 
 func (e *neverFitsError) Unwrap() error { return e.RejectError }
@@ -247,12 +248,17 @@ func neverFitsStatus(ctx context.Context, nf *neverFitsError) error {
 	rej := nf.RejectError
 	desc := fmt.Sprintf("%d prompt tokens + max_tokens %d = %d exceeds the server's max_sequence_tokens limit of %d tokens per sequence",
 		nf.promptTokens, nf.maxTokens, nf.promptTokens+nf.maxTokens, rej.Limit)
+	vs := []*errdetails.BadRequest_FieldViolation{violation(nf.promptField, desc), violation("max_tokens", desc)}
+	if nf.n > 1 && nf.promptTokens+nf.maxTokens <= rej.Limit {
+		// One sample fits; n of them do not.
+		desc = fmt.Sprintf("%d prompt tokens + n %d * max_tokens %d = %d cells exceed the server's %d KV cells",
+			nf.promptTokens, nf.n, nf.maxTokens, nf.promptTokens+nf.n*nf.maxTokens, rej.Limit)
+		vs = []*errdetails.BadRequest_FieldViolation{violation("n", desc), violation("max_tokens", desc)}
+	}
 	meta := map[string]string{"cells_needed": strconv.Itoa(rej.CellsNeeded), "limit": strconv.Itoa(rej.Limit)}
 	st := status.New(codes.InvalidArgument, desc)
 	if ds, err := st.WithDetails(
-		&errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{
-			violation(nf.promptField, desc), violation("max_tokens", desc),
-		}},
+		&errdetails.BadRequest{FieldViolations: vs},
 		&errdetails.ErrorInfo{Reason: rej.Reason, Domain: ErrorDomain, Metadata: meta},
 	); err == nil {
 		st = ds

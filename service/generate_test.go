@@ -85,6 +85,9 @@ func (s *fakeStream) Events() <-chan native.Event { return s.events }
 // Result returns how the sequence ended; it is valid once Events is closed.
 func (s *fakeStream) Result() native.Result { return s.result }
 
+// Results returns the one sample's result.
+func (s *fakeStream) Results() []native.Result { return []native.Result{s.result} }
+
 // Failed reports whether the sequence has ended with an error.
 func (s *fakeStream) Failed() bool { return s.failed.Load() }
 

@@ -43,7 +43,10 @@ type Stream interface {
 	// Result says how the sequence ended; it is valid once Events is
 	// closed.
 	Result() native.Result
-	// Failed reports, without waiting, that the sequence has ended with
+	// Results says how each sample ended (GenerateRequest.n), indexed by
+	// Event.Index; valid once Events is closed.
+	Results() []native.Result
+	// Failed reports, without waiting, that every sample has ended with
 	// an error.
 	Failed() bool
 	// CachedTokens is the number of prompt tokens shared from the prefix
@@ -329,6 +332,7 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 		Logprobs:     r.logprobs,
 		TopLogprobs:  r.topLogprobs,
 		IgnoreEOS:    r.ignoreEOS,
+		N:            r.n,
 		NoCache:      req.GetSkipPrefixCache(),
 		QueueTimeout: time.Duration(req.GetQueueTimeoutMs()) * time.Millisecond,
 		Tenant:       tenant.Name,
@@ -337,7 +341,7 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 	if err != nil {
 		var rej *allocator.RejectError
 		if errors.As(err, &rej) && rej.Reason == allocator.ReasonNeverFits {
-			err = &neverFitsError{RejectError: rej, promptField: r.promptField, promptTokens: len(r.prompt), maxTokens: r.maxTokens}
+			err = &neverFitsError{RejectError: rej, promptField: r.promptField, promptTokens: len(r.prompt), maxTokens: r.maxTokens, n: r.n}
 		}
 		return toStatus(ctx, err)
 	}
@@ -361,31 +365,30 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 	// that keeps up with the transport is never cut off for the cost of
 	// sending many small messages.
 	mergeAt := max(cap(events)/4, 1)
-	var text strings.Builder
-	var ids []int32
-	var lps []native.TokenLogprob
+	var m chunkMerger
 	for ev := range events {
 		if err != nil || out.Failed() {
 			continue // drain; the engine ends the sequence when ctx is done
 		}
-		chunk := &kvgatev1.Chunk{Text: ev.Text, TokenIds: ev.Tokens, Logprobs: s.logprobs(ev.Logprobs)}
+		m.start(ev)
 		if len(events) >= mergeAt {
-			text.Reset()
-			text.WriteString(ev.Text)
-			ids = append(ids[:0], ev.Tokens...)
-			lps = append(lps[:0], ev.Logprobs...)
-			for n := len(events); n > 0; n-- {
+			for n := len(events); n > 0 && err == nil; n-- {
 				more, ok := <-events
 				if !ok {
 					break
 				}
-				text.WriteString(more.Text)
-				ids = append(ids, more.Tokens...)
-				lps = append(lps, more.Logprobs...)
+				if more.Index != m.index {
+					// Another sample's: chunks never mix samples.
+					err = stream.Send(s.chunkResponse(&m))
+					m.start(more)
+					continue
+				}
+				m.add(more)
 			}
-			chunk = &kvgatev1.Chunk{Text: text.String(), TokenIds: slices.Clone(ids), Logprobs: s.logprobs(lps)}
 		}
-		err = stream.Send(&kvgatev1.GenerateResponse{Event: &kvgatev1.GenerateResponse_Chunk{Chunk: chunk}})
+		if err == nil {
+			err = stream.Send(s.chunkResponse(&m))
+		}
 		now := time.Now()
 		if last.IsZero() {
 			s.cfg.Observer.TimeToFirstToken(now.Sub(arrived))
@@ -394,14 +397,36 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 		}
 		last = now
 	}
-	res := out.Result()
-	ci.CompletionTokens = res.CompletionTokens
+	results := out.Results()
+	ci.CompletionTokens = 0
+	for _, res := range results {
+		ci.CompletionTokens += res.CompletionTokens
+	}
 	if err != nil {
 		return err // the transport failed; the client is gone
 	}
-	if res.Err != nil {
-		return toStatus(ctx, res.Err)
+	// Every sample that ended normally gets its Finished, in index order;
+	// the first sample that failed then ends the call with its status.
+	var failed error
+	for i, res := range results {
+		if res.Err != nil {
+			if failed == nil {
+				failed = res.Err
+			}
+			continue
+		}
+		if err := stream.Send(finished(i, res, admitted, queueMS)); err != nil {
+			return err
+		}
 	}
+	if failed != nil {
+		return toStatus(ctx, failed)
+	}
+	return nil
+}
+
+// finished is the Finished event of sample i, which ended normally with res.
+func finished(i int, res native.Result, admitted time.Time, queueMS float64) *kvgatev1.GenerateResponse {
 	first := res.FirstToken
 	if first.IsZero() {
 		first = res.Ended
@@ -410,10 +435,11 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 	if res.HasStopToken {
 		stopToken = &res.StopToken
 	}
-	return stream.Send(&kvgatev1.GenerateResponse{Event: &kvgatev1.GenerateResponse_Finished{Finished: &kvgatev1.Finished{
+	return &kvgatev1.GenerateResponse{Event: &kvgatev1.GenerateResponse_Finished{Finished: &kvgatev1.Finished{
 		Reason:    finishReason(res.Reason),
 		Stop:      res.StopString,
 		StopToken: stopToken,
+		Index:     uint32(i),
 		Usage: &kvgatev1.Usage{
 			PromptTokens:     uint32(res.PromptTokens),
 			CachedTokens:     uint32(res.CachedTokens),
@@ -424,7 +450,38 @@ func (s *Service) generate(req *kvgatev1.GenerateRequest, stream grpc.ServerStre
 			PrefillMs: msSince(admitted, first),
 			DecodeMs:  msSince(first, res.Ended),
 		},
-	}}})
+	}}}
+}
+
+// chunkMerger merges the events of one sample that waited for the sender
+// into one Chunk.
+type chunkMerger struct {
+	index int
+	text  strings.Builder
+	ids   []int32
+	lps   []native.TokenLogprob
+}
+
+// start begins a chunk with ev.
+func (m *chunkMerger) start(ev native.Event) {
+	m.index = ev.Index
+	m.text.Reset()
+	m.ids, m.lps = m.ids[:0], m.lps[:0]
+	m.add(ev)
+}
+
+// add appends ev, an event of the same sample.
+func (m *chunkMerger) add(ev native.Event) {
+	m.text.WriteString(ev.Text)
+	m.ids = append(m.ids, ev.Tokens...)
+	m.lps = append(m.lps, ev.Logprobs...)
+}
+
+// chunkResponse is the Chunk event of what m holds.
+func (s *Service) chunkResponse(m *chunkMerger) *kvgatev1.GenerateResponse {
+	return &kvgatev1.GenerateResponse{Event: &kvgatev1.GenerateResponse_Chunk{Chunk: &kvgatev1.Chunk{
+		Text: m.text.String(), TokenIds: slices.Clone(m.ids), Index: uint32(m.index), Logprobs: s.logprobs(m.lps),
+	}}}
 }
 
 // logprobs converts the engine's log-probabilities to the API's, with the

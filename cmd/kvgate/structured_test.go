@@ -5,13 +5,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/santhosh-tekuri/jsonschema/v6"
 	"google.golang.org/grpc/codes"
@@ -80,7 +83,7 @@ func TestGrammarEndToEnd(t *testing.T) {
 			{"undefined rule", `root ::= missing`},
 			{"left recursion", "root ::= root \"a\" | \"b\""},
 			{"over-size", huge},
-			{"repetition bomb", `root ::= ("a"{1000}){1000}`},
+			{"huge repetition", `root ::= "a"{5000}`}, {"deep nesting", "root ::= " + strings.Repeat("(", 100) + `"a"` + strings.Repeat(")", 100)},
 		} {
 			req := textPrompt(storyPrompt, 8)
 			req.Constraint = &kvgatev1.GenerateRequest_Grammar{Grammar: tc.gbnf}
@@ -112,7 +115,7 @@ func schemaFiles(t *testing.T) []string {
 // schema with santhosh-tekuri/jsonschema; and that schemas outside the
 // supported subset are refused with INVALID_ARGUMENT naming the keyword.
 func TestJSONSchemaEndToEnd(t *testing.T) {
-	s := startServer(t, "--model", testModel(t, "stories260K.gguf"), "--ctx", "8192", "--max-sequences", "16")
+	s := startServer(t, "--model", testModel(t, "stories260K.gguf"), "--ctx", "8192", "--max-seqs", "16")
 	c := s.Generate()
 	ctx := t.Context()
 	files := schemaFiles(t)
@@ -331,4 +334,94 @@ func TestTokenControlEndToEnd(t *testing.T) {
 			t.Fatal(errors.Join(errors.New("the server stopped serving"), r.err))
 		}
 	})
+}
+
+// TestSamplesEndToEnd checks n over gRPC on stories260K: n = 4 with a seed
+// gives 4 different completions that a second call reproduces, each with
+// its own Finished, in index order, after every chunk; the prompt is
+// prefilled once (prefill_tokens_total grows by the prompt, not 4 times
+// it); admission counts the prompt's cells once (a prompt + 4 * max_tokens
+// that fits the pool only that way is admitted); and an n whose cells can
+// never fit gets INVALID_ARGUMENT naming n.
+func TestSamplesEndToEnd(t *testing.T) {
+	s := startServer(t, "--model", testModel(t, "stories260K.gguf"), "--ctx", "512", "--max-seqs", "8")
+	c := s.Generate()
+	ctx := t.Context()
+
+	run := func(req *kvgatev1.GenerateRequest) (map[uint32][]int32, []*kvgatev1.Finished) {
+		t.Helper()
+		stream, err := c.Generate(ctx, req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids := map[uint32][]int32{}
+		var fin []*kvgatev1.Finished
+		for {
+			resp, err := stream.Recv()
+			if err != nil {
+				if status.Code(err) != codes.OK && !errors.Is(err, io.EOF) {
+					t.Fatal(err)
+				}
+				return ids, fin
+			}
+			switch ev := resp.GetEvent().(type) {
+			case *kvgatev1.GenerateResponse_Chunk:
+				if len(fin) > 0 {
+					t.Fatalf("a chunk of sample %d after a Finished", ev.Chunk.GetIndex())
+				}
+				ids[ev.Chunk.GetIndex()] = append(ids[ev.Chunk.GetIndex()], ev.Chunk.GetTokenIds()...)
+			case *kvgatev1.GenerateResponse_Finished:
+				fin = append(fin, ev.Finished)
+			}
+		}
+	}
+
+	prompt := tokenPrompt(rand.New(rand.NewPCG(15, 6)), 100)
+	req := func(n, maxTokens uint32) *kvgatev1.GenerateRequest {
+		r := seeded(&kvgatev1.GenerateRequest{Prompt: prompt, MaxTokens: maxTokens, IgnoreEos: true, SkipPrefixCache: true, N: n}, 1, 42)
+		return r
+	}
+	before := cacheStats(t, s)
+	// 100 + 4 * 100 = 500 cells of 512: it fits only if the prompt's cells
+	// are counted once.
+	ids, fin := run(req(4, 100))
+	after := cacheStats(t, s)
+	if len(fin) != 4 {
+		t.Fatalf("%d Finished messages, want 4", len(fin))
+	}
+	for i, f := range fin {
+		if f.GetIndex() != uint32(i) || f.GetUsage().GetCompletionTokens() != 100 || len(ids[uint32(i)]) != 100 {
+			t.Fatalf("Finished %d: %v with %d tokens streamed", i, f, len(ids[uint32(i)]))
+		}
+		for j := range i {
+			if slices.Equal(ids[uint32(i)], ids[uint32(j)]) {
+				t.Fatalf("samples %d and %d are equal", i, j)
+			}
+		}
+	}
+	if d := after.GetPrefillTokensTotal() - before.GetPrefillTokensTotal(); d != 100 {
+		t.Errorf("prefill_tokens_total grew by %d for a 100-token prompt and 4 samples, want 100", d)
+	}
+	if d := after.GetGeneratedTokensTotal() - before.GetGeneratedTokensTotal(); d != 400 {
+		t.Errorf("generated_tokens_total grew by %d, want 400", d)
+	}
+	again, _ := run(req(4, 100))
+	for i := range uint32(4) {
+		if !slices.Equal(ids[i], again[i]) {
+			t.Fatalf("sample %d differs on the second call with the same seed", i)
+		}
+	}
+	waitFor(t, 10*time.Second, "every cell to come back", func() bool {
+		st := cacheStats(t, s)
+		return st.GetCellsUsed() == 0 && st.GetCellsReserved() == 0
+	})
+
+	// 100 + 5 * 100 = 600 cells: never.
+	r := generateAll(ctx, c, req(5, 100))
+	if status.Code(r.err) != codes.InvalidArgument || !slices.Contains(violationFields(r.err), "n") {
+		t.Fatalf("n = 5: %v (fields %v), want INVALID_ARGUMENT on n", r.err, violationFields(r.err))
+	}
+	if r := generateAll(ctx, c, textPrompt(storyPrompt, 8)); r.err != nil {
+		t.Fatalf("the server stopped serving: %v", r.err)
+	}
 }
