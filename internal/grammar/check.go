@@ -157,16 +157,25 @@ type Range struct{ Lo, Hi rune }
 
 // Item is one element of a sequence.
 type Item struct {
-	Kind    ItemKind
-	Offset  int
-	Runes   []rune
-	Ranges  []Range
+	// Kind says which of the other fields are meaningful.
+	Kind ItemKind
+	// Offset is the byte offset of the item in the GBNF text.
+	Offset int
+	// Runes holds a literal's code points.
+	Runes []rune
+	// Ranges holds a class's ranges (a single character is Lo == Hi).
+	Ranges []Range
+	// Negated marks [^...] classes and !<[id]> tokens.
 	Negated bool
-	Name    string
-	Alts    []Alt
-	Sub     *Item
-	Min     int
-	Max     int
+	// Name is the rule a reference names.
+	Name string
+	// Alts holds a group's alternatives.
+	Alts []Alt
+	// Sub is the repeated item of a repetition.
+	Sub *Item
+	// Min and Max bound a repetition; Max < 0 means unbounded.
+	Min, Max int
+	// TokenID is the id of a token reference.
 	TokenID uint32
 }
 

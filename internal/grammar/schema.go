@@ -78,19 +78,21 @@ var supported = map[string]bool{
 	"$defs": true, "definitions": true,
 }
 
-// Shared primitive rules. ws admits at most one space or newline, so a
-// sampling model cannot spin on whitespace.
-const primitives = `ws ::= [ \n]?
+// primitives holds the shared primitive rules. ws admits at most one space
+// or newline, so a sampling model cannot spin on whitespace; integers have
+// at most MaxIntegerDigits digits, fractions at most MaxFractionDigits and
+// exponents at most two, so every number is finite as a float64.
+var primitives = fmt.Sprintf(`ws ::= [ \n]?
 char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" hex-nonsurrogate)
 hex ::= [0-9a-fA-F]
 hex-nonsurrogate ::= [0-9a-cA-Ce-fE-F] hex hex hex | [dD] [0-7] hex hex
-int-part ::= "-"? ("0" | [1-9] [0-9]{0,14})
+int-part ::= "-"? ("0" | [1-9] [0-9]{0,%d})
 integer ::= int-part ws
-number ::= int-part ("." [0-9]{1,6})? ([eE] [-+]? [0-9]{1,2})? ws
+number ::= int-part ("." [0-9]{1,%d})? ([eE] [-+]? [0-9]{1,2})? ws
 boolean ::= ("true" | "false") ws
 null ::= "null" ws
-string ::= "\"" char{0,64} "\"" ws
-`
+string ::= "\"" char{0,%d} "\"" ws
+`, MaxIntegerDigits-1, MaxFractionDigits, DefaultMaxStringLength)
 
 type conv struct {
 	root    map[string]any
@@ -145,7 +147,7 @@ func FromJSONSchema(schema []byte) (string, error) {
 		b.WriteString(r + "\n")
 	}
 	if c.anyUsed {
-		b.WriteString(anyRules(false))
+		b.WriteString(anyRules())
 	}
 	b.WriteString(primitives)
 	g := b.String()
@@ -644,6 +646,9 @@ func (c *conv) obj(m map[string]any, path string, depth int) (string, error) {
 func (c *conv) arr(m map[string]any, path string, depth int) (string, error) {
 	item := "any-value"
 	if v, ok := m["items"]; ok {
+		if _, tuple := v.([]any); tuple {
+			return "", &UnsupportedError{Keyword: "items", Path: path, Detail: "the array (tuple) form of items is not supported"}
+		}
 		var err error
 		if item, err = c.schema(v, ptr(path, "items"), depth+1); err != nil {
 			return "", err
@@ -931,7 +936,7 @@ func (c *conv) ref(v any, path string, depth int) (string, error) {
 
 // anyRules returns rules any-value (nesting up to MaxAnyDepth levels) and
 // any-object, with the shared primitive rules expected alongside.
-func anyRules(objectOnly bool) string {
+func anyRules() string {
 	var b strings.Builder
 	for d := MaxAnyDepth; d >= 1; d-- {
 		suffix := strconv.Itoa(d)
@@ -949,7 +954,6 @@ func anyRules(objectOnly bool) string {
 		fmt.Fprintf(&b, "any-object-%d ::= \"{\" ws (string \":\" ws %s (\",\" ws string \":\" ws %s){0,7})? \"}\" ws\n", d-1, next, next)
 		fmt.Fprintf(&b, "any-array-%d ::= \"[\" ws (%s (\",\" ws %s){0,7})? \"]\" ws\n", d-1, next, next)
 	}
-	_ = objectOnly
 	return b.String()
 }
 
@@ -969,5 +973,5 @@ func AnyJSON(objectOnly bool) string {
 	if objectOnly {
 		root = fmt.Sprintf("root ::= ws any-object-%d\n", MaxAnyDepth-1)
 	}
-	return root + anyRules(objectOnly) + primitives
+	return root + anyRules() + primitives
 }

@@ -164,6 +164,8 @@ func TestUnsupportedKeywords(t *testing.T) {
 		{`{"type":"object","properties":{"a":{"$id":"https://x/y","type":"string"}}}`, "$id", "/properties/a"},
 		{`{"type":"string","$anchor":"a"}`, "$anchor", ""},
 		{`false`, "false", ""},
+		{`{"$schema":"http://json-schema.org/draft-07/schema#","type":"array","items":[{"type":"string"}]}`, "items", ""},
+		{`{"type":"string","items":{"type":"string"}}`, "items", ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.schema, func(t *testing.T) {
