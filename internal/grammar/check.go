@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"sort"
 	"strings"
 	"unicode/utf8"
 )
@@ -644,6 +645,9 @@ func (p *parser) parseSequence(pos int, rule *[]celem, alt *Alt, nested bool, de
 				}
 				it.Ranges = append(it.Ranges, Range{lo, hi})
 			}
+			if len(it.Ranges) > 0 && !classMatches(it) {
+				return 0, p.errAt(start, ReasonBadChar, "the character class matches no character a token can produce")
+			}
 			alt.Items = append(alt.Items, it)
 			pos = p.space(pos+1, nested)
 		case c == '<' || c == '!':
@@ -778,6 +782,29 @@ func (p *parser) parseSequence(pos int, rule *[]celem, alt *Alt, nested bool, de
 		}
 	}
 	return pos, nil
+}
+
+// classMatches reports whether a class matches some code point in
+// U+0001..U+10FFFF (NUL never occurs in a token piece).
+func classMatches(it Item) bool {
+	if !it.Negated {
+		for _, r := range it.Ranges {
+			if r.Hi >= 1 {
+				return true
+			}
+		}
+		return false
+	}
+	rs := append([]Range(nil), it.Ranges...)
+	sort.Slice(rs, func(i, j int) bool { return rs[i].Lo < rs[j].Lo })
+	next := rune(1) // the lowest code point not yet known to be excluded
+	for _, r := range rs {
+		if r.Lo > next {
+			return true
+		}
+		next = max(next, r.Hi+1)
+	}
+	return next <= utf8.MaxRune
 }
 
 // checkInit runs the analyses llama_grammar_init_impl needs to be safe on

@@ -102,7 +102,9 @@
 //     masked to -inf to be sampled, i.e. every candidate rejected. Check
 //     narrows this by refusing a literal NUL (token pieces are
 //     NUL-terminated, so it can never match; Reason "bad_char"), code points
-//     beyond U+10FFFF ("bad_char"), empty ranges such as [z-a] ("bad_range")
+//     beyond U+10FFFF ("bad_char"), classes that match no code point in
+//     U+0001..U+10FFFF such as [^\x00-\U0010FFFF] or [\x00] ("bad_char"),
+//     empty ranges such as [z-a] ("bad_range")
 //     and grammars whose root derives no finite string ("unproductive", so
 //     end-of-generation is not masked forever). NOT prevented: a grammar
 //     that needs a character or token id the model's vocabulary cannot
