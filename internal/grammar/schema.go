@@ -99,6 +99,7 @@ type conv struct {
 	rules   []string
 	defined map[string]string // ref pointer -> rule name
 	names   map[string]bool
+	bodies  map[string]string // base and body -> rule name
 	anyUsed bool
 }
 
@@ -121,7 +122,7 @@ func FromJSONSchema(schema []byte) (string, error) {
 	if err := dec.Decode(&generic); err != nil {
 		return "", fmt.Errorf("%w: %w", ErrInvalidSchema, err)
 	}
-	c := &conv{defined: map[string]string{}, names: map[string]bool{}}
+	c := &conv{defined: map[string]string{}, names: map[string]bool{}, bodies: map[string]string{}}
 	if m, ok := generic.(map[string]any); ok {
 		c.root = m
 	}
@@ -219,12 +220,21 @@ func ptr(path string, tokens ...string) string {
 	return path
 }
 
+// addRule defines a rule with the given body and returns its name; a body
+// already defined under the same base name is reused, so that repeated
+// subschemas (say, many strings with the same maxLength) share one rule and
+// its repetition expansion.
 func (c *conv) addRule(base, body string) string {
+	key := base + "\x00" + body
+	if name, ok := c.bodies[key]; ok {
+		return name
+	}
 	name := base
 	for i := 1; c.names[name]; i++ {
 		name = base + "-" + strconv.Itoa(i)
 	}
 	c.names[name] = true
+	c.bodies[key] = name
 	c.rules = append(c.rules, name+" ::= "+body)
 	return name
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -128,6 +129,27 @@ func TestGeneratedStructure(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+func TestSharedRules(t *testing.T) {
+	// 100 properties with the same string schema share one string rule;
+	// without sharing they would expand to 100 x 300 rules, over MaxRules.
+	var b strings.Builder
+	b.WriteString(`{"type":"object","properties":{`)
+	for i := 0; i < 100; i++ {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(`"p` + strconv.Itoa(i) + `":{"type":"string","maxLength":300}`)
+	}
+	b.WriteString(`}}`)
+	g, err := FromJSONSchema([]byte(b.String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(g, "char{0,300}"); n != 1 {
+		t.Fatalf("%d string rules, want 1", n)
 	}
 }
 
