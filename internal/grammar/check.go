@@ -154,7 +154,13 @@ const (
 )
 
 // Range is an inclusive range of code points.
-type Range struct{ Lo, Hi rune }
+type Range struct {
+	// Lo and Hi are the bounds; a single character has Lo == Hi.
+	Lo, Hi rune
+	// span records that the text wrote lo-hi (llama.cpp then stores an extra
+	// element even when lo == hi), so that printing keeps the expansion.
+	span bool
+}
 
 // Item is one element of a sequence.
 type Item struct {
@@ -625,9 +631,10 @@ func (p *parser) parseSequence(pos int, rule *[]celem, alt *Alt, nested bool, de
 				if err := emit(pos, celem{t, uint32(lo)}); err != nil {
 					return 0, err
 				}
-				hi := lo
+				hi, span := lo, false
 				pos = np
 				if p.at(pos) == '-' && p.at(pos+1) != ']' {
+					span = true
 					if pos+1 >= len(p.src) {
 						return 0, p.errAt(start, ReasonSyntax, "unterminated character class")
 					}
@@ -643,7 +650,7 @@ func (p *parser) parseSequence(pos int, rule *[]celem, alt *Alt, nested bool, de
 					}
 					pos = np
 				}
-				it.Ranges = append(it.Ranges, Range{lo, hi})
+				it.Ranges = append(it.Ranges, Range{Lo: lo, Hi: hi, span: span})
 			}
 			if len(it.Ranges) > 0 && !classMatches(it) {
 				return 0, p.errAt(start, ReasonBadChar, "the character class matches no character a token can produce")
