@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"sort"
 	"strings"
 	"unicode/utf8"
 )
@@ -153,20 +154,35 @@ const (
 )
 
 // Range is an inclusive range of code points.
-type Range struct{ Lo, Hi rune }
+type Range struct {
+	// Lo and Hi are the bounds; a single character has Lo == Hi.
+	Lo, Hi rune
+	// span records that the text wrote lo-hi (llama.cpp then stores an extra
+	// element even when lo == hi), so that printing keeps the expansion.
+	span bool
+}
 
 // Item is one element of a sequence.
 type Item struct {
-	Kind    ItemKind
-	Offset  int
-	Runes   []rune
-	Ranges  []Range
+	// Kind says which of the other fields are meaningful.
+	Kind ItemKind
+	// Offset is the byte offset of the item in the GBNF text.
+	Offset int
+	// Runes holds a literal's code points.
+	Runes []rune
+	// Ranges holds a class's ranges (a single character is Lo == Hi).
+	Ranges []Range
+	// Negated marks [^...] classes and !<[id]> tokens.
 	Negated bool
-	Name    string
-	Alts    []Alt
-	Sub     *Item
-	Min     int
-	Max     int
+	// Name is the rule a reference names.
+	Name string
+	// Alts holds a group's alternatives.
+	Alts []Alt
+	// Sub is the repeated item of a repetition.
+	Sub *Item
+	// Min and Max bound a repetition; Max < 0 means unbounded.
+	Min, Max int
+	// TokenID is the id of a token reference.
 	TokenID uint32
 }
 
@@ -615,9 +631,10 @@ func (p *parser) parseSequence(pos int, rule *[]celem, alt *Alt, nested bool, de
 				if err := emit(pos, celem{t, uint32(lo)}); err != nil {
 					return 0, err
 				}
-				hi := lo
+				hi, span := lo, false
 				pos = np
 				if p.at(pos) == '-' && p.at(pos+1) != ']' {
+					span = true
 					if pos+1 >= len(p.src) {
 						return 0, p.errAt(start, ReasonSyntax, "unterminated character class")
 					}
@@ -633,7 +650,10 @@ func (p *parser) parseSequence(pos int, rule *[]celem, alt *Alt, nested bool, de
 					}
 					pos = np
 				}
-				it.Ranges = append(it.Ranges, Range{lo, hi})
+				it.Ranges = append(it.Ranges, Range{Lo: lo, Hi: hi, span: span})
+			}
+			if len(it.Ranges) > 0 && !classMatches(it) {
+				return 0, p.errAt(start, ReasonBadChar, "the character class matches no character a token can produce")
 			}
 			alt.Items = append(alt.Items, it)
 			pos = p.space(pos+1, nested)
@@ -769,6 +789,29 @@ func (p *parser) parseSequence(pos int, rule *[]celem, alt *Alt, nested bool, de
 		}
 	}
 	return pos, nil
+}
+
+// classMatches reports whether a class matches some code point in
+// U+0001..U+10FFFF (NUL never occurs in a token piece).
+func classMatches(it Item) bool {
+	if !it.Negated {
+		for _, r := range it.Ranges {
+			if r.Hi >= 1 {
+				return true
+			}
+		}
+		return false
+	}
+	rs := append([]Range(nil), it.Ranges...)
+	sort.Slice(rs, func(i, j int) bool { return rs[i].Lo < rs[j].Lo })
+	next := rune(1) // the lowest code point not yet known to be excluded
+	for _, r := range rs {
+		if r.Lo > next {
+			return true
+		}
+		next = max(next, r.Hi+1)
+	}
+	return next <= utf8.MaxRune
 }
 
 // checkInit runs the analyses llama_grammar_init_impl needs to be safe on

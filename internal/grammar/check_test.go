@@ -28,6 +28,8 @@ func TestCheckAccepts(t *testing.T) {
 		{"repeat of repeat", `root ::= ("a"{2}){2,3}`, 1},
 		{"empty group", `root ::= () "x"`, 1},
 		{"productive through one alternative", "root ::= \"a\" root | x\nx ::= \"b\" x | \"c\"", 2},
+		{"negated class leaving one char", `root ::= [^\x00-\x40\x42-\U0010FFFF]`, 1},
+		{"negated class leaving the top", `root ::= [^\x01-\U0010FFFE]`, 1},
 		{"max repetition", `root ::= "a"{0,1000}`, 1},
 	}
 	for _, tt := range tests {
@@ -120,6 +122,9 @@ func TestCheckRefuses(t *testing.T) {
 		{"unproductive via helper", "root ::= x | y\nx ::= \"a\" x\ny ::= x \"b\"", ReasonUnproductive, "root", false},
 		{"nul literal", `root ::= "\x00"`, ReasonBadChar, "root", false},
 		{"beyond unicode", `root ::= "\U00110000"`, ReasonBadChar, "root", false},
+		{"negated class of everything", `root ::= [^\x00-\U0010FFFF]`, ReasonBadChar, "root", false},
+		{"negated class of everything in pieces", `root ::= [^\x01-\x7F\x80-\U0010FFFF]`, ReasonBadChar, "root", false},
+		{"class of only NUL", `root ::= [\x00]`, ReasonBadChar, "root", false},
 		{"reversed range", `root ::= [z-a]`, ReasonBadRange, "root", false},
 		{"nul byte", "root ::= \"a\"\x00", ReasonInvalidEncoded, "", false},
 		{"invalid utf8", "root ::= \"\xff\"", ReasonInvalidEncoded, "", false},

@@ -61,7 +61,7 @@ func writeItem(b *strings.Builder, it *Item) {
 		}
 		for _, r := range it.Ranges {
 			writeChar(b, r.Lo)
-			if r.Hi != r.Lo {
+			if r.Hi != r.Lo || r.span {
 				b.WriteByte('-')
 				writeChar(b, r.Hi)
 			}

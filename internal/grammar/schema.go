@@ -78,25 +78,28 @@ var supported = map[string]bool{
 	"$defs": true, "definitions": true,
 }
 
-// Shared primitive rules. ws admits at most one space or newline, so a
-// sampling model cannot spin on whitespace.
-const primitives = `ws ::= [ \n]?
+// primitives holds the shared primitive rules. ws admits at most one space
+// or newline, so a sampling model cannot spin on whitespace; integers have
+// at most MaxIntegerDigits digits, fractions at most MaxFractionDigits and
+// exponents at most two, so every number is finite as a float64.
+var primitives = fmt.Sprintf(`ws ::= [ \n]?
 char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" hex-nonsurrogate)
 hex ::= [0-9a-fA-F]
 hex-nonsurrogate ::= [0-9a-cA-Ce-fE-F] hex hex hex | [dD] [0-7] hex hex
-int-part ::= "-"? ("0" | [1-9] [0-9]{0,14})
+int-part ::= "-"? ("0" | [1-9] [0-9]{0,%d})
 integer ::= int-part ws
-number ::= int-part ("." [0-9]{1,6})? ([eE] [-+]? [0-9]{1,2})? ws
+number ::= int-part ("." [0-9]{1,%d})? ([eE] [-+]? [0-9]{1,2})? ws
 boolean ::= ("true" | "false") ws
 null ::= "null" ws
-string ::= "\"" char{0,64} "\"" ws
-`
+string ::= "\"" char{0,%d} "\"" ws
+`, MaxIntegerDigits-1, MaxFractionDigits, DefaultMaxStringLength)
 
 type conv struct {
 	root    map[string]any
 	rules   []string
 	defined map[string]string // ref pointer -> rule name
 	names   map[string]bool
+	bodies  map[string]string // base and body -> rule name
 	anyUsed bool
 }
 
@@ -119,7 +122,7 @@ func FromJSONSchema(schema []byte) (string, error) {
 	if err := dec.Decode(&generic); err != nil {
 		return "", fmt.Errorf("%w: %w", ErrInvalidSchema, err)
 	}
-	c := &conv{defined: map[string]string{}, names: map[string]bool{}}
+	c := &conv{defined: map[string]string{}, names: map[string]bool{}, bodies: map[string]string{}}
 	if m, ok := generic.(map[string]any); ok {
 		c.root = m
 	}
@@ -145,7 +148,7 @@ func FromJSONSchema(schema []byte) (string, error) {
 		b.WriteString(r + "\n")
 	}
 	if c.anyUsed {
-		b.WriteString(anyRules(false))
+		b.WriteString(anyRules())
 	}
 	b.WriteString(primitives)
 	g := b.String()
@@ -217,12 +220,21 @@ func ptr(path string, tokens ...string) string {
 	return path
 }
 
+// addRule defines a rule with the given body and returns its name; a body
+// already defined under the same base name is reused, so that repeated
+// subschemas (say, many strings with the same maxLength) share one rule and
+// its repetition expansion.
 func (c *conv) addRule(base, body string) string {
+	key := base + "\x00" + body
+	if name, ok := c.bodies[key]; ok {
+		return name
+	}
 	name := base
 	for i := 1; c.names[name]; i++ {
 		name = base + "-" + strconv.Itoa(i)
 	}
 	c.names[name] = true
+	c.bodies[key] = name
 	c.rules = append(c.rules, name+" ::= "+body)
 	return name
 }
@@ -644,6 +656,9 @@ func (c *conv) obj(m map[string]any, path string, depth int) (string, error) {
 func (c *conv) arr(m map[string]any, path string, depth int) (string, error) {
 	item := "any-value"
 	if v, ok := m["items"]; ok {
+		if _, tuple := v.([]any); tuple {
+			return "", &UnsupportedError{Keyword: "items", Path: path, Detail: "the array (tuple) form of items is not supported"}
+		}
 		var err error
 		if item, err = c.schema(v, ptr(path, "items"), depth+1); err != nil {
 			return "", err
@@ -931,7 +946,7 @@ func (c *conv) ref(v any, path string, depth int) (string, error) {
 
 // anyRules returns rules any-value (nesting up to MaxAnyDepth levels) and
 // any-object, with the shared primitive rules expected alongside.
-func anyRules(objectOnly bool) string {
+func anyRules() string {
 	var b strings.Builder
 	for d := MaxAnyDepth; d >= 1; d-- {
 		suffix := strconv.Itoa(d)
@@ -949,7 +964,6 @@ func anyRules(objectOnly bool) string {
 		fmt.Fprintf(&b, "any-object-%d ::= \"{\" ws (string \":\" ws %s (\",\" ws string \":\" ws %s){0,7})? \"}\" ws\n", d-1, next, next)
 		fmt.Fprintf(&b, "any-array-%d ::= \"[\" ws (%s (\",\" ws %s){0,7})? \"]\" ws\n", d-1, next, next)
 	}
-	_ = objectOnly
 	return b.String()
 }
 
@@ -969,5 +983,5 @@ func AnyJSON(objectOnly bool) string {
 	if objectOnly {
 		root = fmt.Sprintf("root ::= ws any-object-%d\n", MaxAnyDepth-1)
 	}
-	return root + anyRules(objectOnly) + primitives
+	return root + anyRules() + primitives
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -28,37 +29,60 @@ func compileSchema(t *testing.T, raw []byte) *jsonschema.Schema {
 	return sch
 }
 
-// checkSamples generates n strings from gbnf and checks each is JSON valid
-// against sch (sch nil: only JSON validity).
-func checkSamples(t *testing.T, gbnf string, sch *jsonschema.Schema, n int, objectOnly bool) {
-	t.Helper()
+// sampleInvalid generates n strings from gbnf (seeds 1..n) and returns the
+// first that is not JSON, not an object when objectOnly, or not valid
+// against sch (nil: JSON validity only), with the reason.
+func sampleInvalid(gbnf string, sch *jsonschema.Schema, n int, objectOnly bool) (string, error) {
 	g, err := Parse(gbnf, DefaultLimits())
 	if err != nil {
-		t.Fatalf("Parse: %v\n%s", err, gbnf)
+		return "", err
 	}
-	seen := map[string]bool{}
 	for seed := int64(1); seed <= int64(n); seed++ {
 		out := newSampler(g, seed).Generate()
-		seen[out] = true
 		if !json.Valid([]byte(out)) {
-			t.Fatalf("seed %d: not JSON: %q", seed, out)
+			return out, errors.New("not JSON")
 		}
 		if objectOnly && !strings.HasPrefix(strings.TrimSpace(out), "{") {
-			t.Fatalf("seed %d: not an object: %q", seed, out)
+			return out, errors.New("not an object")
 		}
 		if sch == nil {
 			continue
 		}
 		inst, err := jsonschema.UnmarshalJSON(strings.NewReader(out))
 		if err != nil {
-			t.Fatalf("seed %d: %v", seed, err)
+			return out, err
 		}
 		if err := sch.Validate(inst); err != nil {
-			t.Fatalf("seed %d: %q does not validate: %v", seed, out, err)
+			return out, err
 		}
 	}
-	if len(seen) < 2 && n > 1 && !strings.Contains(gbnf, "const") {
-		t.Logf("only %d distinct samples", len(seen))
+	return "", nil
+}
+
+func checkSamples(t *testing.T, gbnf string, sch *jsonschema.Schema, n int, objectOnly bool) {
+	t.Helper()
+	if out, err := sampleInvalid(gbnf, sch, n, objectOnly); err != nil {
+		t.Fatalf("sample %q: %v\n%s", out, err, gbnf)
+	}
+}
+
+// TestSamplerDetectsInvalid shows the sampling check can fail: grammars
+// that admit wrong outputs are caught.
+func TestSamplerDetectsInvalid(t *testing.T) {
+	tests := []struct {
+		name, gbnf, schema string
+	}{
+		{"wrong type", `root ::= "1"`, `{"type":"string"}`},
+		{"too long", `root ::= "\"" [a-z]{3,6} "\""`, `{"type":"string","maxLength":2}`},
+		{"missing required", `root ::= "{}"`, `{"type":"object","properties":{"a":{}},"required":["a"]}`},
+		{"not JSON", `root ::= "{" | "[]"`, `{}`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if _, err := sampleInvalid(tt.gbnf, compileSchema(t, []byte(tt.schema)), 50, false); err == nil {
+				t.Fatal("no invalid sample found")
+			}
+		})
 	}
 }
 
@@ -95,9 +119,8 @@ func TestAnyJSONSamples(t *testing.T) {
 	}
 }
 
-// TestGrammarRejectsInvalid checks the grammars are not vacuous: strings
-// outside the schema must not be derivable. A tiny recogniser is not
-// available in Go, so this checks structural facts of the output instead.
+// TestGeneratedStructure checks structural facts of generated grammars:
+// the bounds and literals the schema implies appear in them.
 func TestGeneratedStructure(t *testing.T) {
 	tests := []struct {
 		schema  string
@@ -128,6 +151,27 @@ func TestGeneratedStructure(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+func TestSharedRules(t *testing.T) {
+	// 100 properties with the same string schema share one string rule;
+	// without sharing they would expand to 100 x 300 rules, over MaxRules.
+	var b strings.Builder
+	b.WriteString(`{"type":"object","properties":{`)
+	for i := 0; i < 100; i++ {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(`"p` + strconv.Itoa(i) + `":{"type":"string","maxLength":300}`)
+	}
+	b.WriteString(`}}`)
+	g, err := FromJSONSchema([]byte(b.String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(g, "char{0,300}"); n != 1 {
+		t.Fatalf("%d string rules, want 1", n)
 	}
 }
 
@@ -164,6 +208,8 @@ func TestUnsupportedKeywords(t *testing.T) {
 		{`{"type":"object","properties":{"a":{"$id":"https://x/y","type":"string"}}}`, "$id", "/properties/a"},
 		{`{"type":"string","$anchor":"a"}`, "$anchor", ""},
 		{`false`, "false", ""},
+		{`{"$schema":"http://json-schema.org/draft-07/schema#","type":"array","items":[{"type":"string"}]}`, "items", ""},
+		{`{"type":"string","items":{"type":"string"}}`, "items", ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.schema, func(t *testing.T) {
