@@ -166,11 +166,11 @@
 //
 // Generated output: at most one space or newline between tokens (rule ws),
 // integers of at most MaxIntegerDigits (15) digits without fraction or
-// exponent, numbers with at most 6 fraction digits and a two-digit exponent,
-// strings without maxLength capped at DefaultMaxStringLength code points
-// (or minLength if larger) and arrays without maxItems capped at
-// DefaultMaxItems items, so that a model sampling at temperature 1
-// terminates; every cap only narrows the output, which still validates.
-// AnyJSON builds values nested at most MaxAnyDepth deep with at most eight
-// members per object or array.
+// exponent (every such integer is exact as a float64), and numbers with at
+// most 6 fraction digits and a two-digit exponent. Strings and arrays are
+// as long as the schema allows: a string without maxLength or an array
+// without maxItems is unbounded, as in llama.cpp's own converter, and it is
+// max_tokens that bounds the output (a stream that reaches it ends with
+// FINISH_REASON_LENGTH, its JSON incomplete). AnyJSON builds values nested at
+// most MaxAnyDepth deep, which bounds the grammar's stacks.
 package grammar

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -27,12 +29,6 @@ const (
 	MaxIntegerDigits = 15
 	// MaxFractionDigits bounds the digits of a generated fraction.
 	MaxFractionDigits = 6
-	// DefaultMaxStringLength caps generated strings whose schema has no
-	// maxLength (the cap is raised to minLength when that is larger).
-	DefaultMaxStringLength = 64
-	// DefaultMaxItems caps generated arrays whose schema has no maxItems
-	// (raised to minItems when that is larger).
-	DefaultMaxItems = 16
 	// MaxAnyDepth bounds the nesting of values generated for schemas that
 	// allow any JSON value.
 	MaxAnyDepth = 8
@@ -91,8 +87,8 @@ integer ::= int-part ws
 number ::= int-part ("." [0-9]{1,%d})? ([eE] [-+]? [0-9]{1,2})? ws
 boolean ::= ("true" | "false") ws
 null ::= "null" ws
-string ::= "\"" char{0,%d} "\"" ws
-`, MaxIntegerDigits-1, MaxFractionDigits, DefaultMaxStringLength)
+string ::= "\"" char* "\"" ws
+`, MaxIntegerDigits-1, MaxFractionDigits)
 
 type conv struct {
 	root    map[string]any
@@ -359,7 +355,8 @@ func (c *conv) object(m map[string]any, path string, depth int) (string, error) 
 		}
 	}
 	onlyWith := func(kw string, allowed ...string) error {
-		for k := range has {
+		// In sorted order, so that the keyword named is always the same.
+		for _, k := range slices.Sorted(maps.Keys(has)) {
 			if k != kw && !contains(allowed, k) {
 				return &UnsupportedError{Keyword: k, Path: path, Detail: "it cannot be combined with " + kw}
 			}
@@ -426,7 +423,7 @@ func (c *conv) object(m map[string]any, path string, depth int) (string, error) 
 		}
 		alts = append(alts, body)
 	}
-	for k := range has {
+	for _, k := range slices.Sorted(maps.Keys(has)) {
 		if !keywordApplies(k, types) {
 			return "", &UnsupportedError{Keyword: k, Path: path, Detail: "it does not apply to the schema's type"}
 		}
@@ -528,12 +525,10 @@ func (c *conv) str(m map[string]any, path string) (string, error) {
 	if lo == 0 && hi < 0 {
 		return "string", nil
 	}
-	if hi < 0 {
-		// Without maxLength the output is still capped, so a sampling
-		// model terminates; a shorter string still validates.
-		hi = max(lo, DefaultMaxStringLength)
-	}
 	rep := fmt.Sprintf("{%d,%d}", lo, hi)
+	if hi < 0 {
+		rep = fmt.Sprintf("{%d,}", lo)
+	}
 	return c.addRule("string-"+strconv.Itoa(lo), `"\"" char`+rep+` "\"" ws`), nil
 }
 
@@ -685,10 +680,6 @@ func (c *conv) arr(m map[string]any, path string, depth int) (string, error) {
 	if hi >= 0 && hi < lo {
 		return "", &UnsupportedError{Keyword: "maxItems", Path: path, Detail: "maxItems below minItems admits no array"}
 	}
-	if hi < 0 {
-		// Without maxItems the output is still capped (see DefaultMaxItems).
-		hi = max(lo, DefaultMaxItems)
-	}
 	var inner string
 	switch {
 	case hi == 0:
@@ -696,6 +687,9 @@ func (c *conv) arr(m map[string]any, path string, depth int) (string, error) {
 	default:
 		restLo := max(lo-1, 0)
 		rep := fmt.Sprintf("{%d,%d}", restLo, hi-1)
+		if hi < 0 {
+			rep = fmt.Sprintf("{%d,}", restLo)
+		}
 		inner = item + ` ("," ws ` + item + `)` + rep
 		if lo == 0 {
 			inner = "(" + inner + ")?"
@@ -961,8 +955,8 @@ func anyRules() string {
 			continue
 		}
 		fmt.Fprintf(&b, "any-value%s ::= string | number | boolean | null | %s | %s\n", dash(suffix), nextObj, nextArr)
-		fmt.Fprintf(&b, "any-object-%d ::= \"{\" ws (string \":\" ws %s (\",\" ws string \":\" ws %s){0,7})? \"}\" ws\n", d-1, next, next)
-		fmt.Fprintf(&b, "any-array-%d ::= \"[\" ws (%s (\",\" ws %s){0,7})? \"]\" ws\n", d-1, next, next)
+		fmt.Fprintf(&b, "any-object-%d ::= \"{\" ws (string \":\" ws %s (\",\" ws string \":\" ws %s)*)? \"}\" ws\n", d-1, next, next)
+		fmt.Fprintf(&b, "any-array-%d ::= \"[\" ws (%s (\",\" ws %s)*)? \"]\" ws\n", d-1, next, next)
 	}
 	return b.String()
 }
@@ -976,8 +970,7 @@ func dash(s string) string {
 
 // AnyJSON returns a GBNF grammar admitting any JSON value (or, with
 // objectOnly, any JSON object) with at most one whitespace character
-// between tokens, values nested at most MaxAnyDepth deep, at most eight
-// members per object or array and strings of at most 64 characters.
+// between tokens and values nested at most MaxAnyDepth deep.
 func AnyJSON(objectOnly bool) string {
 	root := "root ::= ws any-value\n"
 	if objectOnly {

@@ -128,7 +128,7 @@ func TestGeneratedStructure(t *testing.T) {
 		notWant []string
 	}{
 		{`{"type":"string","maxLength":3}`, []string{`char{0,3}`}, nil},
-		{`{"type":"string","minLength":2}`, []string{`char{2,64}`}, nil},
+		{`{"type":"string","minLength":2}`, []string{`char{2,}`}, nil},
 		{`{"type":"array","items":{"type":"integer"},"minItems":2,"maxItems":4}`, []string{`{1,3}`}, nil},
 		{`{"type":"array","items":{"type":"integer"},"maxItems":0}`, []string{`"[" ws "]"`}, []string{"integer ("}},
 		{`{"enum":["a",1,null]}`, []string{`"\"a\""`, `"1"`, `"null"`}, nil},
