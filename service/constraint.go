@@ -31,9 +31,16 @@ func constraintGrammar(req *kvgatev1.GenerateRequest, m tokenizer, lim Limits, b
 		if !checkConstraintText(field, c.Grammar, lim, bad) {
 			return ""
 		}
-		if err := grammar.Check(c.Grammar, grammarLimits(lim)); err != nil {
+		g, err := grammar.Parse(c.Grammar, grammarLimits(lim))
+		if err != nil {
 			bad(field, "%v", err)
 			return ""
+		}
+		for _, ref := range g.TokenRefs() {
+			if vocab := m.Info().VocabSize; int64(ref.ID) >= int64(vocab) {
+				bad(field, "token reference <[%d]> at byte %d is outside the vocabulary [0, %d)", ref.ID, ref.Offset, vocab)
+				return ""
+			}
 		}
 		gbnf = c.Grammar
 	case *kvgatev1.GenerateRequest_Json:

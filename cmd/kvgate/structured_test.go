@@ -108,7 +108,7 @@ ws ::= [ \n]?`
 			{"undefined rule", `root ::= missing`},
 			{"left recursion", "root ::= root \"a\" | \"b\""},
 			{"over-size", huge},
-			{"huge repetition", `root ::= "a"{5000}`}, {"deep nesting", "root ::= " + strings.Repeat("(", 100) + `"a"` + strings.Repeat(")", 100)},
+			{"huge repetition", `root ::= "a"{5000}`}, {"token outside the vocabulary", `root ::= <[9999]>`}, {"deep nesting", "root ::= " + strings.Repeat("(", 100) + `"a"` + strings.Repeat(")", 100)},
 		} {
 			req := textPrompt(storyPrompt, 8)
 			req.Constraint = &kvgatev1.GenerateRequest_Grammar{Grammar: tc.gbnf}

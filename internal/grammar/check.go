@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"sort"
 	"strings"
 	"unicode/utf8"
@@ -1009,4 +1010,42 @@ func userName(names []string, id int) string {
 		return names[id]
 	}
 	return ""
+}
+
+// TokenRef is a token reference (<[id]> or !<[id]>) of a grammar, at its
+// byte offset.
+type TokenRef struct {
+	ID     uint32
+	Offset int
+}
+
+// TokenRefs returns the grammar's token references in text order. A
+// grammar's token ids are the vocabulary's, which Check does not know: the
+// caller checks them.
+func (g *Grammar) TokenRefs() []TokenRef {
+	var refs []TokenRef
+	var walk func(items []Item)
+	walk = func(items []Item) {
+		for _, it := range items {
+			switch it.Kind {
+			case KindToken:
+				refs = append(refs, TokenRef{ID: it.TokenID, Offset: it.Offset})
+			case KindGroup:
+				for _, a := range it.Alts {
+					walk(a.Items)
+				}
+			case KindRepeat:
+				if it.Sub != nil {
+					walk([]Item{*it.Sub})
+				}
+			}
+		}
+	}
+	for _, r := range g.Rules {
+		for _, a := range r.Alts {
+			walk(a.Items)
+		}
+	}
+	slices.SortFunc(refs, func(a, b TokenRef) int { return a.Offset - b.Offset })
+	return refs
 }
