@@ -494,7 +494,11 @@ func (s *Service) logprobs(lps []native.TokenLogprob) []*kvgatev1.TokenLogprob {
 	for i, lp := range lps {
 		top := make([]*kvgatev1.TopLogprob, len(lp.Top))
 		for k, t := range lp.Top {
-			top[k] = &kvgatev1.TopLogprob{TokenId: t.Token, Logprob: t.Logprob, Text: s.model.AppendPiece(nil, t.Token, true, false)}
+			piece := s.model.AppendPiece(nil, t.Token, true, false)
+			top[k] = &kvgatev1.TopLogprob{TokenId: t.Token, Logprob: t.Logprob, Text: strings.ToValidUTF8(string(piece), "\uFFFD")}
+			if !utf8.Valid(piece) {
+				top[k].Raw = piece
+			}
 		}
 		out[i] = &kvgatev1.TokenLogprob{TokenId: lp.Token, Logprob: lp.Logprob, Top: top}
 	}

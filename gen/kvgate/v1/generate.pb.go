@@ -1333,9 +1333,12 @@ type TopLogprob struct {
 	TokenId int32 `protobuf:"varint,1,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"`
 	// Its natural log-probability, at most 0.
 	Logprob float32 `protobuf:"fixed32,2,opt,name=logprob,proto3" json:"logprob,omitempty"`
-	// The token's text, special tokens rendered; it may be part of a
-	// multi-byte character, so it is the raw bytes.
-	Text          []byte `protobuf:"bytes,3,opt,name=text,proto3" json:"text,omitempty"`
+	// The token's text, special tokens rendered. A token that is part of a
+	// multi-byte character is not valid UTF-8 alone: its invalid bytes are
+	// U+FFFD here, and raw holds them.
+	Text string `protobuf:"bytes,3,opt,name=text,proto3" json:"text,omitempty"`
+	// The token's bytes, set only when they are not valid UTF-8 alone.
+	Raw           []byte `protobuf:"bytes,4,opt,name=raw,proto3" json:"raw,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1384,9 +1387,16 @@ func (x *TopLogprob) GetLogprob() float32 {
 	return 0
 }
 
-func (x *TopLogprob) GetText() []byte {
+func (x *TopLogprob) GetText() string {
 	if x != nil {
 		return x.Text
+	}
+	return ""
+}
+
+func (x *TopLogprob) GetRaw() []byte {
+	if x != nil {
+		return x.Raw
 	}
 	return nil
 }
@@ -2655,12 +2665,13 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\fTokenLogprob\x12\x19\n" +
 	"\btoken_id\x18\x01 \x01(\x05R\atokenId\x12\x18\n" +
 	"\alogprob\x18\x02 \x01(\x02R\alogprob\x12'\n" +
-	"\x03top\x18\x03 \x03(\v2\x15.kvgate.v1.TopLogprobR\x03top\"U\n" +
+	"\x03top\x18\x03 \x03(\v2\x15.kvgate.v1.TopLogprobR\x03top\"g\n" +
 	"\n" +
 	"TopLogprob\x12\x19\n" +
 	"\btoken_id\x18\x01 \x01(\x05R\atokenId\x12\x18\n" +
 	"\alogprob\x18\x02 \x01(\x02R\alogprob\x12\x12\n" +
-	"\x04text\x18\x03 \x01(\fR\x04text\"\xee\x01\n" +
+	"\x04text\x18\x03 \x01(\tR\x04text\x12\x10\n" +
+	"\x03raw\x18\x04 \x01(\fR\x03raw\"\xee\x01\n" +
 	"\bFinished\x12/\n" +
 	"\x06reason\x18\x01 \x01(\x0e2\x17.kvgate.v1.FinishReasonR\x06reason\x12&\n" +
 	"\x05usage\x18\x02 \x01(\v2\x10.kvgate.v1.UsageR\x05usage\x12,\n" +
