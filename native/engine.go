@@ -45,6 +45,11 @@ var (
 	// ErrBadRequest reports a request the engine cannot run: a prompt
 	// token outside the vocabulary.
 	ErrBadRequest = errors.New("bad sequence request")
+	// ErrSamples wraps (with ErrBadRequest) the refusal of a Request.N the
+	// engine cannot run: over allocator.MaxSamples or the sequences that
+	// run at once, or N > 1 in deterministic mode or with a KV stream per
+	// sequence.
+	ErrSamples = errors.New("n samples")
 )
 
 // FinishReason says why a sequence ended normally.
@@ -509,13 +514,13 @@ func (e *Engine) checkSamples(n int) error {
 	}
 	switch {
 	case n < 0 || n > allocator.MaxSamples:
-		return fmt.Errorf("%w: %w: %d samples outside 0..%d", ErrBadRequest, allocator.ErrInvalidRequest, n, allocator.MaxSamples)
+		return fmt.Errorf("%w: %w: %w: %d samples outside 0..%d", ErrBadRequest, ErrSamples, allocator.ErrInvalidRequest, n, allocator.MaxSamples)
 	case n > running:
-		return fmt.Errorf("%w: %w: %d samples, but at most %d sequences run at once", ErrBadRequest, allocator.ErrInvalidRequest, n, running)
+		return fmt.Errorf("%w: %w: %w: %d samples, but at most %d sequences run at once", ErrBadRequest, ErrSamples, allocator.ErrInvalidRequest, n, running)
 	case n > 1 && e.cfg.Deterministic:
-		return fmt.Errorf("%w: a deterministic engine runs one sample a request, not %d", ErrBadRequest, n)
+		return fmt.Errorf("%w: %w: a deterministic engine runs one sample a request, not %d", ErrBadRequest, ErrSamples, n)
 	case n > 1 && e.seqCells < e.cells:
-		return fmt.Errorf("%w: with a KV stream per sequence the prompt cannot be shared by %d samples", ErrBadRequest, n)
+		return fmt.Errorf("%w: %w: with a KV stream per sequence the prompt cannot be shared by %d samples", ErrBadRequest, ErrSamples, n)
 	}
 	return nil
 }

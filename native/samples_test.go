@@ -305,6 +305,10 @@ func TestWorkerSamplesEnd(t *testing.T) {
 			<-started
 			closed := make(chan struct{})
 			go func() { defer close(closed); e.Close() }()
+			// The worker sees the close at its next step: release the
+			// held decode only once Close has begun, or the samples
+			// could all finish first.
+			spinUntil(e.closed.Load)
 			release()
 			<-closed
 			for i, d := range readSamples(t, s) {
@@ -344,6 +348,11 @@ func TestWorkerSamplesEnd(t *testing.T) {
 			fb := newFakeBackend(96, 16)
 			adm := admission(8)
 			adm.Policy = allocator.PolicyOptimistic
+			// The first decode is held until every request is admitted
+			// or queued, so that they all run together whatever the
+			// goroutines' scheduling.
+			started, release := holdFirstDecode(fb)
+			defer release()
 			e := startEngine(t, fb, EngineConfig{Admission: adm})
 			var wg sync.WaitGroup
 			groups := make([]Request, 3)
@@ -366,6 +375,12 @@ func TestWorkerSamplesEnd(t *testing.T) {
 				singles[i] = request(prompt(r, 8), 40)
 				wg.Go(func() { singleOut[i] = submitAndRead(t, e, singles[i]) })
 			}
+			<-started
+			spinUntil(func() bool {
+				st := e.Allocator().Stats()
+				return int(st.Admitted)+st.Queued >= len(groups)+len(singles)
+			})
+			release()
 			wg.Wait()
 			for i, out := range groupOut {
 				for j, d := range out {

@@ -161,6 +161,8 @@ func toStatus(ctx context.Context, err error) error {
 			st = ds
 		}
 		return st.Err()
+	case errors.Is(err, native.ErrSamples):
+		return errInvalid(err.Error(), violation("n", err.Error()))
 	case errors.Is(err, native.ErrBadRequest):
 		return errInvalid(err.Error(), violation("request", err.Error()))
 	case errors.Is(err, native.ErrSlowConsumer):

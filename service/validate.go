@@ -11,6 +11,7 @@ import (
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 
+	"github.com/kvgate/kvgate/allocator"
 	kvgatev1 "github.com/kvgate/kvgate/gen/kvgate/v1"
 	"github.com/kvgate/kvgate/internal/chat"
 	"github.com/kvgate/kvgate/native"
@@ -78,8 +79,8 @@ const (
 	DefaultMaxGrammarBytes = 64 << 10
 	// DefaultMaxLogitBias bounds the logit_bias entries.
 	DefaultMaxLogitBias = 1024
-	// DefaultMaxSamples bounds n.
-	DefaultMaxSamples = 16
+	// DefaultMaxSamples bounds n: the allocator's bound.
+	DefaultMaxSamples = allocator.MaxSamples
 	// maxAbsLogitBias bounds a finite logit bias; -inf bans a token.
 	maxAbsLogitBias = 100
 )
@@ -213,11 +214,19 @@ func validateChat(req *kvgatev1.GenerateRequest, m tokenizer, lim Limits, ch cha
 	if lim.MaxPromptTokens > 0 && len(out.prompt) > lim.MaxPromptTokens {
 		bad(promptField, "%d prompt tokens exceed the server's max_prompt_tokens limit of %d", len(out.prompt), lim.MaxPromptTokens)
 	}
+	out.n = 1
+	switch n := req.GetN(); {
+	case n == 0:
+	case int64(n) > int64(lim.samples()):
+		bad("n", "must be in [1, %d] (the server's max_samples), got %d", lim.samples(), n)
+	default:
+		out.n = int(n)
+	}
 	if out.maxTokens == 0 && lim.DefaultMaxTokens > 0 && len(out.prompt) > 0 {
 		// Unset: the server's default, as much of it as the prompt leaves
-		// room for (at least 1, so that a prompt that fills the sequence
-		// is still refused as too long).
-		out.maxTokens = max(min(lim.DefaultMaxTokens, lim.MaxSequenceTokens-len(out.prompt)), 1)
+		// room for, shared by the n samples (at least 1, so that a prompt
+		// that fills the sequence is still refused as too long).
+		out.maxTokens = max(min(lim.DefaultMaxTokens, (lim.MaxSequenceTokens-len(out.prompt))/out.n), 1)
 	}
 	switch {
 	case out.maxTokens < 1:
@@ -260,14 +269,6 @@ func validateChat(req *kvgatev1.GenerateRequest, m tokenizer, lim Limits, ch cha
 		} else {
 			out.logprobs, out.topLogprobs = true, int(n)
 		}
-	}
-	switch n := req.GetN(); {
-	case n == 0:
-		out.n = 1
-	case int64(n) > int64(lim.samples()):
-		bad("n", "must be in [1, %d] (the server's max_samples), got %d", lim.samples(), n)
-	default:
-		out.n = int(n)
 	}
 	out.sampling.Grammar = constraintGrammar(req, m, lim, bad)
 	if n := len(req.GetRequestId()); n > lim.MaxRequestIDBytes {

@@ -300,6 +300,9 @@ func soakRequest(r *rand.Rand) (soakKind, *kvgatev1.GenerateRequest) {
 		case 1:
 			hostileConversation(r, req)
 			return kind, req
+		case 2:
+			hostileStructured(r, req)
+			return kind, req
 		}
 		req.Sampling = hostileSampling(r)
 	case soakExtreme:
@@ -309,8 +312,60 @@ func soakRequest(r *rand.Rand) (soakKind, *kvgatev1.GenerateRequest) {
 			seed := r.Uint32()
 			req.Sampling = &kvgatev1.SamplingParams{Temperature: 0.8, TopK: 40, Seed: &seed}
 		}
+		if kind != soakNeverFits && r.IntN(3) == 0 {
+			soakStructured(r, req)
+		}
 	}
 	return kind, req
+}
+
+// soakSchema is the JSON Schema of soak requests with a json_schema.
+const soakSchema = `{"type":"object","properties":{"name":{"type":"string","maxLength":8},"n":{"type":"integer"},"ok":{"type":"boolean"}},"required":["name"]}`
+
+// soakStructured gives a valid request one of issue 15's features: a
+// grammar, a JSON Schema, logprobs, a logit bias, stop token ids or n
+// samples.
+func soakStructured(r *rand.Rand, req *kvgatev1.GenerateRequest) {
+	switch r.IntN(6) {
+	case 0:
+		req.Constraint = &kvgatev1.GenerateRequest_Grammar{Grammar: `root ::= ("yes" | "no" | [a-z]{1,8}) "."`}
+		req.IgnoreEos = false // the grammar's end is an end of generation
+	case 1:
+		req.Constraint = &kvgatev1.GenerateRequest_JsonSchema{JsonSchema: soakSchema}
+		req.IgnoreEos = false
+	case 2:
+		top := uint32(r.IntN(21))
+		req.Logprobs = &top
+	case 3:
+		req.LogitBias = map[int32]float32{int32(3 + r.IntN(509)): float32(math.Inf(-1)), int32(3 + r.IntN(509)): float32(r.IntN(20) - 10)}
+	case 4:
+		req.StopTokenIds = []int32{int32(3 + r.IntN(509))}
+		req.IgnoreEos = false // a stop token ends it early
+	case 5:
+		req.N = uint32(2 + r.IntN(2))
+	}
+}
+
+// hostileStructured gives req a structured-output or token-control field
+// that the API refuses.
+func hostileStructured(r *rand.Rand, req *kvgatev1.GenerateRequest) {
+	switch r.IntN(7) {
+	case 0:
+		req.Constraint = &kvgatev1.GenerateRequest_Grammar{Grammar: "root ::= root \"a\" | \"b\""}
+	case 1:
+		req.Constraint = &kvgatev1.GenerateRequest_Grammar{Grammar: "root ::= " + strings.Repeat("(", 65+r.IntN(1000))}
+	case 2:
+		req.Constraint = &kvgatev1.GenerateRequest_JsonSchema{JsonSchema: `{"type":"string","format":"email"}`}
+	case 3:
+		top := uint32(21 + r.IntN(1000))
+		req.Logprobs = &top
+	case 4:
+		req.LogitBias = map[int32]float32{int32(512 + r.IntN(1000)): 1}
+	case 5:
+		req.StopTokenIds = []int32{-1 - int32(r.IntN(100))}
+	case 6:
+		req.N = uint32(17 + r.IntN(100))
+	}
 }
 
 // soakWords are the words of soak conversations and embedding texts, the

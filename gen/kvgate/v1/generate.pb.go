@@ -255,8 +255,12 @@ type GenerateRequest struct {
 	// cells once plus n * max_tokens. With a seed, sample i draws with seed + i,
 	// so the n samples differ and are reproducible. Each Chunk and Finished
 	// carries its sample's index; with n > 1, the n Finished messages come
-	// last, in index order. An n whose cells can never fit is refused with
-	// INVALID_ARGUMENT.
+	// last, in index order, and a sample that fails ends the call with its
+	// status after them. An n whose cells can never fit is refused with
+	// INVALID_ARGUMENT; with max_tokens unset, the default is shortened to
+	// what the prompt leaves of max_sequence_tokens divided by n. Not
+	// available in deterministic mode or with a KV stream per sequence
+	// (INVALID_ARGUMENT).
 	N             uint32 `protobuf:"varint,20,opt,name=n,proto3" json:"n,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
