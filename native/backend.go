@@ -60,6 +60,14 @@ type Sampler interface {
 	Free()
 }
 
+// GrammarCounter is implemented by a Sampler with a grammar that counts its
+// lazy checks: the tokens drawn under the grammar, and those the grammar
+// rejected at first (which took a whole-vocabulary mask). The worker adds
+// them to EngineStats when the sampler is freed.
+type GrammarCounter interface {
+	GrammarCounts() (checked, resampled uint64)
+}
+
 // Vocab is what the worker needs of the model's vocabulary. Its methods
 // are safe for concurrent use.
 type Vocab interface {

@@ -384,6 +384,9 @@ func BenchmarkEngineConstrained(b *testing.B) {
 					tokens += runRequests(b, e, reqs)
 				}
 				b.ReportMetric(float64(tokens)/b.Elapsed().Seconds(), "out-tok/s")
+				if st := e.Stats(); st.GrammarTokens > 0 {
+					b.ReportMetric(100*float64(st.GrammarResamples)/float64(st.GrammarTokens), "%resampled")
+				}
 			})
 		}
 	}

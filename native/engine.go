@@ -288,6 +288,11 @@ type EngineStats struct {
 	// included.
 	Threads       int64
 	ThreadChanges uint64
+	// GrammarTokens counts tokens drawn under a grammar; GrammarResamples
+	// those the grammar rejected at first, which cost a mask of the whole
+	// vocabulary (see SamplingParams.Grammar). Both are added when a
+	// sequence ends.
+	GrammarTokens, GrammarResamples uint64
 }
 
 // Engine is the decode worker and the front door to it: Submit admits a
@@ -310,6 +315,7 @@ type Engine struct {
 	preempted, evicted                                 atomic.Uint64
 	held, relocated, padded, disordered                atomic.Uint64
 	threadChanges                                      atomic.Uint64
+	grammarTokens, grammarResamples                    atomic.Uint64
 	running, threads                                   atomic.Int64
 	// stepNanos is math.Float64bits of the moving average of a step's
 	// duration in nanoseconds (0 before the first step), for StepRate; the
@@ -412,21 +418,23 @@ func (e *Engine) Allocator() *allocator.Allocator { return e.alloc }
 // Stats returns the worker's counters.
 func (e *Engine) Stats() EngineStats {
 	return EngineStats{
-		Steps:           e.steps.Load(),
-		PrefillTokens:   e.prefill.Load(),
-		GeneratedTokens: e.generated.Load(),
-		NoKVSlot:        e.nokvslot.Load(),
-		SlowConsumers:   e.slow.Load(),
-		Aborted:         e.aborted.Load(),
-		Preempted:       e.preempted.Load(),
-		Evicted:         e.evicted.Load(),
-		Running:         e.running.Load(),
-		Held:            e.held.Load(),
-		Relocated:       e.relocated.Load(),
-		Padded:          e.padded.Load(),
-		Disordered:      e.disordered.Load(),
-		Threads:         e.threads.Load(),
-		ThreadChanges:   e.threadChanges.Load(),
+		Steps:            e.steps.Load(),
+		PrefillTokens:    e.prefill.Load(),
+		GeneratedTokens:  e.generated.Load(),
+		NoKVSlot:         e.nokvslot.Load(),
+		SlowConsumers:    e.slow.Load(),
+		Aborted:          e.aborted.Load(),
+		Preempted:        e.preempted.Load(),
+		Evicted:          e.evicted.Load(),
+		Running:          e.running.Load(),
+		Held:             e.held.Load(),
+		Relocated:        e.relocated.Load(),
+		Padded:           e.padded.Load(),
+		Disordered:       e.disordered.Load(),
+		Threads:          e.threads.Load(),
+		ThreadChanges:    e.threadChanges.Load(),
+		GrammarTokens:    e.grammarTokens.Load(),
+		GrammarResamples: e.grammarResamples.Load(),
 	}
 }
 

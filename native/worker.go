@@ -656,6 +656,11 @@ func (e *Engine) finish(s *sequence, reason FinishReason, stop string, err error
 		}
 	}
 	if s.sampler != nil {
+		if gc, ok := s.sampler.(GrammarCounter); ok {
+			checked, resampled := gc.GrammarCounts()
+			e.grammarTokens.Add(checked)
+			e.grammarResamples.Add(resampled)
+		}
 		s.sampler.Free()
 		s.sampler = nil
 	}

@@ -196,15 +196,19 @@ func TestGrammarSampling(t *testing.T) {
 				var text []byte
 				var err error
 				ended := false
+				drawn := uint64(0)
+				var checked, resampled uint64
 				r.do(func() {
 					s := r.model.NewSampler(p)
 					defer s.Free()
+					defer func() { checked, resampled = s.GrammarCounts() }()
 					for i := range 32 {
 						out, _ := r.row(i)
 						var tok int32
 						if tok, err = s.Sample(r.ctx, out); err != nil {
 							return
 						}
+						drawn++
 						if r.model.IsEOG(tok) {
 							ended = true
 							return
@@ -212,6 +216,12 @@ func TestGrammarSampling(t *testing.T) {
 						text = r.model.AppendPiece(text, tok, false, false)
 					}
 				})
+				// The story prompts' logits never favour these outputs: the
+				// lazy check must have missed at least once, never more
+				// often than it checked.
+				if checked != drawn || resampled == 0 || resampled > checked {
+					t.Errorf("%s, seed %d: %d drawn, %d checked, %d resampled", g.name, seed, drawn, checked, resampled)
+				}
 				if err != nil {
 					t.Fatalf("%s, seed %d: %v", g.name, seed, err)
 				}

@@ -232,10 +232,11 @@ enum {
     KV_SAMPLE_NO_SELECTION = -3, // the last sampler selected no candidate
 };
 llama_token kv_sample(struct llama_sampler * const * stages, int32_t n_stages, struct llama_sampler * grammar,
-                      struct llama_context * ctx, int32_t idx, llama_token_data * buf, int32_t n_vocab);
+                      struct llama_context * ctx, int32_t idx, llama_token_data * buf, int32_t n_vocab,
+                      int32_t * resampled);
 llama_token kv_sample_greedy_grammar(struct llama_sampler * stage, struct llama_sampler * grammar,
                                      struct llama_context * ctx, int32_t idx, llama_token_data * buf,
-                                     int32_t n_vocab);
+                                     int32_t n_vocab, int32_t * resampled);
 int32_t kv_logprobs(struct llama_context * ctx, int32_t idx, int32_t n_vocab, llama_token tok, int32_t n_top,
                     int32_t * top_ids, float * top_lps, float * tok_lp);
 void kv_sampler_accept(struct llama_sampler * const * stages, int32_t n_stages, llama_token tok);

@@ -53,6 +53,9 @@ type Sampler struct {
 	// err is why the sampler cannot draw (a grammar llama.cpp refused);
 	// Sample returns it.
 	err error
+	// checked counts the tokens drawn under the grammar; resampled those
+	// the grammar rejected, which took the whole-vocabulary mask.
+	checked, resampled uint64
 	// greedy: the one stage is greedy (no penalties, no bias), so Sample
 	// picks the largest logit itself (kv_sample_greedy, or
 	// kv_sample_greedy_grammar with a grammar), with the same result.
@@ -188,13 +191,18 @@ func (s *Sampler) Sample(c *Context, i int) (int32, error) {
 	}
 	vocab := c.model.info.VocabSize
 	var tok C.llama_token
+	var resampled C.int32_t
 	switch {
 	case s.greedy && s.grammar == nil:
 		tok = C.kv_sample_greedy(c.ptr, C.int32_t(i), C.int32_t(vocab))
 	case s.greedy:
-		tok = C.kv_sample_greedy_grammar(s.stages[0], s.grammar, c.ptr, C.int32_t(i), c.cand, C.int32_t(vocab))
+		tok = C.kv_sample_greedy_grammar(s.stages[0], s.grammar, c.ptr, C.int32_t(i), c.cand, C.int32_t(vocab), &resampled)
 	default:
-		tok = C.kv_sample(&s.stages[0], C.int32_t(s.n), s.grammar, c.ptr, C.int32_t(i), c.cand, C.int32_t(vocab))
+		tok = C.kv_sample(&s.stages[0], C.int32_t(s.n), s.grammar, c.ptr, C.int32_t(i), c.cand, C.int32_t(vocab), &resampled)
+	}
+	if s.grammar != nil {
+		s.checked++
+		s.resampled += uint64(resampled)
 	}
 	switch {
 	case tok >= 0 && int(tok) < vocab:
@@ -207,6 +215,11 @@ func (s *Sampler) Sample(c *Context, i int) (int32, error) {
 		return -1, fmt.Errorf("sample: the samplers selected no token (code %d)", int(tok))
 	}
 }
+
+// GrammarCounts returns the tokens drawn under the sampler's grammar and
+// how many of them the grammar rejected at first, which made the sampler
+// mask the whole vocabulary and draw again (the lazy check's misses).
+func (s *Sampler) GrammarCounts() (checked, resampled uint64) { return s.checked, s.resampled }
 
 // Free releases the samplers. It is idempotent.
 func (s *Sampler) Free() {

@@ -189,10 +189,11 @@ static bool kv_grammar_allows(struct llama_sampler * grammar, llama_token tok) {
 // With a grammar (not NULL) the draw is lazy: the token drawn without the
 // grammar is checked against it alone, and only when the grammar rejects it
 // are the logits masked with the grammar over the whole vocabulary and the
-// token drawn again (stages after the grammar). The grammar then accepts the
-// token too.
+// token drawn again (stages after the grammar), and *resampled set to 1.
+// The grammar then accepts the token too.
 llama_token kv_sample(struct llama_sampler * const * stages, int32_t n_stages, struct llama_sampler * grammar,
-                      struct llama_context * ctx, int32_t idx, llama_token_data * buf, int32_t n_vocab) {
+                      struct llama_context * ctx, int32_t idx, llama_token_data * buf, int32_t n_vocab,
+                      int32_t * resampled) {
     const float * logits = llama_get_logits_ith(ctx, idx);
     if (logits == NULL || n_stages <= 0 || n_vocab <= 0) {
         return KV_SAMPLE_NO_LOGITS;
@@ -203,6 +204,7 @@ llama_token kv_sample(struct llama_sampler * const * stages, int32_t n_stages, s
     }
     if (grammar != NULL) {
         if (!kv_grammar_allows(grammar, tok)) {
+            *resampled = 1;
             tok = kv_sample_pass(stages, n_stages, grammar, logits, buf, n_vocab);
             if (tok < 0) {
                 return tok;
@@ -300,7 +302,7 @@ llama_token kv_sample_greedy(struct llama_context * ctx, int32_t idx, int32_t n_
 // token.
 llama_token kv_sample_greedy_grammar(struct llama_sampler * stage, struct llama_sampler * grammar,
                                      struct llama_context * ctx, int32_t idx, llama_token_data * buf,
-                                     int32_t n_vocab) {
+                                     int32_t n_vocab, int32_t * resampled) {
     const float * logits = llama_get_logits_ith(ctx, idx);
     if (logits == NULL || n_vocab <= 0) {
         return KV_SAMPLE_NO_LOGITS;
@@ -310,6 +312,7 @@ llama_token kv_sample_greedy_grammar(struct llama_sampler * stage, struct llama_
         return tok;
     }
     if (!kv_grammar_allows(grammar, tok)) {
+        *resampled = 1;
         struct llama_sampler * stages[1] = { stage };
         tok = kv_sample_pass(stages, 1, grammar, logits, buf, n_vocab);
         if (tok < 0) {
