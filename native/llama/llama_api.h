@@ -231,12 +231,14 @@ enum {
     KV_SAMPLE_NO_FINITE    = -2, // no candidate with a finite logit was left
     KV_SAMPLE_NO_SELECTION = -3, // the last sampler selected no candidate
 };
+// KV_SAMPLE_RESAMPLED is set in a token kv_sample returns when the grammar
+// rejected the first draw and the token was drawn again under its mask.
+#define KV_SAMPLE_RESAMPLED 0x40000000
 llama_token kv_sample(struct llama_sampler * const * stages, int32_t n_stages, struct llama_sampler * grammar,
-                      struct llama_context * ctx, int32_t idx, llama_token_data * buf, int32_t n_vocab,
-                      int32_t * resampled);
+                      struct llama_context * ctx, int32_t idx, llama_token_data * buf, int32_t n_vocab);
 llama_token kv_sample_greedy_grammar(struct llama_sampler * stage, struct llama_sampler * grammar,
                                      struct llama_context * ctx, int32_t idx, llama_token_data * buf,
-                                     int32_t n_vocab, int32_t * resampled);
+                                     int32_t n_vocab);
 int32_t kv_logprobs(struct llama_context * ctx, int32_t idx, int32_t n_vocab, llama_token tok, int32_t n_top,
                     int32_t * top_ids, float * top_lps, float * tok_lp);
 void kv_sampler_accept(struct llama_sampler * const * stages, int32_t n_stages, llama_token tok);

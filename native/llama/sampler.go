@@ -191,18 +191,20 @@ func (s *Sampler) Sample(c *Context, i int) (int32, error) {
 	}
 	vocab := c.model.info.VocabSize
 	var tok C.llama_token
-	var resampled C.int32_t
 	switch {
 	case s.greedy && s.grammar == nil:
 		tok = C.kv_sample_greedy(c.ptr, C.int32_t(i), C.int32_t(vocab))
 	case s.greedy:
-		tok = C.kv_sample_greedy_grammar(s.stages[0], s.grammar, c.ptr, C.int32_t(i), c.cand, C.int32_t(vocab), &resampled)
+		tok = C.kv_sample_greedy_grammar(s.stages[0], s.grammar, c.ptr, C.int32_t(i), c.cand, C.int32_t(vocab))
 	default:
-		tok = C.kv_sample(&s.stages[0], C.int32_t(s.n), s.grammar, c.ptr, C.int32_t(i), c.cand, C.int32_t(vocab), &resampled)
+		tok = C.kv_sample(&s.stages[0], C.int32_t(s.n), s.grammar, c.ptr, C.int32_t(i), c.cand, C.int32_t(vocab))
 	}
-	if s.grammar != nil {
+	if s.grammar != nil && tok >= 0 {
 		s.checked++
-		s.resampled += uint64(resampled)
+		if tok&C.KV_SAMPLE_RESAMPLED != 0 {
+			s.resampled++
+			tok &^= C.KV_SAMPLE_RESAMPLED
+		}
 	}
 	switch {
 	case tok >= 0 && int(tok) < vocab:

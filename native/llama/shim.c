@@ -189,11 +189,11 @@ static bool kv_grammar_allows(struct llama_sampler * grammar, llama_token tok) {
 // With a grammar (not NULL) the draw is lazy: the token drawn without the
 // grammar is checked against it alone, and only when the grammar rejects it
 // are the logits masked with the grammar over the whole vocabulary and the
-// token drawn again (stages after the grammar), and *resampled set to 1.
+// token drawn again (stages after the grammar); the token returned then
+// has KV_SAMPLE_RESAMPLED set (a bit no token id of a vocabulary reaches).
 // The grammar then accepts the token too.
 llama_token kv_sample(struct llama_sampler * const * stages, int32_t n_stages, struct llama_sampler * grammar,
-                      struct llama_context * ctx, int32_t idx, llama_token_data * buf, int32_t n_vocab,
-                      int32_t * resampled) {
+                      struct llama_context * ctx, int32_t idx, llama_token_data * buf, int32_t n_vocab) {
     const float * logits = llama_get_logits_ith(ctx, idx);
     if (logits == NULL || n_stages <= 0 || n_vocab <= 0) {
         return KV_SAMPLE_NO_LOGITS;
@@ -202,9 +202,9 @@ llama_token kv_sample(struct llama_sampler * const * stages, int32_t n_stages, s
     if (tok < 0) {
         return tok;
     }
+    llama_token resampled = 0;
     if (grammar != NULL) {
         if (!kv_grammar_allows(grammar, tok)) {
-            *resampled = 1;
             tok = kv_sample_pass(stages, n_stages, grammar, logits, buf, n_vocab);
             if (tok < 0) {
                 return tok;
@@ -212,11 +212,12 @@ llama_token kv_sample(struct llama_sampler * const * stages, int32_t n_stages, s
             if (!kv_grammar_allows(grammar, tok)) {
                 return KV_SAMPLE_NO_FINITE; // defensive: never accept what it rejects
             }
+            resampled = KV_SAMPLE_RESAMPLED;
         }
         llama_sampler_accept(grammar, tok);
     }
     kv_sampler_accept(stages, n_stages, tok);
-    return tok;
+    return tok | resampled;
 }
 
 // kv_greedy_pick returns what kv_sample with the greedy sampler alone picks
@@ -302,7 +303,7 @@ llama_token kv_sample_greedy(struct llama_context * ctx, int32_t idx, int32_t n_
 // token.
 llama_token kv_sample_greedy_grammar(struct llama_sampler * stage, struct llama_sampler * grammar,
                                      struct llama_context * ctx, int32_t idx, llama_token_data * buf,
-                                     int32_t n_vocab, int32_t * resampled) {
+                                     int32_t n_vocab) {
     const float * logits = llama_get_logits_ith(ctx, idx);
     if (logits == NULL || n_vocab <= 0) {
         return KV_SAMPLE_NO_LOGITS;
@@ -311,8 +312,8 @@ llama_token kv_sample_greedy_grammar(struct llama_sampler * stage, struct llama_
     if (tok < 0) {
         return tok;
     }
+    llama_token resampled = 0;
     if (!kv_grammar_allows(grammar, tok)) {
-        *resampled = 1;
         struct llama_sampler * stages[1] = { stage };
         tok = kv_sample_pass(stages, 1, grammar, logits, buf, n_vocab);
         if (tok < 0) {
@@ -321,9 +322,10 @@ llama_token kv_sample_greedy_grammar(struct llama_sampler * stage, struct llama_
         if (!kv_grammar_allows(grammar, tok)) {
             return KV_SAMPLE_NO_FINITE;
         }
+        resampled = KV_SAMPLE_RESAMPLED;
     }
     llama_sampler_accept(grammar, tok);
-    return tok;
+    return tok | resampled;
 }
 
 // kv_logprobs computes the log-softmax of output idx's logits (NaN counting
