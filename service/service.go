@@ -657,6 +657,8 @@ func (s *Service) GetCacheStats(ctx context.Context, _ *kvgatev1.GetCacheStatsRe
 		PaddingTokensTotal:    e.Padded,
 		DecodeThreads:         uint32(max(e.Threads, 0)),
 		ThreadChangesTotal:    e.ThreadChanges,
+		GrammarTokensTotal:    e.GrammarTokens,
+		GrammarResamplesTotal: e.GrammarResamples,
 	}, nil
 }
 

@@ -264,9 +264,11 @@ var (
 	descPadding   = prometheus.NewDesc("kvgate_padding_tokens_total", "Deterministic mode: padding tokens that give every decode step two tokens and two outputs.", nil, nil)
 	descThreads   = prometheus.NewDesc("kvgate_decode_threads", "llama.cpp's CPU threads for the next decode step (lower than --threads while the thread tuner finds fewer faster).", nil, nil)
 	descThreadChg = prometheus.NewDesc("kvgate_thread_changes_total", "Times the thread tuner changed the thread count, probes included.", nil, nil)
+	descGrammar   = prometheus.NewDesc("kvgate_grammar_tokens_total",
+		"Tokens drawn under a grammar (draw: all of them; resample: those the grammar rejected at first, which cost a mask of the whole vocabulary).", []string{"kind"}, nil)
 	snapshotDescs = []*prometheus.Desc{descCells, descCellsTotal, descRunning, descQueued, descCachedSeqs, descAdmitted,
 		descRejected, descSteps, descPrefill, descGenerated, descPrefixHit, descNoKVSlot, descSlow, descPreempt, descEvict, descDrainRate,
-		descOrder, descPadding, descThreads, descThreadChg}
+		descOrder, descPadding, descThreads, descThreadChg, descGrammar}
 )
 
 // Describe sends the descriptors of every series the collector exports.
@@ -316,4 +318,6 @@ func (c snapshotCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(descPadding, s.GetPaddingTokensTotal())
 	gauge(descThreads, float64(s.GetDecodeThreads()))
 	counter(descThreadChg, s.GetThreadChangesTotal())
+	counter(descGrammar, s.GetGrammarTokensTotal(), "draw")
+	counter(descGrammar, s.GetGrammarResamplesTotal(), "resample")
 }

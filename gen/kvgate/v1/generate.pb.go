@@ -2349,8 +2349,14 @@ type GetCacheStatsResponse struct {
 	// Times the thread tuner changed the thread count, its probes of a
 	// neighbouring count (there and back) included.
 	ThreadChangesTotal uint64 `protobuf:"varint,28,opt,name=thread_changes_total,json=threadChangesTotal,proto3" json:"thread_changes_total,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// Tokens drawn under a grammar (GenerateRequest.constraint), counted
+	// when their sequence ends.
+	GrammarTokensTotal uint64 `protobuf:"varint,29,opt,name=grammar_tokens_total,json=grammarTokensTotal,proto3" json:"grammar_tokens_total,omitempty"`
+	// Of those, the tokens whose first draw the grammar rejected, which cost
+	// a mask of the whole vocabulary: the lazy check's misses.
+	GrammarResamplesTotal uint64 `protobuf:"varint,30,opt,name=grammar_resamples_total,json=grammarResamplesTotal,proto3" json:"grammar_resamples_total,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *GetCacheStatsResponse) Reset() {
@@ -2579,6 +2585,20 @@ func (x *GetCacheStatsResponse) GetThreadChangesTotal() uint64 {
 	return 0
 }
 
+func (x *GetCacheStatsResponse) GetGrammarTokensTotal() uint64 {
+	if x != nil {
+		return x.GrammarTokensTotal
+	}
+	return 0
+}
+
+func (x *GetCacheStatsResponse) GetGrammarResamplesTotal() uint64 {
+	if x != nil {
+		return x.GrammarResamplesTotal
+	}
+	return 0
+}
+
 var File_kvgate_v1_generate_proto protoreflect.FileDescriptor
 
 const file_kvgate_v1_generate_proto_rawDesc = "" +
@@ -2749,8 +2769,7 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x0emax_logit_bias\x18  \x01(\rR\fmaxLogitBias\x12\x1f\n" +
 	"\vmax_samples\x18! \x01(\rR\n" +
 	"maxSamples\"\x16\n" +
-	"\x14GetCacheStatsRequest\"\xca\n" +
-	"\n" +
+	"\x14GetCacheStatsRequest\"\xb4\v\n" +
 	"\x15GetCacheStatsResponse\x12\x1f\n" +
 	"\vcells_total\x18\x01 \x01(\rR\n" +
 	"cellsTotal\x12\x1d\n" +
@@ -2783,7 +2802,9 @@ const file_kvgate_v1_generate_proto_rawDesc = "" +
 	"\x12order_breaks_total\x18\x19 \x01(\x04R\x10orderBreaksTotal\x120\n" +
 	"\x14padding_tokens_total\x18\x1a \x01(\x04R\x12paddingTokensTotal\x12%\n" +
 	"\x0edecode_threads\x18\x1b \x01(\rR\rdecodeThreads\x120\n" +
-	"\x14thread_changes_total\x18\x1c \x01(\x04R\x12threadChangesTotal\x1a@\n" +
+	"\x14thread_changes_total\x18\x1c \x01(\x04R\x12threadChangesTotal\x120\n" +
+	"\x14grammar_tokens_total\x18\x1d \x01(\x04R\x12grammarTokensTotal\x126\n" +
+	"\x17grammar_resamples_total\x18\x1e \x01(\x04R\x15grammarResamplesTotal\x1a@\n" +
 	"\x12RejectedTotalEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01*r\n" +
