@@ -25,6 +25,9 @@ type fakeEncoder struct {
 	violations []string
 	// gate, when set, blocks every Encode until it can receive.
 	gate chan struct{}
+	// entered, when set, gets a value (if it has room) as every Encode
+	// begins, before the gate.
+	entered chan struct{}
 	// failAt makes the Encode of that call number (1-based) fail.
 	failAt int
 }
@@ -36,6 +39,12 @@ func (f *fakeEncoder) Dimensions() int     { return f.dims }
 func (f *fakeEncoder) Close()              {}
 
 func (f *fakeEncoder) Encode(inputs [][]int32, out [][]float32) error {
+	if f.entered != nil {
+		select {
+		case f.entered <- struct{}{}:
+		default:
+		}
+	}
 	if f.gate != nil {
 		<-f.gate
 	}
@@ -347,7 +356,7 @@ func TestEmbedRefusals(t *testing.T) {
 }
 
 func TestEmbedCloseEndsQueued(t *testing.T) {
-	f := &fakeEncoder{batch: 32, seqs: 1, input: 16, dims: 2, vocab: 100, gate: make(chan struct{})}
+	f := &fakeEncoder{batch: 32, seqs: 1, input: 16, dims: 2, vocab: 100, gate: make(chan struct{}), entered: make(chan struct{}, 1)}
 	e, err := NewEmbedEngine(EmbedConfig{Open: func() (EmbedBackend, error) { return f, nil }, Vocab: vocabN(100), MaxQueue: 4})
 	if err != nil {
 		t.Fatal(err)
@@ -366,6 +375,10 @@ func TestEmbedCloseEndsQueued(t *testing.T) {
 		}
 		time.Sleep(time.Millisecond)
 	}
+	// One call is inside Encode, held at the gate, and the other queued:
+	// a call the worker has taken but not yet encoded would count as
+	// running too, and would never reach the gate once Close has begun.
+	<-f.entered
 	closed := make(chan struct{})
 	go func() { e.Close(); close(closed) }()
 	<-e.quit
