@@ -239,36 +239,11 @@ func randomPrompt(r *rand.Rand, vocab, n int) []int32 {
 // tokens with EOS ignored, and drains every stream. It returns the tokens
 // generated.
 func runRound(b *testing.B, e *native.Engine, prompts [][]int32, output int) int {
-	ctx := context.Background()
-	streams := make([]*native.Stream, len(prompts))
+	reqs := make([]native.Request, len(prompts))
 	for i, p := range prompts {
-		s, err := e.Submit(ctx, native.Request{Prompt: p, MaxTokens: output, IgnoreEOS: true})
-		if err != nil {
-			b.Fatal(err)
-		}
-		streams[i] = s
+		reqs[i] = native.Request{Prompt: p, MaxTokens: output, IgnoreEOS: true}
 	}
-	var wg sync.WaitGroup
-	counts := make([]int, len(streams))
-	for i, s := range streams {
-		wg.Go(func() {
-			for ev := range s.Events() {
-				counts[i] += len(ev.Tokens)
-			}
-		})
-	}
-	wg.Wait()
-	total := 0
-	for i, s := range streams {
-		if err := s.Result().Err; err != nil {
-			b.Fatalf("stream %d: %v", i, err)
-		}
-		if counts[i] != output {
-			b.Fatalf("stream %d streamed %d tokens, want %d", i, counts[i], output)
-		}
-		total += counts[i]
-	}
-	return total
+	return runRequests(b, e, reqs)
 }
 
 // BenchmarkEngineDecode runs rounds of 1, 4, 16 and 32 concurrent streams

@@ -588,9 +588,8 @@ func (e *Engine) accept(s *sequence, tok int32, step uint64) bool {
 	}
 	for _, stop := range s.req.StopTokens {
 		if tok == stop {
-			if n := len(s.text.lps); n > len(s.text.toks) {
-				s.text.lps = s.text.lps[:n-1] // the stop token's own
-			}
+			// Its logprob, recorded for a push that never comes, is
+			// never taken, as an end-of-generation token's is not.
 			s.res.StopToken, s.res.HasStopToken = tok, true
 			e.finish(s, FinishStop, "", nil)
 			return false

@@ -454,25 +454,27 @@ func finished(i int, res native.Result, admitted time.Time, queueMS float64) *kv
 }
 
 // chunkMerger merges the events of one sample that waited for the sender
-// into one Chunk.
+// into one Chunk. A chunk of one event uses the event's own text and
+// slices, which the engine made for it; merging appends to copies.
 type chunkMerger struct {
-	index int
-	text  strings.Builder
-	ids   []int32
-	lps   []native.TokenLogprob
+	index  int
+	text   string
+	ids    []int32
+	lps    []native.TokenLogprob
+	merged bool
 }
 
 // start begins a chunk with ev.
 func (m *chunkMerger) start(ev native.Event) {
-	m.index = ev.Index
-	m.text.Reset()
-	m.ids, m.lps = m.ids[:0], m.lps[:0]
-	m.add(ev)
+	m.index, m.text, m.ids, m.lps, m.merged = ev.Index, ev.Text, ev.Tokens, ev.Logprobs, false
 }
 
 // add appends ev, an event of the same sample.
 func (m *chunkMerger) add(ev native.Event) {
-	m.text.WriteString(ev.Text)
+	if !m.merged {
+		m.ids, m.lps, m.merged = slices.Clone(m.ids), slices.Clone(m.lps), true
+	}
+	m.text += ev.Text
 	m.ids = append(m.ids, ev.Tokens...)
 	m.lps = append(m.lps, ev.Logprobs...)
 }
@@ -480,7 +482,7 @@ func (m *chunkMerger) add(ev native.Event) {
 // chunkResponse is the Chunk event of what m holds.
 func (s *Service) chunkResponse(m *chunkMerger) *kvgatev1.GenerateResponse {
 	return &kvgatev1.GenerateResponse{Event: &kvgatev1.GenerateResponse_Chunk{Chunk: &kvgatev1.Chunk{
-		Text: m.text.String(), TokenIds: slices.Clone(m.ids), Index: uint32(m.index), Logprobs: s.logprobs(m.lps),
+		Text: m.text, TokenIds: m.ids, Index: uint32(m.index), Logprobs: s.logprobs(m.lps),
 	}}}
 }
 

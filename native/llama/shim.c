@@ -178,6 +178,31 @@ static bool kv_grammar_allows(struct llama_sampler * grammar, llama_token tok) {
     return one.logit != -INFINITY && !isnan(one.logit);
 }
 
+// kv_grammar_settle is the lazy grammar step after tok was drawn without
+// the grammar: it keeps tok when the grammar allows it, and otherwise draws
+// again with the grammar applied first (kv_sample_pass), returning that
+// token with KV_SAMPLE_RESAMPLED set (a bit no token id of a vocabulary
+// reaches). The grammar accepts the token; the stages do not. It returns a
+// KV_SAMPLE_* code when the second draw fails, never a token the grammar
+// rejects.
+static llama_token kv_grammar_settle(struct llama_sampler * const * stages, int32_t n_stages,
+                                     struct llama_sampler * grammar, const float * logits,
+                                     llama_token_data * buf, int32_t n_vocab, llama_token tok) {
+    llama_token resampled = 0;
+    if (!kv_grammar_allows(grammar, tok)) {
+        tok = kv_sample_pass(stages, n_stages, grammar, logits, buf, n_vocab);
+        if (tok < 0) {
+            return tok;
+        }
+        if (!kv_grammar_allows(grammar, tok)) {
+            return KV_SAMPLE_NO_FINITE; // defensive: never accept what it rejects
+        }
+        resampled = KV_SAMPLE_RESAMPLED;
+    }
+    llama_sampler_accept(grammar, tok);
+    return tok | resampled;
+}
+
 // kv_sample draws a token from output idx of the last decode: it applies
 // stages[0..n_stages) in order, the last of which (dist or greedy) selects,
 // and accepts the token on every stage, as llama_sampler_sample does with a
@@ -189,9 +214,8 @@ static bool kv_grammar_allows(struct llama_sampler * grammar, llama_token tok) {
 // With a grammar (not NULL) the draw is lazy: the token drawn without the
 // grammar is checked against it alone, and only when the grammar rejects it
 // are the logits masked with the grammar over the whole vocabulary and the
-// token drawn again (stages after the grammar); the token returned then
-// has KV_SAMPLE_RESAMPLED set (a bit no token id of a vocabulary reaches).
-// The grammar then accepts the token too.
+// token drawn again (stages after the grammar; kv_grammar_settle), the
+// token returned then having KV_SAMPLE_RESAMPLED set.
 llama_token kv_sample(struct llama_sampler * const * stages, int32_t n_stages, struct llama_sampler * grammar,
                       struct llama_context * ctx, int32_t idx, llama_token_data * buf, int32_t n_vocab) {
     const float * logits = llama_get_logits_ith(ctx, idx);
@@ -202,22 +226,14 @@ llama_token kv_sample(struct llama_sampler * const * stages, int32_t n_stages, s
     if (tok < 0) {
         return tok;
     }
-    llama_token resampled = 0;
     if (grammar != NULL) {
-        if (!kv_grammar_allows(grammar, tok)) {
-            tok = kv_sample_pass(stages, n_stages, grammar, logits, buf, n_vocab);
-            if (tok < 0) {
-                return tok;
-            }
-            if (!kv_grammar_allows(grammar, tok)) {
-                return KV_SAMPLE_NO_FINITE; // defensive: never accept what it rejects
-            }
-            resampled = KV_SAMPLE_RESAMPLED;
+        tok = kv_grammar_settle(stages, n_stages, grammar, logits, buf, n_vocab, tok);
+        if (tok < 0) {
+            return tok;
         }
-        llama_sampler_accept(grammar, tok);
     }
-    kv_sampler_accept(stages, n_stages, tok);
-    return tok | resampled;
+    kv_sampler_accept(stages, n_stages, tok & ~KV_SAMPLE_RESAMPLED);
+    return tok;
 }
 
 // kv_greedy_pick returns what kv_sample with the greedy sampler alone picks
@@ -312,20 +328,8 @@ llama_token kv_sample_greedy_grammar(struct llama_sampler * stage, struct llama_
     if (tok < 0) {
         return tok;
     }
-    llama_token resampled = 0;
-    if (!kv_grammar_allows(grammar, tok)) {
-        struct llama_sampler * stages[1] = { stage };
-        tok = kv_sample_pass(stages, 1, grammar, logits, buf, n_vocab);
-        if (tok < 0) {
-            return tok;
-        }
-        if (!kv_grammar_allows(grammar, tok)) {
-            return KV_SAMPLE_NO_FINITE;
-        }
-        resampled = KV_SAMPLE_RESAMPLED;
-    }
-    llama_sampler_accept(grammar, tok);
-    return tok | resampled;
+    struct llama_sampler * stages[1] = { stage };
+    return kv_grammar_settle(stages, 1, grammar, logits, buf, n_vocab, tok);
 }
 
 // kv_logprobs computes the log-softmax of output idx's logits (NaN counting
